@@ -1,0 +1,98 @@
+"""Guidance as wrappers around a model function: samplers never know about it.
+
+Each wrapper returns a new `model_fn(x_t, t)` of the same prediction type, so it composes with
+every sampler and with `jax.jit`: the guidance scale and the conditioning are traced arguments
+of the wrapped call, not compile-time constants, when the caller passes them through `jit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jdiff import diffusion
+from jdiff.schedules import Schedule, alpha_bar_at
+
+
+def _std(x: jax.Array) -> jax.Array:
+    return jnp.std(x, axis=tuple(range(1, x.ndim)), keepdims=True)
+
+
+def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale) -> jax.Array:
+    """Match the guided output's per-example std to the conditional one's, blended by φ
+    (Lin et al. 2023, eq. 15-16): φ · guided · std(cond)/std(guided) + (1 - φ) · guided."""
+    rescaled = guided * (_std(cond) / _std(guided))
+    return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
+
+
+def classifier_free(
+    model_fn: Callable[..., jax.Array],
+    cond: jax.Array,
+    uncond: jax.Array,
+    guidance_scale,
+    *,
+    guidance_rescale=0.0,
+    cond_kwarg: str = "context",
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Classifier-free guidance (Ho & Salimans 2022): ŷ = y_u + w (y_c - y_u).
+
+    The conditional and unconditional inputs go through the network as one batch of 2B.
+
+    Args:
+        model_fn: (x [2B, ...], t [2B], **{cond_kwarg: c [2B, ...]}) -> prediction [2B, ...].
+        cond, uncond: the conditioning of the batch [B, ...] and its null (broadcast to it).
+        guidance_scale: w (1 = conditional model alone); a scalar or [B].
+        guidance_rescale: φ of `rescale_guidance` (0 = off).
+        cond_kwarg: the keyword `model_fn` takes the conditioning by ("context" for text
+            embeddings, "class_labels" for classes, ...).
+
+    Returns:
+        model_fn(x [B, ...], t [B]) -> guided prediction [B, ...].
+    """
+    cond_in = jnp.concatenate([jnp.broadcast_to(uncond, cond.shape), cond])
+
+    def guided(x, t):
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), **{cond_kwarg: cond_in})
+        out_u, out_c = jnp.split(out.astype(jnp.float32), 2)
+        scale = diffusion.expand(jnp.asarray(guidance_scale, jnp.float32), out_c)
+        result = out_u + scale * (out_c - out_u)
+        return rescale_guidance(result, out_c, guidance_rescale)
+
+    return guided
+
+
+def classifier_guidance(
+    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    log_prob_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    schedule: Schedule,
+    guidance_scale,
+    *,
+    prediction_type: str = "epsilon",
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 written for ε):
+    ε̂' = ε̂ - s √(1 - ᾱ_t) ∇_{x_t} log p_φ(y | x_t).
+
+    Args:
+        model_fn: (x_t [B, ...], t [B]) -> prediction of `prediction_type`.
+        log_prob_fn: (x_t [B, ...], t [B]) -> log p(y | x_t) per example [B] for the target y
+            (close over y); its gradient is taken with `jax.grad`.
+        schedule: gives ᾱ at the (possibly fractional) t the sampler passes.
+        guidance_scale: s, a scalar or [B].
+
+    Returns:
+        model_fn(x_t, t) -> the guided prediction, same type as the model's.
+    """
+
+    def guided(x, t):
+        out = model_fn(x, t).astype(jnp.float32)
+        grad = jax.grad(lambda x_: jnp.sum(log_prob_fn(x_, t)))(x)
+        abar = diffusion.expand(alpha_bar_at(schedule, t), x)
+        x0, eps = diffusion.split_prediction(out, x, abar, prediction_type)
+        scale = diffusion.expand(jnp.asarray(guidance_scale, jnp.float32), x)
+        eps = eps - scale * jnp.sqrt(1.0 - abar) * grad
+        x0 = diffusion.eps_to_x0(x, eps, abar)
+        return diffusion.prediction_target(x0, eps, abar, prediction_type)
+
+    return guided

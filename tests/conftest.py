@@ -1,0 +1,15 @@
+"""Test set-up: float32 everywhere, JAX's persistent compilation cache, the repo on sys.path."""
+
+import os
+import pathlib
+import sys
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache"))
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,126 @@
+"""The PyTorch references the parity tests compare against: diffusers schedulers driven the way
+diffusers' pipelines drive them, on a smooth analytic model function written twice (JAX, torch)."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from jdiff import samplers
+
+T = 1000
+BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 0.02),
+         "sigmoid": (1e-4, 0.02)}  # jdiff's defaults, given to diffusers explicitly
+DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear",
+                      "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
+SCHEDULERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_ancestral": EulerAncestralDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+}
+# Options that are ours, not the scheduler's config: passed to step() or not at all.
+STEP_OPTIONS = {"eta"}
+
+
+def model_jax(x, t):
+    """A smooth model function of x and t, [B, D] -> [B, D]."""
+    c = jnp.cos(t / T * 1.3)[:, None]
+    return 0.6 * c * x + 0.3 * jnp.sin(2.0 * x + t[:, None] / 100.0)
+
+
+def model_torch(x, t):
+    t = torch.as_tensor(t, dtype=torch.float32)[:, None]
+    return 0.6 * torch.cos(t / T * 1.3) * x + 0.3 * torch.sin(2.0 * x + t / 100.0)
+
+
+def model_jax_learned(x, t):
+    return jnp.concatenate([model_jax(x, t), jnp.tanh(x + t[:, None] / T)], axis=-1)
+
+
+def model_torch_learned(x, t):
+    t32 = torch.as_tensor(t, dtype=torch.float32)[:, None]
+    return torch.cat([model_torch(x, t), torch.tanh(x + t32 / T)], dim=-1)
+
+
+def make_scheduler(method, schedule_name, *, rescale=False, alphas_cumprod=None, **options):
+    """The diffusers scheduler of `method` with jdiff's settings.
+
+    With `alphas_cumprod` given (jdiff's float32 ᾱ, computed in float64), the scheduler's own
+    float32 cumprod is replaced by it, keeping diffusers' 2⁻²⁴ clamp of a zero terminal ᾱ: the
+    schedules are compared on their own, and the trajectories then differ only by the sampler.
+    """
+    config = {k: v for k, v in options.items() if k not in STEP_OPTIONS}
+    if method in ("ddpm", "ddim"):
+        config.setdefault("clip_sample", False)
+    sched = SCHEDULERS[method](
+        num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[schedule_name],
+        beta_start=BETAS[schedule_name][0], beta_end=BETAS[schedule_name][1],
+        **({"rescale_betas_zero_snr": True} if rescale else {}), **config,
+    )
+    if alphas_cumprod is not None:
+        ac = torch.from_numpy(np.array(alphas_cumprod, dtype=np.float32))
+        if sched.alphas_cumprod[-1] == 2.0**-24:
+            ac[-1] = 2.0**-24
+        sched.alphas_cumprod = ac
+        if hasattr(sched, "final_alpha_cumprod") and not sched.config.set_alpha_to_one:
+            sched.final_alpha_cumprod = ac[0]
+    return sched
+
+
+def diffusers_trajectory(method, schedule_name, x_T, num_steps, step_key, *, rescale=False,
+                         start_step=0, learned=False, alphas_cumprod=None, **options):
+    """The reference: the scheduler's states after each jdiff step, as numpy [S, B, D].
+
+    Stochastic schedulers receive exactly the noise jdiff draws at each grid step.
+    """
+    sched = make_scheduler(method, schedule_name, rescale=rescale,
+                           alphas_cumprod=alphas_cumprod, **options)
+    sched.set_timesteps(num_steps)
+    module = importlib.import_module(type(sched).__module__)
+    holder = {}
+    original = getattr(module, "randn_tensor", None)
+    if original is not None:
+        module.randn_tensor = lambda *a, **k: holder["noise"]
+    try:
+        timesteps = sched.timesteps
+        if start_step:
+            timesteps = timesteps[start_step * sched.order:]
+            sched.set_begin_index(start_step * sched.order) if hasattr(sched, "set_begin_index") else None
+        x = torch.from_numpy(np.array(x_T))
+        if not start_step:
+            x = x * sched.init_noise_sigma
+        out_states = []
+        fn = model_torch_learned if learned else model_torch
+        for i, t in enumerate(timesteps):
+            grid_index = start_step + (i + 1) // 2 if method == "heun" else start_step + i
+            noise = torch.from_numpy(np.asarray(samplers.step_noise(step_key, grid_index, x.shape)))
+            holder["noise"] = noise
+            x_in = sched.scale_model_input(x, t)
+            out = fn(x_in, torch.full((x.shape[0],), float(t)))
+            kwargs = {"eta": options["eta"], "variance_noise": noise} if options.get("eta") else {}
+            x = sched.step(out, t, x, **kwargs).prev_sample
+            out_states.append(x.numpy().copy())
+    finally:
+        if original is not None:
+            module.randn_tensor = original
+    states = np.stack(out_states)
+    if method == "heun":  # a jdiff Heun step is diffusers' first- and second-order call together
+        states = np.concatenate([states[1::2], states[-1:]]) if len(states) % 2 else states[1::2]
+    return states
