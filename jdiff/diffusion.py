@@ -32,7 +32,10 @@ def check_prediction_type(prediction_type: str) -> None:
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """Draw x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) (DDPM eq. 4). x0, noise: [B, ...]; t: [B]."""
+    """Draw x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) (DDPM eq. 4).
+
+    x0, noise: [B, ...]; t: integer timesteps [B].
+    """
     abar = expand(schedule.alphas_cumprod[t], x0)
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
 

@@ -21,8 +21,8 @@ from PIL import Image
 from jdiff import diffusion, schedules
 
 matplotlib.use("Agg")
-from matplotlib import cbook  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib import cbook
+from matplotlib import pyplot as plt
 
 
 def sample_image(size: int = 128) -> np.ndarray:

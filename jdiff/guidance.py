@@ -23,7 +23,8 @@ def _std(x: jax.Array) -> jax.Array:
 def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale) -> jax.Array:
     """Match the guided output's per-example std to the conditional one's, blended by φ
     (Lin et al. 2023, eq. 15-16): φ · guided · std(cond)/std(guided) + (1 - φ) · guided."""
-    rescaled = guided * (_std(cond) / _std(guided))
+    std_guided = _std(guided)
+    rescaled = guided * (_std(cond) / jnp.where(std_guided > 0, std_guided, 1.0))
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 

@@ -82,7 +82,10 @@ def diffusion_loss(
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats (arrays broadcast)."""
     return 0.5 * (
-        -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+        -1.0
+        + logvar2
+        - logvar1
+        + jnp.exp(logvar1 - logvar2)
         + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
     )
 
@@ -145,8 +148,13 @@ def vlb_term_bpd(
     """
     true_mean, _, true_log_var = diffusion.q_posterior(schedule, x0, x_t, t)
     mean, _, log_var, _ = diffusion.p_mean_variance(
-        schedule, model_output, x_t, t, prediction_type=prediction_type,
-        variance_type=variance_type, clip_denoised=clip_denoised,
+        schedule,
+        model_output,
+        x_t,
+        t,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        clip_denoised=clip_denoised,
     )
     kl = mean_flat(jnp.broadcast_to(normal_kl(true_mean, true_log_var, mean, log_var), x0.shape))
     decoder_nll = -mean_flat(
@@ -176,8 +184,14 @@ def vlb_terms_bpd(
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         out = model_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)
         return vlb_term_bpd(
-            schedule, out, x0, x_t, t, prediction_type=prediction_type,
-            variance_type=variance_type, clip_denoised=clip_denoised,
+            schedule,
+            out,
+            x0,
+            x_t,
+            t,
+            prediction_type=prediction_type,
+            variance_type=variance_type,
+            clip_denoised=clip_denoised,
         )
 
     return jax.lax.map(term, jnp.arange(schedule.num_timesteps)).T
@@ -200,8 +214,13 @@ def nll_bits_per_dim(
     KL(q(x_T | x_0) ‖ N(0, I)). x0 must be 8-bit data scaled to [-1, 1].
     """
     terms = vlb_terms_bpd(
-        model_fn, schedule, x0, key, prediction_type=prediction_type,
-        variance_type=variance_type, clip_denoised=clip_denoised,
+        model_fn,
+        schedule,
+        x0,
+        key,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        clip_denoised=clip_denoised,
     )
     return jnp.sum(terms, axis=1) + prior_bpd(schedule, x0)
 

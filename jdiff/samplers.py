@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion
+from jdiff import diffusion, timesteps
 from jdiff.schedules import Schedule
-from jdiff.schedules import sigmas as schedule_sigmas
+from jdiff.timesteps import SPACINGS
 
-SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS = ("zero", "sigma_min")
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
@@ -56,52 +55,6 @@ METHODS = tuple(DEFAULTS)
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-# ----------------------------------------------------------------------------- timestep grids
-
-
-def discrete_timesteps(
-    num_timesteps: int,
-    num_steps: int,
-    *,
-    timestep_spacing: str,
-    steps_offset: int = 0,
-    rounded: bool = True,
-) -> np.ndarray:
-    """The descending timesteps of an N-step grid over T training steps, float64 [N] (host).
-
-    "linspace": N points from T-1 to 0 (rounded unless `rounded=False`, as the Euler family
-    leaves them); "leading": k·(T//N) + steps_offset; "trailing": round(T - k·T/N) - 1.
-    """
-    if timestep_spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of {SPACINGS}")
-    if timestep_spacing == "linspace":
-        ts = np.linspace(
-            0, num_timesteps - 1, num_steps, dtype=np.float64 if rounded else np.float32
-        )
-        return (ts.round() if rounded else ts)[::-1].astype(np.float64)
-    if timestep_spacing == "leading":
-        return (np.arange(num_steps) * (num_timesteps // num_steps))[::-1] + float(steps_offset)
-    return np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)) - 1.0
-
-
-def karras_sigmas(sigma_max: jax.Array, sigma_min: jax.Array, n: int, rho: float = 7.0):
-    """σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ (Karras et al. 2022, eq. 5), [n]."""
-    ramp = jnp.linspace(0.0, 1.0, n)
-    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
-def sigma_to_t(sigma: jax.Array, log_sigmas: jax.Array) -> jax.Array:
-    """The fractional timestep of noise level σ, by linear interpolation in log σ (diffusers)."""
-    log_sigma = jnp.log(jnp.maximum(sigma, 1e-10))
-    low = jnp.clip(
-        jnp.sum(log_sigmas[:, None] <= log_sigma[None], axis=0) - 1, 0, len(log_sigmas) - 2
-    )
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    w = jnp.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
-    return (1.0 - w) * low + w * (low + 1)
-
-
 def _ac(schedule: Schedule, t, final):
     """ᾱ at integer timesteps t, with `final` where t < 0 (the step past the clean end)."""
     t = jnp.asarray(t, jnp.int32)
@@ -116,47 +69,6 @@ def _vp_noise(schedule: Schedule, t):
     """The (x_0, ε) coefficients of q(x_t | x_0) at integer timesteps t."""
     abar = schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)]
     return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-
-
-def _sigma_grid(schedule, num_steps, opts, *, final_sigma, karras_range="grid"):
-    """Timesteps and σ's of the Euler family and DPM-Solver++ (diffusers' `set_timesteps`)."""
-    T = schedule.num_timesteps
-    all_sigmas = schedule_sigmas(schedule)
-    log_sigmas = jnp.log(all_sigmas)
-    if karras_range == "full":  # DPM-Solver: N+1 points, the last (t = 0) dropped
-        spacing = opts["timestep_spacing"]
-        if spacing == "trailing":
-            ts = discrete_timesteps(T, num_steps, timestep_spacing=spacing)
-        elif spacing == "linspace":
-            ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]
-        else:
-            ts = (np.arange(num_steps + 1) * (T // (num_steps + 1)))[::-1][:-1] + opts[
-                "steps_offset"
-            ]
-    else:
-        ts = discrete_timesteps(
-            T,
-            num_steps,
-            timestep_spacing=opts["timestep_spacing"],
-            steps_offset=opts["steps_offset"],
-            rounded=False,
-        )
-    ts = jnp.asarray(ts.astype(np.float32))
-    sig = jnp.interp(ts, jnp.arange(T, dtype=jnp.float32), all_sigmas)
-    if opts["use_karras_sigmas"]:
-        hi, lo = (all_sigmas[-1], all_sigmas[0]) if karras_range == "full" else (sig[0], sig[-1])
-        sig = karras_sigmas(hi, lo, num_steps)
-        ts = sigma_to_t(sig, log_sigmas)
-        if karras_range == "full":
-            ts = jnp.round(ts)
-    last = all_sigmas[0] if final_sigma == "sigma_min" else 0.0
-    return ts, sig, jnp.append(sig, last)
-
-
-def _init_sigma(sig_with_last, spacing):
-    """diffusers' `init_noise_sigma` of the Euler family: σ_max, or √(σ_max²+1) for "leading"."""
-    top = jnp.max(sig_with_last)
-    return top if spacing in ("linspace", "trailing") else jnp.sqrt(top**2 + 1.0)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -211,7 +123,7 @@ def _vp_grid(schedule, ts, t_prev, final):
 
 
 def _ddpm_grid(schedule, num_steps, opts):
-    ts = discrete_timesteps(
+    ts = timesteps.discrete_timesteps(
         schedule.num_timesteps,
         num_steps,
         timestep_spacing=opts["timestep_spacing"],
@@ -242,7 +154,7 @@ def _ddpm_step(model_fn, schedule, x, state, g, noise, opts):
 
 def _ddim_grid(schedule, num_steps, opts):
     T = schedule.num_timesteps
-    ts = discrete_timesteps(
+    ts = timesteps.discrete_timesteps(
         T, num_steps, timestep_spacing=opts["timestep_spacing"], steps_offset=opts["steps_offset"]
     )
     final = _final_alpha(schedule, opts["set_alpha_to_one"])
@@ -261,67 +173,6 @@ def _ddim_step(model_fn, schedule, x, state, g, noise, opts):
     return x, state
 
 
-def _pndm_table(ts: np.ndarray, ratio: int, skip_prk: bool, start: int):
-    """The bookkeeping of diffusers' PNDMScheduler, unrolled into per-step weights (host).
-
-    Each step evaluates the model once (e) and moves the state by the transfer function φ from
-    t_from to t_to with the effective output  w_new e + Σ_k w_hist[k] h_k + w_acc acc, where h is
-    the stack of the last three stored outputs and acc the Runge-Kutta accumulator.
-    """
-    n_prk = 0 if skip_prk else 12
-    rows, n_hist = [], 0
-    for counter, t in enumerate(ts[start:]):
-        r = {
-            "t_from": t,
-            "t_to": t - ratio,
-            "w_new": 1.0,
-            "w_hist": [0.0, 0.0, 0.0],
-            "w_acc": 0.0,
-            "acc_keep": 1.0,
-            "acc_add": 0.0,
-            "push": 0.0,
-            "save": 0.0,
-            "use_saved": 0.0,
-        }
-        if counter < n_prk:  # pseudo Runge-Kutta (Liu et al. 2022, eq. 13), four model calls
-            phase = counter % 4
-            r["t_from"] = ts[counter // 4 * 4]
-            r["t_to"] = t - (0 if counter % 2 else ratio // 2)
-            r["use_saved"] = 1.0
-            if phase == 0:
-                r.update(acc_keep=0.0, acc_add=1 / 6, push=1.0, save=1.0)
-            elif phase in (1, 2):
-                r.update(acc_add=1 / 3)
-            else:
-                r.update(w_new=1 / 6, w_acc=1.0, acc_keep=0.0)
-        elif counter == 1 and skip_prk:  # re-take the first step with the averaged slope
-            r.update(t_from=t + ratio, t_to=t, w_new=0.5, use_saved=1.0)
-            r["w_hist"][0] = 0.5
-        else:  # linear multistep (Adams-Bashforth of order up to 4)
-            r["push"] = 1.0
-            order = min(n_hist + 1, 4)
-            coeffs = {1: [1.0], 2: [3, -1], 3: [23, -16, 5], 4: [55, -59, 37, -9]}[order]
-            denom = {1: 1.0, 2: 2.0, 3: 12.0, 4: 24.0}[order]
-            r["w_new"] = coeffs[0] / denom
-            r["w_hist"] = [c / denom for c in coeffs[1:]] + [0.0] * (4 - order)
-            r["save"] = 1.0 if counter == 0 else 0.0
-        n_hist += int(r["push"])
-        rows.append(r)
-    return {k: np.array([row[k] for row in rows], np.float32) for k in rows[0]}
-
-
-def _pndm_timesteps(T, num_steps, opts):
-    ascending = discrete_timesteps(
-        T, num_steps, timestep_spacing=opts["timestep_spacing"], steps_offset=opts["steps_offset"]
-    )[::-1]
-    if opts["skip_prk_steps"]:
-        return np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
-    half = T // num_steps // 2
-    prk = np.repeat(ascending[-4:], 2) + np.tile([0, half], 4)
-    prk = np.repeat(prk[:-1], 2)[1:-1][::-1]
-    return np.concatenate([prk, ascending[:-3][::-1]])
-
-
 def _pndm_grid(schedule, num_steps, opts, start_step=0):
     T = schedule.num_timesteps
     if not opts["skip_prk_steps"] and (num_steps < 4 or start_step > 0):
@@ -329,8 +180,8 @@ def _pndm_grid(schedule, num_steps, opts, start_step=0):
             "pndm's Runge-Kutta warm-up needs num_steps >= 4 and start_step = 0; pass "
             "skip_prk_steps=True (PLMS, as Stable Diffusion does) to start part-way"
         )
-    ts = _pndm_timesteps(T, num_steps, opts)
-    table = _pndm_table(ts, T // num_steps, opts["skip_prk_steps"], start_step)
+    ts = timesteps.pndm_timesteps(T, num_steps, opts)
+    table = timesteps.pndm_table(ts, T // num_steps, opts["skip_prk_steps"], start_step)
     # The table starts at start_step; zero rows stand for the steps that make_grid slices off.
     table = {
         k: np.concatenate([np.zeros((start_step, *v.shape[1:]), v.dtype), v])
@@ -381,7 +232,7 @@ def _sigma_vp_grid(ts, sig, t_prev):
 
 
 def _dpm_grid(schedule, num_steps, opts, start_step=0):
-    ts, _, sig = _sigma_grid(
+    ts, _, sig = timesteps.sigma_grid(
         schedule, num_steps, opts, final_sigma=_check_final(opts), karras_range="full"
     )
     n = len(ts)
@@ -423,7 +274,7 @@ def _dpm_step(model_fn, schedule, x, state, g, noise, opts):
 
 
 def _euler_family_grid(schedule, num_steps, opts, final="zero"):
-    ts, _, sig = _sigma_grid(schedule, num_steps, opts, final_sigma=final)
+    ts, _, sig = timesteps.sigma_grid(schedule, num_steps, opts, final_sigma=final)
     t_prev = jnp.append(ts[1:], -1.0)
     g = {
         "t": ts,
@@ -434,7 +285,7 @@ def _euler_family_grid(schedule, num_steps, opts, final="zero"):
         "c_noise": sig[:-1],
         "sigma_prev": sig[1:],
     }
-    return g, _init_sigma(sig, opts["timestep_spacing"])
+    return g, timesteps.init_noise_sigma(sig, opts["timestep_spacing"])
 
 
 def _sigma_x0(model_fn, x, t, sigma, opts):
@@ -514,7 +365,8 @@ def resolve_options(method: str, options: dict) -> dict:
         )
     if method == "ddpm" and opts["variance_type"] not in DDPM_VARIANCES:
         raise ValueError(
-            f"unknown variance_type {opts['variance_type']!r} for ddpm; choose one of {DDPM_VARIANCES}"
+            f"unknown variance_type {opts['variance_type']!r} for ddpm; "
+            f"choose one of {DDPM_VARIANCES}"
         )
     if method in ("pndm",) and opts["prediction_type"] == "sample":
         raise ValueError("pndm supports prediction_type 'epsilon' or 'v_prediction', not 'sample'")

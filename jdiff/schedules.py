@@ -77,7 +77,7 @@ def from_betas(betas) -> Schedule:
 
 
 def cosine_alpha_bar(s: np.ndarray, offset: float = 0.008) -> np.ndarray:
-    """ᾱ(s) = cos²((s + offset) / (1 + offset) · π/2) for s in [0, 1] (Nichol & Dhariwal 2021, eq. 17)."""
+    """ᾱ(s) = cos²((s + offset) / (1 + offset) · π/2), s in [0, 1] (IDDPM eq. 17)."""
     return np.cos((s + offset) / (1.0 + offset) * math.pi / 2) ** 2
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -22,10 +21,18 @@ from diffusers import (
 from jdiff import samplers
 
 T = 1000
-BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 0.02),
-         "sigmoid": (1e-4, 0.02)}  # jdiff's defaults, given to diffusers explicitly
-DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear",
-                      "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
+BETAS = {
+    "linear": (1e-4, 0.02),
+    "scaled_linear": (0.00085, 0.012),
+    "cosine": (1e-4, 0.02),
+    "sigmoid": (1e-4, 0.02),
+}  # jdiff's defaults, given to diffusers explicitly
+DIFFUSERS_SCHEDULE = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+    "sigmoid": "sigmoid",
+}
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
@@ -70,9 +77,12 @@ def make_scheduler(method, schedule_name, *, rescale=False, alphas_cumprod=None,
     if method in ("ddpm", "ddim"):
         config.setdefault("clip_sample", False)
     sched = SCHEDULERS[method](
-        num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[schedule_name],
-        beta_start=BETAS[schedule_name][0], beta_end=BETAS[schedule_name][1],
-        **({"rescale_betas_zero_snr": True} if rescale else {}), **config,
+        num_train_timesteps=T,
+        beta_schedule=DIFFUSERS_SCHEDULE[schedule_name],
+        beta_start=BETAS[schedule_name][0],
+        beta_end=BETAS[schedule_name][1],
+        **({"rescale_betas_zero_snr": True} if rescale else {}),
+        **config,
     )
     if alphas_cumprod is not None:
         ac = torch.from_numpy(np.array(alphas_cumprod, dtype=np.float32))
@@ -84,14 +94,26 @@ def make_scheduler(method, schedule_name, *, rescale=False, alphas_cumprod=None,
     return sched
 
 
-def diffusers_trajectory(method, schedule_name, x_T, num_steps, step_key, *, rescale=False,
-                         start_step=0, learned=False, alphas_cumprod=None, **options):
+def diffusers_trajectory(
+    method,
+    schedule_name,
+    x_T,
+    num_steps,
+    step_key,
+    *,
+    rescale=False,
+    start_step=0,
+    learned=False,
+    alphas_cumprod=None,
+    **options,
+):
     """The reference: the scheduler's states after each jdiff step, as numpy [S, B, D].
 
     Stochastic schedulers receive exactly the noise jdiff draws at each grid step.
     """
-    sched = make_scheduler(method, schedule_name, rescale=rescale,
-                           alphas_cumprod=alphas_cumprod, **options)
+    sched = make_scheduler(
+        method, schedule_name, rescale=rescale, alphas_cumprod=alphas_cumprod, **options
+    )
     sched.set_timesteps(num_steps)
     module = importlib.import_module(type(sched).__module__)
     holder = {}
@@ -101,8 +123,10 @@ def diffusers_trajectory(method, schedule_name, x_T, num_steps, step_key, *, res
     try:
         timesteps = sched.timesteps
         if start_step:
-            timesteps = timesteps[start_step * sched.order:]
-            sched.set_begin_index(start_step * sched.order) if hasattr(sched, "set_begin_index") else None
+            timesteps = timesteps[start_step * sched.order :]
+            sched.set_begin_index(start_step * sched.order) if hasattr(
+                sched, "set_begin_index"
+            ) else None
         x = torch.from_numpy(np.array(x_T))
         if not start_step:
             x = x * sched.init_noise_sigma

@@ -18,7 +18,8 @@ def test_q_sample_at_t0_is_nearly_x0():
     x_t = diffusion.q_sample(SCHED, X0, jnp.zeros(5, jnp.int32), NOISE)
     assert float(jnp.abs(x_t - X0).max()) < 0.03  # √(1-ᾱ_0) ≈ 6e-3 for the cosine schedule
     np.testing.assert_allclose(
-        x_t, jnp.sqrt(SCHED.alphas_cumprod[0]) * X0 + jnp.sqrt(1 - SCHED.alphas_cumprod[0]) * NOISE,
+        x_t,
+        jnp.sqrt(SCHED.alphas_cumprod[0]) * X0 + jnp.sqrt(1 - SCHED.alphas_cumprod[0]) * NOISE,
         rtol=1e-6,
     )
 
@@ -92,8 +93,9 @@ def test_sigma_view_conversion_agrees_with_vp():
     abar = 1 / (1 + sigma**2)
     for ptype in diffusion.PREDICTION_TYPES:
         out = diffusion.prediction_target(x0, eps, abar, ptype)
-        np.testing.assert_allclose(diffusion.split_prediction_sigma(out, x, sigma, ptype), x0,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            diffusion.split_prediction_sigma(out, x, sigma, ptype), x0, atol=1e-5
+        )
 
 
 def test_p_mean_variance_variance_types():
@@ -107,8 +109,9 @@ def test_p_mean_variance_variance_types():
     # the mean is the posterior mean at x̂0 = x0 (the true noise was given)
     mean, _, _ = diffusion.q_posterior(SCHED, X0, x_t, T)
     np.testing.assert_allclose(small[0][:4], mean[:4], atol=1e-3)
-    np.testing.assert_allclose(small[2][1:].squeeze(), np.log(SCHED.posterior_variance[T[1:]]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        small[2][1:].squeeze(), np.log(SCHED.posterior_variance[T[1:]]), rtol=1e-5
+    )
     np.testing.assert_allclose(large[1][1:].squeeze(), SCHED.betas[T[1:]], rtol=1e-5)
     assert large[1][0].squeeze() == pytest.approx(float(SCHED.posterior_variance[1]))
     u = (0.3 + 1) / 2

@@ -66,8 +66,11 @@ def test_loss_is_zero_for_the_exact_target_and_weights(prediction_type):
     assert float(loss) < 1e-8
     snr = jnp.array([0.5, 5.0, 50.0])
     w = losses.snr_weight(snr, prediction_type, 5.0)
-    want = {"epsilon": [1.0, 1.0, 0.1], "v_prediction": [0.5 / 1.5, 5 / 6, 5 / 51],
-            "sample": [0.5, 5.0, 5.0]}[prediction_type]
+    want = {
+        "epsilon": [1.0, 1.0, 0.1],
+        "v_prediction": [0.5 / 1.5, 5 / 6, 5 / 51],
+        "sample": [0.5, 5.0, 5.0],
+    }[prediction_type]
     np.testing.assert_allclose(w, want, rtol=1e-6)
 
 
@@ -143,8 +146,9 @@ def test_hybrid_loss_trains_variance_through_vlb_only():
     )
     grads = jax.grad(loss_fn)(params)
     simple_only = jax.grad(
-        lambda p: losses.diffusion_loss(lambda x, t: model(p, x, t)[..., :1], SCHED, x0,
-                                        jax.random.key(1))
+        lambda p: losses.diffusion_loss(
+            lambda x, t: model(p, x, t)[..., :1], SCHED, x0, jax.random.key(1)
+        )
     )(params)
     np.testing.assert_allclose(grads["eps"], simple_only["eps"], rtol=1e-5)  # stop-gradient
     assert float(jnp.abs(grads["v"])) > 0
