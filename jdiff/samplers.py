@@ -77,7 +77,7 @@ def _vp_noise(schedule: Schedule, t):
 class Method(NamedTuple):
     """A sampler: `grid` makes the per-step arrays, `init` the extra state, `step` one update.
 
-    grid(schedule, num_steps, start_step, opts) -> (per-step dict of arrays [S, ...], init scale)
+    grid(schedule, num_steps, opts, start_step) -> (per-step dict of arrays [S, ...], init scale)
       with at least "t" (model timestep), "t_prev" (timestep after the step; -1 = clean),
       "c_x0", "c_noise" (x_S = c_x0 x_0 + c_noise ε in the sampler's state space) and
       "sigma_prev" (σ of the state after the step: 0 for variance-preserving states).
@@ -122,7 +122,7 @@ def _vp_grid(schedule, ts, t_prev, final):
     }
 
 
-def _ddpm_grid(schedule, num_steps, opts):
+def _ddpm_grid(schedule, num_steps, opts, start_step=0):
     ts = timesteps.discrete_timesteps(
         schedule.num_timesteps,
         num_steps,
@@ -152,7 +152,7 @@ def _ddpm_step(model_fn, schedule, x, state, g, noise, opts):
     return mean + jnp.where(g["t"] > 0, std, 0.0) * noise, state
 
 
-def _ddim_grid(schedule, num_steps, opts):
+def _ddim_grid(schedule, num_steps, opts, start_step=0):
     T = schedule.num_timesteps
     ts = timesteps.discrete_timesteps(
         T, num_steps, timestep_spacing=opts["timestep_spacing"], steps_offset=opts["steps_offset"]
@@ -273,7 +273,8 @@ def _dpm_step(model_fn, schedule, x, state, g, noise, opts):
     return x, {"x0_prev": x0}
 
 
-def _euler_family_grid(schedule, num_steps, opts, final="zero"):
+def _euler_family_grid(schedule, num_steps, opts, start_step=0):
+    final = _check_final(opts) if "final_sigmas_type" in opts else "zero"
     ts, _, sig = timesteps.sigma_grid(schedule, num_steps, opts, final_sigma=final)
     t_prev = jnp.append(ts[1:], -1.0)
     g = {
@@ -330,17 +331,13 @@ def _check_final(opts):
 
 
 STEPS = {
-    "ddpm": Method(lambda s, n, o, k: _ddpm_grid(s, n, o), _no_state, _ddpm_step),
-    "ddim": Method(lambda s, n, o, k: _ddim_grid(s, n, o), _no_state, _ddim_step),
+    "ddpm": Method(_ddpm_grid, _no_state, _ddpm_step),
+    "ddim": Method(_ddim_grid, _no_state, _ddim_step),
     "pndm": Method(_pndm_grid, _pndm_init, _pndm_step),
     "dpmpp_2m": Method(_dpm_grid, _dpm_init, _dpm_step),
-    "euler": Method(
-        lambda s, n, o, k: _euler_family_grid(s, n, o, _check_final(o)), _no_state, _euler_step
-    ),
-    "euler_ancestral": Method(
-        lambda s, n, o, k: _euler_family_grid(s, n, o), _no_state, _euler_ancestral_step
-    ),
-    "heun": Method(lambda s, n, o, k: _euler_family_grid(s, n, o), _no_state, _heun_step),
+    "euler": Method(_euler_family_grid, _no_state, _euler_step),
+    "euler_ancestral": Method(_euler_family_grid, _no_state, _euler_ancestral_step),
+    "heun": Method(_euler_family_grid, _no_state, _heun_step),
 }
 
 

@@ -36,7 +36,13 @@ def discrete_timesteps(
         )
         return (ts.round() if rounded else ts)[::-1].astype(np.float64)
     if timestep_spacing == "leading":
-        return (np.arange(num_steps) * (num_timesteps // num_steps))[::-1] + float(steps_offset)
+        ts = (np.arange(num_steps) * (num_timesteps // num_steps))[::-1] + float(steps_offset)
+        if ts[0] > num_timesteps - 1 or ts[-1] < 0:
+            raise ValueError(
+                f"steps_offset={steps_offset} moves the {num_steps}-step 'leading' grid outside "
+                f"[0, {num_timesteps - 1}]; lower steps_offset or num_steps"
+            )
+        return ts
     return np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)) - 1.0
 
 

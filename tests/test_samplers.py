@@ -368,6 +368,7 @@ def test_trajectory_shape_and_end():
         (dict(method="euler", final_sigmas_type="one"), "final_sigmas_type"),
         (dict(method="ddim", num_steps=0), "num_steps"),
         (dict(method="ddim", num_steps=2000), "num_steps"),
+        (dict(method="ddim", num_steps=1000, steps_offset=1), "outside"),
         (dict(method="ddim", start_step=10), "start_step"),
         (dict(method="pndm", start_step=2), "skip_prk_steps=True"),
         (dict(method="ddim", x_T=jnp.zeros((2, 2))), "x_T has shape"),
