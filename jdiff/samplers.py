@@ -232,7 +232,7 @@ def _sigma_vp_grid(ts, sig, t_prev):
 
 
 def _dpm_grid(schedule, num_steps, opts, start_step=0):
-    ts, _, sig = timesteps.sigma_grid(
+    ts, sig = timesteps.sigma_grid(
         schedule, num_steps, opts, final_sigma=_check_final(opts), karras_range="full"
     )
     n = len(ts)
@@ -275,7 +275,7 @@ def _dpm_step(model_fn, schedule, x, state, g, noise, opts):
 
 def _euler_family_grid(schedule, num_steps, opts, start_step=0):
     final = _check_final(opts) if "final_sigmas_type" in opts else "zero"
-    ts, _, sig = timesteps.sigma_grid(schedule, num_steps, opts, final_sigma=final)
+    ts, sig = timesteps.sigma_grid(schedule, num_steps, opts, final_sigma=final)
     t_prev = jnp.append(ts[1:], -1.0)
     g = {
         "t": ts,

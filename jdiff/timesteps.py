@@ -65,7 +65,8 @@ def sigma_to_t(sigma: jax.Array, log_sigmas: jax.Array) -> jax.Array:
 
 
 def sigma_grid(schedule, num_steps, opts, *, final_sigma, karras_range="grid"):
-    """Timesteps and σ's of the Euler family and DPM-Solver++ (diffusers' `set_timesteps`)."""
+    """(timesteps [N], σ [N+1] with the final σ appended) of the Euler family and DPM-Solver++,
+    as diffusers' `set_timesteps` builds them."""
     T = schedule.num_timesteps
     all_sigmas = schedule_sigmas(schedule)
     log_sigmas = jnp.log(all_sigmas)
@@ -96,7 +97,7 @@ def sigma_grid(schedule, num_steps, opts, *, final_sigma, karras_range="grid"):
         if karras_range == "full":
             ts = jnp.round(ts)
     last = all_sigmas[0] if final_sigma == "sigma_min" else 0.0
-    return ts, sig, jnp.append(sig, last)
+    return ts, jnp.append(sig, last)
 
 
 def init_noise_sigma(sig_with_last, spacing):
