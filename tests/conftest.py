@@ -8,6 +8,7 @@ import jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # train.py, sample.py, configs/
 
 jax.config.update(
     "jax_compilation_cache_dir", os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache"))

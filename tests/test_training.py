@@ -1,0 +1,192 @@
+"""Training end to end on the tiny config: checkpoints, exact resume, errors, non-finite stop."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+import train
+from configs import default
+from jdiff import checkpoints, training
+
+ROOT = pathlib.Path(train.__file__).parent
+
+
+def tiny_config(**train_overrides) -> ConfigDict:
+    config = default.get_config("tiny")
+    config.train.update(train_overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The tiny config trained 4 steps in one go (checkpoints at 2 and 4)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    grid = train.train(tiny_config(), workdir)
+    return workdir, grid
+
+
+def final_state(workdir):
+    manager = checkpoints.make_manager(pathlib.Path(workdir) / "checkpoints")
+    restored = manager.restore(manager.latest_step())
+    manager.close()
+    return restored
+
+
+def assert_same_tree(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_writes_checkpoints_config_metrics_and_samples(uninterrupted):
+    workdir, grid = uninterrupted
+    assert grid.exists() and grid.suffix == ".png"
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2",
+        "4",
+    ]
+    stored = json.loads((workdir / "config.json").read_text())
+    assert stored["jdiff_version"] and stored["config"]["data"]["name"] == "digits"
+    assert any((workdir / "tb").iterdir())
+    state = final_state(workdir)
+    assert int(state["step"]) == 4 and int(state["nonfinite_step"]) == -1
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(state["params"]), jax.tree.leaves(state["ema_params"]), strict=True
+        )
+    )
+
+
+def test_resume_is_bit_identical(uninterrupted, tmp_path):
+    train.train(tiny_config(num_steps=2), tmp_path)
+    train.train(tiny_config(), tmp_path)  # resumes at step 2
+    assert_same_tree(final_state(tmp_path), final_state(uninterrupted[0]))
+
+
+def test_resume_refuses_a_different_model(uninterrupted):
+    config = tiny_config()
+    config.model.overrides = {"layers_per_block": 2, "norm_num_groups": 8}
+    with pytest.raises(ValueError, match="model differ"):
+        train.prepare_workdir(uninterrupted[0], config)
+
+
+def run_train(workdir, *flags, timeout=300):
+    env = {
+        **os.environ,
+        "JDIFF_JAX_CACHE": os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache")),
+    }
+    command = [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}",
+               f"--config={ROOT / 'configs' / 'default.py'}:tiny", *flags]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
+def wait_for_checkpoint(process, directory, step, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not (directory / "checkpoints" / str(step)).exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no checkpoint {step}: {process.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_same_state(uninterrupted, tmp_path, sig):
+    """After kill -9 the run resumes from its last complete checkpoint; SIGTERM saves first.
+    Either way the resumed run ends bit-identical to the uninterrupted one."""
+    flags = ["--config.train.num_steps=400", "--config.train.checkpoint_every=2"]
+    process = run_train(tmp_path, *flags)
+    try:
+        wait_for_checkpoint(process, tmp_path, 2)
+        process.send_signal(sig)
+        out = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    if sig == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM, out[-3000:]
+        assert "SIGTERM: saved step" in out
+    # roll back to step 2 (the kill may have come later), keeping any half-written checkpoint
+    for path in (tmp_path / "checkpoints").iterdir():
+        if path.name.isdigit() and int(path.name) > 2:
+            shutil.rmtree(path)
+    resumed = run_train(tmp_path)  # the tiny config's own 4 steps
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming from step 2" in out and "samples:" in out
+    assert_same_tree(final_state(tmp_path), final_state(uninterrupted[0]))
+
+
+def test_nonfinite_loss_stops_without_changing_the_state(tmp_path):
+    config = tiny_config()
+    run = train.build(config, train.prepare_workdir(tmp_path, config))
+    before = jax.tree.map(np.asarray, run["state"])
+    batch = run["batches"](0)
+    batch["image"][0, 0, 0, 0] = np.nan
+    state, metrics = run["step"](run["state"], batch, run["k_train"])
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1 and int(state.nonfinite_step) == 0
+    assert_same_tree(state.params, before.params)
+    with pytest.raises(train.NonFiniteLoss, match="non-finite at step 0"):
+        train.check_finite(state, run["manager"])
+    run["manager"].close()
+
+
+def test_ema_warmup():
+    np.testing.assert_allclose(training.ema_decay(0, 0.9999), 0.1)
+    np.testing.assert_allclose(training.ema_decay(90, 0.9999), 91 / 100)
+    np.testing.assert_allclose(training.ema_decay(10**7, 0.9999), 0.9999)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, match",
+    [
+        ("optim", "name", "sgd", "optim.name='sgd'"),
+        ("optim", "learning_rate", -1.0, "learning_rate must be > 0"),
+        ("model", "variant", "huge", "model.variant='huge'"),
+        ("model", "dtype", "float16", "model.dtype='float16'"),
+        ("diffusion", "loss", "l1", "loss='l1'"),
+        ("diffusion", "schedule", "exp", "exp"),
+    ],
+)
+def test_bad_config_values_are_named(section, key, value, match):
+    config = tiny_config()
+    config[section][key] = value
+    with pytest.raises(ValueError, match=match):
+        model = training.make_model(config)
+        training.make_optimizer(config.optim)
+        schedule = training.make_schedule(config.diffusion)
+        training.make_train_step(model, schedule, training.make_optimizer(config.optim),
+                                 loss=config.diffusion.loss)  # fmt: skip
+
+
+def test_class_conditional_needs_labels():
+    config = tiny_config()
+    config.model.class_conditional = True
+    with pytest.raises(ValueError, match="class labels"):
+        training.make_model(config, num_classes=None)
+    model = training.make_model(config, num_classes=10)
+    assert model.num_class_embeds == 11
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+    config = tiny_config()
+    config.optim.update(accumulate_steps=2, warmup_steps=0)
+    optimizer = training.make_optimizer(config.optim)
+    params = {"w": jnp.ones(3)}
+    state = training.init_state(params, optimizer)
+    grads = {"w": jnp.ones(3)}
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    np.testing.assert_array_equal(updates["w"], 0.0)  # first micro-step: no update yet
+    updates, _ = optimizer.update(grads, opt_state, params)
+    assert np.all(np.asarray(updates["w"]) < 0)

@@ -1,0 +1,214 @@
+"""Train a diffusion model.
+
+    python train.py [--config configs/<name>.py[:variant]] [--workdir DIR] [--config.key=value]
+
+With no arguments: the embedded default (configs/default.py, 8x8 digits, offline) into
+./outputs/default. Rerunning the same command resumes from the workdir's latest checkpoint;
+SIGTERM saves one before exiting. The workdir holds config.json (the model is rebuilt from it by
+sample.py), checkpoints/, TensorBoard metrics in tb/ and sample grids in samples/.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+import jdiff
+from jdiff import checkpoints, data, images, pipelines, sharding, training
+
+ROOT = pathlib.Path(__file__).resolve().parent
+# settings that shape the model or its data: a resume must not change them
+COMPATIBLE = ("model", "diffusion", "data.name", "data.image_size", "data.channels")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    str(ROOT / "configs" / "default.py"),
+    "Config file (path[:variant]).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default ./outputs/<config>).")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or its gradient stopped being finite; nothing bad was saved."""
+
+
+def default_workdir(config_path: str) -> pathlib.Path:
+    """./outputs/<config name>[_<variant>] in the current directory."""
+    name, _, variant = pathlib.Path(config_path).name.partition(":")
+    stem = pathlib.Path(name).stem + (f"_{variant}" if variant else "")
+    return pathlib.Path.cwd() / "outputs" / stem
+
+
+def _lookup(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part, {}) if isinstance(config, dict) else {}
+    return config
+
+
+def prepare_workdir(workdir: pathlib.Path, config: ConfigDict) -> pathlib.Path:
+    """Create the workdir and store the config and jdiff version; on resume, refuse a config
+    that changes the model or its data (naming the keys)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if path.exists():
+        saved = json.loads(path.read_text())["config"]
+        changed = [k for k in COMPATIBLE if _lookup(saved, k) != _lookup(current, k)]
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a run whose {', '.join(changed)} differ from this config's; "
+                "resume with the same settings or choose a new --workdir"
+            )
+    path.write_text(json.dumps({"jdiff_version": jdiff.__version__, "config": current}, indent=2))
+    return workdir
+
+
+def build(config: ConfigDict, workdir: pathlib.Path) -> dict:
+    """Data, model, optimizer, state (restored if the workdir has a checkpoint), jitted step."""
+    source = data.load_source(config.data.name, split=config.data.split,
+                              data_dir=config.data.data_dir or None)  # fmt: skip
+    num_classes = data.num_classes(source) if config.model.class_conditional else None
+    model = training.make_model(config, num_classes)
+    schedule = training.make_schedule(config.diffusion)
+    optimizer = training.make_optimizer(config.optim)
+    size, channels = config.data.image_size, config.data.channels
+    k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
+
+    def init():
+        x = jax.numpy.zeros((1, size, size, channels))
+        labels = {} if num_classes is None else {"class_labels": jax.numpy.zeros(1, int)}
+        return training.init_state(model.init(k_init, x, jax.numpy.zeros(1), **labels)["params"],
+                                   optimizer)  # fmt: skip
+
+    manager = checkpoints.make_manager(
+        workdir / "checkpoints",
+        max_to_keep=config.train.keep_checkpoints,
+    )
+    state = checkpoints.restore_latest(manager, jax.eval_shape(init)) or jax.jit(init)()
+    null_class = num_classes if num_classes is not None else None
+    step = training.make_train_step(
+        model, schedule, optimizer, loss=config.diffusion.loss,
+        prediction_type=config.diffusion.prediction_type,
+        snr_gamma=config.diffusion.snr_gamma or None, ema_max_decay=config.train.ema_max_decay,
+        accumulate_steps=config.optim.accumulate_steps, null_class=null_class,
+        class_dropout=config.train.class_dropout,
+    )  # fmt: skip
+    generate = pipelines.make_generate(
+        model, schedule, shape=(config.sample.num_samples, size, size, channels),
+        method=config.sample.method, num_steps=config.sample.num_steps, null_class=null_class,
+        learned_variance=config.diffusion.loss == "hybrid",
+        prediction_type=config.diffusion.prediction_type,
+    )  # fmt: skip
+    batches = data.Batches(source, batch_size=config.data.batch_size, image_size=size,
+                           seed=config.seed, random_flip=config.data.random_flip)  # fmt: skip
+    return {
+        "state": state, "manager": manager, "batches": batches, "k_train": k_train,
+        "k_sample": k_sample, "step": jax.jit(step, donate_argnums=0),
+        "generate": jax.jit(generate), "num_classes": num_classes,
+    }  # fmt: skip
+
+
+def write_samples(run: dict, config: ConfigDict, workdir: pathlib.Path, step: int) -> pathlib.Path:
+    """A grid of samples from the EMA weights (fixed key, so grids of a run compare)."""
+    labels = None
+    if run["num_classes"] is not None:
+        labels = jax.numpy.arange(config.sample.num_samples) % run["num_classes"]
+    x = run["generate"](run["state"].ema_params, run["k_sample"], labels,
+                        config.sample.guidance_scale)  # fmt: skip
+    return images.save_grid(workdir / "samples" / f"step_{step:07d}.png", np.asarray(x))
+
+
+def check_finite(state: training.TrainState, manager) -> None:
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+        raise NonFiniteLoss(
+            f"the loss became non-finite at step {bad}; stopped without saving (the latest "
+            f"checkpoint, step {manager.latest_step()}, is intact). Lower optim.learning_rate or "
+            "set optim.grad_clip, then rerun to resume."
+        )
+
+
+def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """Run (or resume) training to config.train.num_steps; returns the final sample grid."""
+    workdir = prepare_workdir(pathlib.Path(workdir).absolute(), config)
+    print(f"workdir: {workdir}", flush=True)
+    run = build(config, workdir)
+    manager, start = run["manager"], int(run["state"].step)
+    if start:
+        print(f"resuming from step {start}", flush=True)
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    writer = _summary_writer(workdir)
+    try:
+        bar = tqdm.tqdm(
+            total=config.train.num_steps, initial=start, unit="step", dynamic_ncols=True
+        )
+        batches = run["batches"].iterate(start)
+        last_log = (start, time.perf_counter())
+        for n in range(start + 1, config.train.num_steps + 1):
+            run["state"], metrics = run["step"](run["state"], next(batches), run["k_train"])
+            bar.update()
+            if n % config.train.log_every == 0 or n == config.train.num_steps or stop:
+                check_finite(run["state"], manager)
+                rate = (n - last_log[0]) / (time.perf_counter() - last_log[1])
+                last_log = (n, time.perf_counter())
+                values = {k: float(v) for k, v in metrics.items()} | {"steps_per_s": rate}
+                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                for k, v in values.items():
+                    writer.add_scalar(f"train/{k}", v, n)
+            if config.train.sample_every and n % config.train.sample_every == 0:
+                write_samples(run, config, workdir, n)
+            if stop or n % config.train.checkpoint_every == 0:
+                check_finite(run["state"], manager)  # never checkpoint after a bad step
+                checkpoints.save(manager, n, run["state"])
+            if stop:
+                manager.wait_until_finished()
+                print(f"\nSIGTERM: saved step {n} to {workdir / 'checkpoints'}; rerun to resume")
+                sys.exit(128 + signal.SIGTERM)
+        bar.close()
+        if manager.latest_step() != int(run["state"].step):
+            check_finite(run["state"], manager)
+            checkpoints.save(manager, int(run["state"].step), run["state"])
+        manager.wait_until_finished()
+        grid = write_samples(run, config, workdir, config.train.num_steps)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        writer.close()
+        manager.close()
+    print(f"samples: {grid}\ncheckpoints: {workdir / 'checkpoints'}", flush=True)
+    return grid
+
+
+def _summary_writer(workdir: pathlib.Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tb"))
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = pathlib.Path(_WORKDIR.value or default_workdir(config_path))
+    print(f"config: {config_path}", flush=True)
+    print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
+    try:
+        train(config, workdir)
+    except NonFiniteLoss as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
