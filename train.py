@@ -55,47 +55,47 @@ def _lookup(config: dict, dotted: str):
     return config
 
 
-def prepare_workdir(workdir: pathlib.Path, config: ConfigDict) -> pathlib.Path:
+def prepare_workdir(
+    workdir: pathlib.Path, config: ConfigDict, num_classes: int | None = None
+) -> pathlib.Path:
     """Create the workdir and store the config and jdiff version; on resume, refuse a config
     that changes the model or its data (naming the keys)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
-    if path.exists():
-        saved = json.loads(path.read_text())["config"]
+    if (workdir / checkpoints.RUN_INFO).exists():
+        saved = checkpoints.read_run_info(workdir)["config"]
         changed = [k for k in COMPATIBLE if _lookup(saved, k) != _lookup(current, k)]
         if changed:
             raise ValueError(
                 f"{workdir} holds a run whose {', '.join(changed)} differ from this config's; "
                 "resume with the same settings or choose a new --workdir"
             )
-    path.write_text(json.dumps({"jdiff_version": jdiff.__version__, "config": current}, indent=2))
+    checkpoints.write_run_info(workdir, current, version=jdiff.__version__, num_classes=num_classes)
     return workdir
 
 
-def build(config: ConfigDict, workdir: pathlib.Path) -> dict:
-    """Data, model, optimizer, state (restored if the workdir has a checkpoint), jitted step."""
+def load_data(config: ConfigDict):
+    """The training source and its number of classes (None unless class-conditional)."""
     source = data.load_source(config.data.name, split=config.data.split,
                               data_dir=config.data.data_dir or None)  # fmt: skip
-    num_classes = data.num_classes(source) if config.model.class_conditional else None
+    return source, data.num_classes(source) if config.model.class_conditional else None
+
+
+def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | None) -> dict:
+    """Model, optimizer, state (restored if the workdir has a checkpoint), jitted step."""
     model = training.make_model(config, num_classes)
     schedule = training.make_schedule(config.diffusion)
     optimizer = training.make_optimizer(config.optim)
     size, channels = config.data.image_size, config.data.channels
     k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
 
-    def init():
-        x = jax.numpy.zeros((1, size, size, channels))
-        labels = {} if num_classes is None else {"class_labels": jax.numpy.zeros(1, int)}
-        return training.init_state(model.init(k_init, x, jax.numpy.zeros(1), **labels)["params"],
-                                   optimizer)  # fmt: skip
-
+    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
     manager = checkpoints.make_manager(
         workdir / "checkpoints",
         max_to_keep=config.train.keep_checkpoints,
     )
     state = checkpoints.restore_latest(manager, jax.eval_shape(init)) or jax.jit(init)()
-    null_class = num_classes if num_classes is not None else None
+    null_class = num_classes  # labels 0..n-1; n means "no class"
     step = training.make_train_step(
         model, schedule, optimizer, loss=config.diffusion.loss,
         prediction_type=config.diffusion.prediction_type,
@@ -140,9 +140,10 @@ def check_finite(state: training.TrainState, manager) -> None:
 
 def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
     """Run (or resume) training to config.train.num_steps; returns the final sample grid."""
-    workdir = prepare_workdir(pathlib.Path(workdir).absolute(), config)
+    source, num_classes = load_data(config)
+    workdir = prepare_workdir(pathlib.Path(workdir).absolute(), config, num_classes)
     print(f"workdir: {workdir}", flush=True)
-    run = build(config, workdir)
+    run = build(config, workdir, source, num_classes)
     manager, start = run["manager"], int(run["state"].step)
     if start:
         print(f"resuming from step {start}", flush=True)

@@ -3,7 +3,7 @@
     python train.py            # = --config configs/default.py --workdir outputs/default
 
 No download: the digits ship inside the scikit-learn wheel and are prepared as a tfds data set
-on first use. On 2 CPU cores it trains in about TODO minutes (compile included) and ends by
+on first use. On 2 CPU cores it trains 3,000 steps in about 6 minutes (compile included) and ends by
 writing a grid of 64 samples (DDIM, 50 steps, EMA weights) to outputs/default/samples/ and
 printing its path: recognisable digits of every class. Interrupt it at any time; the same
 command resumes from the last checkpoint. `--config configs/default.py:tiny` is the few-step
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "block_out_channels": (32, 64),
                 "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
                 "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-                "layers_per_block": 2,
+                "layers_per_block": 1,
                 "norm_num_groups": 8,
                 "dropout": 0.0,
             },

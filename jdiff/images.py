@@ -37,6 +37,6 @@ def save_png(path: str | pathlib.Path, image: np.ndarray, *, scale: int = 1) -> 
 
 
 def save_grid(path: str | pathlib.Path, x: np.ndarray, *, ncols: int | None = None) -> pathlib.Path:
-    """Save [-1, 1] samples [N, H, W, C] as one PNG grid, small images enlarged to >= 256 px."""
+    """Save [-1, 1] samples [N, H, W, C] as one PNG grid, a small grid enlarged to >= 512 px."""
     grid = make_grid(to_uint8(x), ncols=ncols)
-    return save_png(path, grid, scale=max(1, 256 // grid.shape[0]))
+    return save_png(path, grid, scale=max(1, 512 // grid.shape[0]))

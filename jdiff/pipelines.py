@@ -26,6 +26,7 @@ def make_generate(
     num_steps: int = 50,
     null_class: int | None = None,
     learned_variance: bool = False,
+    return_trajectory: bool = False,
     **options,
 ) -> Callable[..., jax.Array]:
     """Unconditional or class-conditional pixel-space generation.
@@ -36,10 +37,12 @@ def make_generate(
       shape: [N, H, W, C] of the samples.
       null_class: the class-conditional model's "no class" label; with it, `generate` takes
         `labels` [N] and a `guidance_scale` (classifier-free guidance; 1 is plain conditional).
+      return_trajectory: also return the states after every step [S, N, H, W, C].
       options: sampler options (`prediction_type`, `eta`, `timestep_spacing`, ...).
 
     Returns:
-      generate(params, key, labels=None, guidance_scale=1.0) -> [N, H, W, C] in [-1, 1].
+      generate(params, key, labels=None, guidance_scale=1.0) -> [N, H, W, C] in [-1, 1]
+      (and the trajectory with `return_trajectory`).
     """
     if learned_variance and method == "ddpm":
         options = {"variance_type": "learned_range", **options}
@@ -58,7 +61,10 @@ def make_generate(
             fn = guidance.classifier_free(
                 model_fn, labels, uncond, guidance_scale, cond_kwarg="class_labels"
             )
-        x = samplers.sample(fn, schedule, key, shape, method=method, num_steps=num_steps, **options)
-        return jnp.clip(x, -1.0, 1.0)
+        out = samplers.sample(fn, schedule, key, shape, method=method, num_steps=num_steps,
+                              return_trajectory=return_trajectory, **options)  # fmt: skip
+        if return_trajectory:
+            return jnp.clip(out[0], -1.0, 1.0), out[1]
+        return jnp.clip(out, -1.0, 1.0)
 
     return generate

@@ -54,6 +54,24 @@ def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainSta
     )
 
 
+def make_init(
+    model: UNet,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    *,
+    image_shape: tuple[int, int, int],
+) -> Callable[[], TrainState]:
+    """init() -> the step-0 TrainState; `jax.eval_shape(init)` is a checkpoint's restore target
+    and `jax.jit(init, out_shardings=...)` makes the parameters where they belong."""
+
+    def init() -> TrainState:
+        x = jnp.zeros((1, *image_shape))
+        labels = {} if model.num_class_embeds is None else {"class_labels": jnp.zeros(1, int)}
+        return init_state(model.init(key, x, jnp.zeros(1), **labels)["params"], optimizer)
+
+    return init
+
+
 def make_train_step(
     model: UNet,
     schedule: Schedule,

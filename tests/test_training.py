@@ -1,5 +1,6 @@
 """Training end to end on the tiny config: checkpoints, exact resume, errors, non-finite stop."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -129,7 +130,8 @@ def test_killed_run_resumes_to_the_same_state(uninterrupted, tmp_path, sig):
 
 def test_nonfinite_loss_stops_without_changing_the_state(tmp_path):
     config = tiny_config()
-    run = train.build(config, train.prepare_workdir(tmp_path, config))
+    source, num_classes = train.load_data(config)
+    run = train.build(config, train.prepare_workdir(tmp_path, config), source, num_classes)
     before = jax.tree.map(np.asarray, run["state"])
     batch = run["batches"](0)
     batch["image"][0, 0, 0, 0] = np.nan
@@ -190,3 +192,42 @@ def test_gradient_accumulation_updates_every_k_steps():
     np.testing.assert_array_equal(updates["w"], 0.0)  # first micro-step: no update yet
     updates, _ = optimizer.update(grads, opt_state, params)
     assert np.all(np.asarray(updates["w"]) < 0)
+
+
+def test_sample_py_rebuilds_the_model_from_the_workdir(uninterrupted):
+    workdir = uninterrupted[0]
+    env = {
+        **os.environ,
+        "JDIFF_JAX_CACHE": os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache")),
+    }
+    command = [sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--num_samples=4",
+               "--num_steps=3", "--method=dpmpp_2m", "--trajectory"]  # fmt: skip
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    arrays = np.load(workdir / "samples" / "dpmpp_2m3_seed0_step4.npz")
+    assert arrays["images"].shape == (4, 8, 8, 1) and arrays["images"].dtype == np.uint8
+    assert (workdir / "samples" / "trajectory_seed0.png").exists()
+    assert str(workdir / "samples" / "dpmpp_2m3_seed0_step4.png") in out.stdout
+
+
+def test_a_workdir_without_a_run_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is .* a train\.py workdir"):
+        checkpoints.read_run_info(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, expected", [("ddpm_cifar10", 35_746_307), ("iddpm_cifar10", None), ("default", None)]
+)
+def test_configs_build_their_models(name, expected):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    model = training.make_model(config)
+    optimizer = training.make_optimizer(config.optim)
+    size, channels = config.data.image_size, config.data.channels
+    init = training.make_init(
+        model, optimizer, jax.random.key(0), image_shape=(size, size, channels)
+    )
+    state = jax.eval_shape(init)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    assert expected is None or count == expected
+    learned = config.diffusion.loss == "hybrid"
+    assert model.out_channels == channels * (2 if learned else 1)

@@ -1,0 +1,113 @@
+"""Generate from a trained run.
+
+    python sample.py --workdir DIR [--step N] [--method ddim] [--num_steps 50] [--seed 0]
+                     [--num_samples 64] [--guidance_scale 1.0] [--trajectory]
+
+The model is rebuilt from DIR/config.json alone; the latest checkpoint (or --step) is restored
+and its EMA weights sample (--noema for the raw ones). Writes a PNG grid and an .npz of the
+samples (uint8 [N, H, W, C] and labels) to DIR/samples/ and prints their paths. --trajectory
+also writes a strip: one data image noised step by step (forward process) above one sample
+denoised step by step (reverse process).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import ConfigDict
+
+from jdiff import checkpoints, data, diffusion, images, pipelines, samplers, sharding, training
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_METHOD = flags.DEFINE_enum("method", "ddim", list(samplers.METHODS), "Sampler.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "How many samples.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance (class models).")
+_EMA = flags.DEFINE_bool("ema", True, "Sample with the EMA weights.")
+_TRAJECTORY = flags.DEFINE_bool("trajectory", False, "Also write the forward/reverse strip.")
+
+
+def load_run(workdir: pathlib.Path, step: int | None = None):
+    """(config, num_classes, model, schedule, state) of a train.py workdir."""
+    stored = checkpoints.read_run_info(workdir)
+    config, num_classes = ConfigDict(stored["config"]), stored.get("num_classes")
+    model = training.make_model(config, num_classes)
+    optimizer = training.make_optimizer(config.optim)
+    size, channels = config.data.image_size, config.data.channels
+    init = training.make_init(
+        model, optimizer, jax.random.key(0), image_shape=(size, size, channels)
+    )
+    manager = checkpoints.make_manager(workdir / "checkpoints")
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"no checkpoint {'' if step is None else step} in {workdir / 'checkpoints'} "
+            f"(available: {list(manager.all_steps())}); train first"
+        )
+    state = checkpoints.restore(manager, step, jax.eval_shape(init))
+    manager.close()
+    return config, num_classes, model, training.make_schedule(config.diffusion), state
+
+
+def trajectory_strip(config, model, schedule, params, key, frames: int = 10) -> np.ndarray:
+    """Two rows of `frames` images: a data image noised at evenly spaced t (q_sample), and a
+    sample's states at evenly spaced steps of a DDPM run (T steps would be slow: 100)."""
+    size, channels = config.data.image_size, config.data.channels
+    source = data.load_source(config.data.name, split=config.data.split,
+                              data_dir=config.data.data_dir or None)  # fmt: skip
+    x0 = data.preprocess(source[0]["image"], image_size=size)[None]
+    t = np.linspace(0, schedule.num_timesteps - 1, frames).round().astype(np.int32)
+    k_noise, k_sample = jax.random.split(key)
+    noise = jax.random.normal(k_noise, (1, size, size, channels))
+    forward = jax.vmap(lambda ti: diffusion.q_sample(schedule, x0, ti[None], noise)[0])(t)
+    generate = pipelines.make_generate(
+        model, schedule, shape=(1, size, size, channels), method="ddpm", num_steps=100,
+        learned_variance=config.diffusion.loss == "hybrid", return_trajectory=True,
+        prediction_type=config.diffusion.prediction_type,
+    )  # fmt: skip
+    labels = None if model.num_class_embeds is None else jnp.zeros(1, int)
+    _, states = jax.jit(generate)(params, k_sample, labels)
+    reverse = states[np.linspace(0, len(states) - 1, frames).round().astype(int), 0]
+    return images.make_grid(images.to_uint8(np.concatenate([forward, reverse])), ncols=frames)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
+    workdir = pathlib.Path(_WORKDIR.value).absolute()
+    config, num_classes, model, schedule, state = load_run(workdir, _STEP.value)
+    params = state.ema_params if _EMA.value else state.params
+    size, channels, n = config.data.image_size, config.data.channels, _NUM_SAMPLES.value
+    generate = pipelines.make_generate(
+        model, schedule, shape=(n, size, size, channels), method=_METHOD.value,
+        num_steps=_NUM_STEPS.value, null_class=num_classes,
+        learned_variance=config.diffusion.loss == "hybrid",
+        prediction_type=config.diffusion.prediction_type,
+    )  # fmt: skip
+    labels = None if num_classes is None else jnp.arange(n) % num_classes
+    key = jax.random.key(_SEED.value)
+    x = np.asarray(jax.jit(generate)(params, key, labels, _GUIDANCE.value))
+    stem = f"{_METHOD.value}{_NUM_STEPS.value}_seed{_SEED.value}_step{int(state.step)}"
+    grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
+    npz = workdir / "samples" / f"{stem}.npz"
+    np.savez(
+        npz, images=images.to_uint8(x), labels=np.asarray(labels if labels is not None else [])
+    )
+    print(f"samples: {grid}\narrays: {npz}")
+    if _TRAJECTORY.value:
+        strip = trajectory_strip(config, model, schedule, params, key)
+        path = images.save_png(workdir / "samples" / f"trajectory_seed{_SEED.value}.png", strip,
+                               scale=max(1, 64 // config.data.image_size))  # fmt: skip
+        print(f"trajectory: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
