@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 import jdiff
@@ -75,14 +76,23 @@ def prepare_workdir(
 
 
 def load_data(config: ConfigDict):
-    """The training source and its number of classes (None unless class-conditional)."""
-    source = data.load_source(config.data.name, split=config.data.split,
-                              data_dir=config.data.data_dir or None)  # fmt: skip
+    """The training source and its number of classes (None unless class-conditional).
+    Process 0 prepares an embedded data set first; the others then read it."""
+
+    def load():
+        return data.load_source(config.data.name, split=config.data.split,
+                                data_dir=config.data.data_dir or None)  # fmt: skip
+
+    source = load() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jdiff data prepared")
+    source = source or load()
     return source, data.num_classes(source) if config.model.class_conditional else None
 
 
 def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | None) -> dict:
-    """Model, optimizer, state (restored if the workdir has a checkpoint), jitted step."""
+    """Mesh, model, optimizer, state (restored if the workdir has a checkpoint, else born
+    sharded), the jitted train step and sampler."""
+    mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
     model = training.make_model(config, num_classes)
     schedule = training.make_schedule(config.diffusion)
     optimizer = training.make_optimizer(config.optim)
@@ -90,42 +100,56 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
 
     init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
+    abstract = jax.eval_shape(init)
+    state_sh = sharding.tree_shardings(mesh, abstract, min_size=config.mesh.fsdp_min_size)
+    batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     manager = checkpoints.make_manager(
-        workdir / "checkpoints",
-        max_to_keep=config.train.keep_checkpoints,
+        workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
-    state = checkpoints.restore_latest(manager, jax.eval_shape(init)) or jax.jit(init)()
-    null_class = num_classes  # labels 0..n-1; n means "no class"
+    state = checkpoints.restore_latest(manager, sharding.with_shardings(abstract, state_sh))
+    state = state or jax.jit(init, out_shardings=state_sh)()
     step = training.make_train_step(
-        model, schedule, optimizer, loss=config.diffusion.loss,
+        model,
+        schedule,
+        optimizer,
+        loss=config.diffusion.loss,
         prediction_type=config.diffusion.prediction_type,
-        snr_gamma=config.diffusion.snr_gamma or None, ema_max_decay=config.train.ema_max_decay,
-        accumulate_steps=config.optim.accumulate_steps, null_class=null_class,
+        snr_gamma=config.diffusion.snr_gamma or None,
+        ema_max_decay=config.train.ema_max_decay,
+        accumulate_steps=config.optim.accumulate_steps,
+        null_class=num_classes,
         class_dropout=config.train.class_dropout,
     )  # fmt: skip
     generate = pipelines.make_generate(
         model, schedule, shape=(config.sample.num_samples, size, size, channels),
-        method=config.sample.method, num_steps=config.sample.num_steps, null_class=null_class,
+        method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
         learned_variance=config.diffusion.loss == "hybrid",
         prediction_type=config.diffusion.prediction_type,
     )  # fmt: skip
     batches = data.Batches(source, batch_size=config.data.batch_size, image_size=size,
-                           seed=config.seed, random_flip=config.data.random_flip)  # fmt: skip
+                           seed=config.seed, random_flip=config.data.random_flip,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())  # fmt: skip
+    step_jit = jax.jit(step, in_shardings=(state_sh, batch_sh, replicated),
+                       out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
     return {
         "state": state, "manager": manager, "batches": batches, "k_train": k_train,
-        "k_sample": k_sample, "step": jax.jit(step, donate_argnums=0),
-        "generate": jax.jit(generate), "num_classes": num_classes,
+        "k_sample": k_sample, "step": step_jit, "batch_sharding": batch_sh,
+        "generate": jax.jit(generate, out_shardings=replicated), "num_classes": num_classes,
     }  # fmt: skip
 
 
-def write_samples(run: dict, config: ConfigDict, workdir: pathlib.Path, step: int) -> pathlib.Path:
-    """A grid of samples from the EMA weights (fixed key, so grids of a run compare)."""
+def write_samples(run: dict, config: ConfigDict, workdir: pathlib.Path, step: int):
+    """A grid of samples from the EMA weights (fixed key, so grids of a run compare). Every
+    process samples (the parameters may be split over them); process 0 writes the PNG."""
     labels = None
     if run["num_classes"] is not None:
         labels = jax.numpy.arange(config.sample.num_samples) % run["num_classes"]
     x = run["generate"](run["state"].ema_params, run["k_sample"], labels,
                         config.sample.guidance_scale)  # fmt: skip
-    return images.save_grid(workdir / "samples" / f"step_{step:07d}.png", np.asarray(x))
+    if jax.process_index() == 0:
+        return images.save_grid(workdir / "samples" / f"step_{step:07d}.png", np.asarray(x))
+    return None
 
 
 def check_finite(state: training.TrainState, manager) -> None:
@@ -138,56 +162,83 @@ def check_finite(state: training.TrainState, manager) -> None:
         )
 
 
-def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
-    """Run (or resume) training to config.train.num_steps; returns the final sample grid."""
-    source, num_classes = load_data(config)
-    workdir = prepare_workdir(pathlib.Path(workdir).absolute(), config, num_classes)
-    print(f"workdir: {workdir}", flush=True)
-    run = build(config, workdir, source, num_classes)
-    manager, start = run["manager"], int(run["state"].step)
-    if start:
-        print(f"resuming from step {start}", flush=True)
+def preemption_check():
+    """preempted(step) -> bool. One process: a SIGTERM handler. Several: JAX's preemption sync
+    point, which is True on every process at the same step once any of them got SIGTERM."""
+    if jax.process_count() > 1:
+        return multihost_utils.reached_preemption_sync_point, lambda: None
     stop = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
-    writer = _summary_writer(workdir)
+    return (lambda step: bool(stop)), lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
+    """Run (or resume) training to config.train.num_steps; returns the final sample grid
+    (None on processes other than 0)."""
+    main = jax.process_index() == 0
+    workdir = pathlib.Path(workdir).absolute()
+    source, num_classes = load_data(config)
+    if main:
+        prepare_workdir(workdir, config, num_classes)
+        print(f"workdir: {workdir}\ndevices: {jax.device_count()} on {jax.process_count()} "
+              f"process(es)", flush=True)  # fmt: skip
+    multihost_utils.sync_global_devices("jdiff workdir ready")
+    run = build(config, workdir, source, num_classes)
+    if int(run["state"].step) and main:
+        print(f"resuming from step {int(run['state'].step)}", flush=True)
+    preempted, restore_signals = preemption_check()
+    writer = _summary_writer(workdir) if main else None
     try:
-        bar = tqdm.tqdm(
-            total=config.train.num_steps, initial=start, unit="step", dynamic_ncols=True
-        )
-        batches = run["batches"].iterate(start)
-        last_log = (start, time.perf_counter())
-        for n in range(start + 1, config.train.num_steps + 1):
-            run["state"], metrics = run["step"](run["state"], next(batches), run["k_train"])
-            bar.update()
-            if n % config.train.log_every == 0 or n == config.train.num_steps or stop:
-                check_finite(run["state"], manager)
-                rate = (n - last_log[0]) / (time.perf_counter() - last_log[1])
-                last_log = (n, time.perf_counter())
-                values = {k: float(v) for k, v in metrics.items()} | {"steps_per_s": rate}
-                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-                for k, v in values.items():
-                    writer.add_scalar(f"train/{k}", v, n)
-            if config.train.sample_every and n % config.train.sample_every == 0:
-                write_samples(run, config, workdir, n)
-            if stop or n % config.train.checkpoint_every == 0:
-                check_finite(run["state"], manager)  # never checkpoint after a bad step
-                checkpoints.save(manager, n, run["state"])
-            if stop:
-                manager.wait_until_finished()
-                print(f"\nSIGTERM: saved step {n} to {workdir / 'checkpoints'}; rerun to resume")
-                sys.exit(128 + signal.SIGTERM)
-        bar.close()
+        _loop(run, config, workdir, writer, preempted)
+        manager = run["manager"]
         if manager.latest_step() != int(run["state"].step):
             check_finite(run["state"], manager)
             checkpoints.save(manager, int(run["state"].step), run["state"])
         manager.wait_until_finished()
-        grid = write_samples(run, config, workdir, config.train.num_steps)
+        grid = write_samples(run, config, workdir, int(run["state"].step))
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        writer.close()
-        manager.close()
-    print(f"samples: {grid}\ncheckpoints: {workdir / 'checkpoints'}", flush=True)
+        restore_signals()
+        if writer is not None:
+            writer.close()
+        run["manager"].close()
+    if main:
+        print(f"samples: {grid}\ncheckpoints: {workdir / 'checkpoints'}", flush=True)
     return grid
+
+
+def _loop(run: dict, config: ConfigDict, workdir: pathlib.Path, writer, preempted) -> None:
+    """Steps start+1 .. num_steps: log, sample and checkpoint when due; on preemption save
+    and exit with 128 + SIGTERM."""
+    manager, start, main = run["manager"], int(run["state"].step), jax.process_index() == 0
+    bar = tqdm.tqdm(total=config.train.num_steps, initial=start, unit="step",
+                    dynamic_ncols=True, disable=not main)  # fmt: skip
+    batches = run["batches"].iterate(start)
+    last_log = (start, time.perf_counter())
+    for n in range(start + 1, config.train.num_steps + 1):
+        batch = sharding.global_batch(next(batches), run["batch_sharding"])
+        run["state"], metrics = run["step"](run["state"], batch, run["k_train"])
+        bar.update()
+        stop = preempted(n)
+        if n % config.train.log_every == 0 or n == config.train.num_steps or stop:
+            check_finite(run["state"], manager)
+            rate = (n - last_log[0]) / (time.perf_counter() - last_log[1])
+            last_log = (n, time.perf_counter())
+            values = {k: float(v) for k, v in metrics.items()} | {"steps_per_s": rate}
+            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+            for k, v in values.items():
+                if writer is not None:
+                    writer.add_scalar(f"train/{k}", v, n)
+        if config.train.sample_every and n % config.train.sample_every == 0:
+            write_samples(run, config, workdir, n)
+        if stop or n % config.train.checkpoint_every == 0:
+            check_finite(run["state"], manager)  # never checkpoint after a bad step
+            checkpoints.save(manager, n, run["state"])
+        if stop:
+            manager.wait_until_finished()
+            if main:
+                print(f"\nSIGTERM: saved step {n} to {workdir / 'checkpoints'}; rerun to resume")
+            sys.exit(128 + signal.SIGTERM)
+    bar.close()
 
 
 def _summary_writer(workdir: pathlib.Path):
@@ -205,6 +256,10 @@ def main(argv) -> None:
     workdir = pathlib.Path(_WORKDIR.value or default_workdir(config_path))
     print(f"config: {config_path}", flush=True)
     print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
+    d = config.distributed
+    sharding.initialize_distributed(coordinator_address=d.coordinator_address,
+                                    num_processes=d.num_processes, process_id=d.process_id,
+                                    auto=d.auto, timeout_s=d.timeout_s)  # fmt: skip
     try:
         train(config, workdir)
     except NonFiniteLoss as e:

@@ -78,6 +78,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "class_dropout": 0.1,  # class-conditional only: P(label -> null class)
         }
     )
+    c.mesh = ml_collections.ConfigDict(
+        {
+            "data": -1,  # data-parallel size; -1: all devices not used by fsdp
+            "fsdp": 1,  # parameter sharding size (1: replicated parameters)
+            "fsdp_min_size": 2**18,  # smaller arrays stay replicated
+        }
+    )
+    c.distributed = ml_collections.ConfigDict(
+        {
+            "auto": False,  # jax.distributed.initialize() with cluster detection (TPU pods, SLURM)
+            "coordinator_address": "",  # explicit set-up: "host:port" of process 0 ...
+            "num_processes": 1,  # ... the number of processes (> 1 turns it on) ...
+            "process_id": 0,  # ... and this one's index
+            "timeout_s": 300,  # fail, do not hang, when the coordinator does not answer
+        }
+    )
     c.sample = ml_collections.ConfigDict(
         {"method": "ddim", "num_steps": 50, "num_samples": 64, "guidance_scale": 1.0}
     )

@@ -7,6 +7,7 @@ takes t as float32 [B] on the training scale.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -18,7 +19,7 @@ from jdiff.diffusion import expand
 from jdiff.schedules import Schedule
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-_LOG2 = jnp.log(2.0)
+_LOG2 = math.log(2.0)  # a Python float: no device array at import
 
 
 def mean_flat(x: jax.Array) -> jax.Array:

@@ -2,31 +2,17 @@
 
 import importlib
 import json
-import os
-import pathlib
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from runs import assert_same_tree, final_state, launch, tiny_config, wait_for_checkpoint
 
 import train
-from configs import default
 from jdiff import checkpoints, training
-
-ROOT = pathlib.Path(train.__file__).parent
-
-
-def tiny_config(**train_overrides) -> ConfigDict:
-    config = default.get_config("tiny")
-    config.train.update(train_overrides)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +21,6 @@ def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     grid = train.train(tiny_config(), workdir)
     return workdir, grid
-
-
-def final_state(workdir):
-    manager = checkpoints.make_manager(pathlib.Path(workdir) / "checkpoints")
-    restored = manager.restore(manager.latest_step())
-    manager.close()
-    return restored
-
-
-def assert_same_tree(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_train_writes_checkpoints_config_metrics_and_samples(uninterrupted):
@@ -60,11 +34,11 @@ def test_train_writes_checkpoints_config_metrics_and_samples(uninterrupted):
     assert stored["jdiff_version"] and stored["config"]["data"]["name"] == "digits"
     assert any((workdir / "tb").iterdir())
     state = final_state(workdir)
-    assert int(state["step"]) == 4 and int(state["nonfinite_step"]) == -1
+    assert int(state.step) == 4 and int(state.nonfinite_step) == -1
     assert not all(
         np.array_equal(a, b)
         for a, b in zip(
-            jax.tree.leaves(state["params"]), jax.tree.leaves(state["ema_params"]), strict=True
+            jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params), strict=True
         )
     )
 
@@ -82,34 +56,17 @@ def test_resume_refuses_a_different_model(uninterrupted):
         train.prepare_workdir(uninterrupted[0], config)
 
 
-def run_train(workdir, *flags, timeout=300):
-    env = {
-        **os.environ,
-        "JDIFF_JAX_CACHE": os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache")),
-    }
-    command = [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}",
-               f"--config={ROOT / 'configs' / 'default.py'}:tiny", *flags]  # fmt: skip
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-
-
-def wait_for_checkpoint(process, directory, step, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not (directory / "checkpoints" / str(step)).exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"no checkpoint {step}: {process.communicate()[0][-3000:]}")
-        time.sleep(0.2)
+ONE_DEVICE = "--config.mesh.data=1"  # as tiny_config(), whose run is the reference
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_to_the_same_state(uninterrupted, tmp_path, sig):
     """After kill -9 the run resumes from its last complete checkpoint; SIGTERM saves first.
     Either way the resumed run ends bit-identical to the uninterrupted one."""
-    flags = ["--config.train.num_steps=400", "--config.train.checkpoint_every=2"]
-    process = run_train(tmp_path, *flags)
+    flags = ["--config.train.num_steps=400", "--config.train.checkpoint_every=2", ONE_DEVICE]
+    process = launch(tmp_path, *flags)
     try:
-        wait_for_checkpoint(process, tmp_path, 2)
+        wait_for_checkpoint([process], tmp_path, 2)
         process.send_signal(sig)
         out = process.communicate(timeout=120)[0]
     finally:
@@ -121,7 +78,7 @@ def test_killed_run_resumes_to_the_same_state(uninterrupted, tmp_path, sig):
     for path in (tmp_path / "checkpoints").iterdir():
         if path.name.isdigit() and int(path.name) > 2:
             shutil.rmtree(path)
-    resumed = run_train(tmp_path)  # the tiny config's own 4 steps
+    resumed = launch(tmp_path, ONE_DEVICE)  # the tiny config's own 4 steps
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming from step 2" in out and "samples:" in out
@@ -196,18 +153,14 @@ def test_gradient_accumulation_updates_every_k_steps():
 
 def test_sample_py_rebuilds_the_model_from_the_workdir(uninterrupted):
     workdir = uninterrupted[0]
-    env = {
-        **os.environ,
-        "JDIFF_JAX_CACHE": os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache")),
-    }
-    command = [sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--num_samples=4",
-               "--num_steps=3", "--method=dpmpp_2m", "--trajectory"]  # fmt: skip
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    process = launch(workdir, "--num_samples=4", "--num_steps=3", "--method=dpmpp_2m",
+                     "--trajectory", script="sample.py")  # fmt: skip
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, out[-3000:]
     arrays = np.load(workdir / "samples" / "dpmpp_2m3_seed0_step4.npz")
     assert arrays["images"].shape == (4, 8, 8, 1) and arrays["images"].dtype == np.uint8
     assert (workdir / "samples" / "trajectory_seed0.png").exists()
-    assert str(workdir / "samples" / "dpmpp_2m3_seed0_step4.png") in out.stdout
+    assert str(workdir / "samples" / "dpmpp_2m3_seed0_step4.png") in out
 
 
 def test_a_workdir_without_a_run_is_named(tmp_path):

@@ -1,0 +1,133 @@
+"""Sharding: meshes and rules, 1 vs 8 devices, two processes vs one, preemption of one host."""
+
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+from jax.sharding import PartitionSpec as P
+from runs import (
+    ROOT,
+    final_state,
+    launch,
+    max_relative_difference,
+    tiny_config,
+    wait_for_checkpoint,
+)
+
+import train
+from jdiff import sharding
+
+
+def test_mesh_shapes_and_errors():
+    assert jax.device_count() == 8  # conftest
+    assert sharding.make_mesh().devices.shape == (8, 1)
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    assert mesh.devices.shape == (4, 2) and mesh.axis_names == ("data", "fsdp")
+    assert sharding.make_mesh(data=1).devices.size == 1
+    with pytest.raises(ValueError, match="fsdp=3 does not divide the 8 devices"):
+        sharding.make_mesh(fsdp=3)
+    with pytest.raises(ValueError, match="16 > 8 devices"):
+        sharding.make_mesh(data=8, fsdp=2)
+
+
+def test_parameter_rule_splits_big_arrays_on_their_largest_divisible_axis():
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    assert sharding.param_sharding(mesh, (3, 3, 64, 128), min_size=1).spec == P(
+        None, None, None, "fsdp"
+    )
+    assert sharding.param_sharding(mesh, (3, 3, 64, 127), min_size=1).spec == P(
+        None, None, "fsdp", None
+    )
+    assert sharding.param_sharding(mesh, (3, 3, 64, 128)).spec == P()  # below min_size
+    assert sharding.param_sharding(mesh, ()).spec == P()
+    assert sharding.param_sharding(sharding.make_mesh(), (4096, 4096)).spec == P()  # fsdp 1
+
+
+def run_steps(tmp_path, num_steps=3, **mesh):
+    """Train the tiny config on a mesh in this process; the parameters after num_steps."""
+    config = tiny_config()
+    config.mesh.update(mesh)
+    # The attention key bias has an identically zero gradient (softmax ignores a shift shared
+    # by all logits), so its "gradient" is rounding noise that Adam with eps=1e-8 turns into
+    # ±lr steps whatever the device count (measured 2e-5 relative). eps=1e-6 keeps the check
+    # about sharding: then every parameter agrees to 2e-7.
+    config.optim.eps = 1e-6
+    source, num_classes = train.load_data(config)
+    run = train.build(config, tmp_path, source, num_classes)
+    assert run["state"].params["conv_in"]["kernel"].sharding.mesh.devices.size == (
+        mesh.get("data", 8) * mesh.get("fsdp", 1)
+    )
+    for n in range(num_steps):
+        batch = sharding.global_batch(run["batches"](n), run["batch_sharding"])
+        run["state"], _ = run["step"](run["state"], batch, run["k_train"])
+    run["manager"].close()
+    return jax.tree.map(np.asarray, run["state"].params), run["state"]
+
+
+def test_one_and_eight_devices_train_alike(tmp_path):
+    one, _ = run_steps(tmp_path / "one", data=1)
+    eight, _ = run_steps(tmp_path / "eight", data=8)
+    assert max_relative_difference(eight, one) <= 1e-5
+    fsdp, state = run_steps(tmp_path / "fsdp", data=4, fsdp=2, fsdp_min_size=1024)
+    spec = state.params["down_blocks_1"]["resnets_0"]["conv2"]["kernel"].sharding.spec
+    assert "fsdp" in spec  # the parameters really are split
+    assert max_relative_difference(fsdp, one) <= 1e-5
+
+
+def test_importing_does_not_start_a_backend():
+    """jax.distributed.initialize must come before any backend: no arrays at import time."""
+    for program in ("train", "sample"):
+        code = (f"import {program}; from jax._src import xla_bridge as xb; "
+                "assert not xb.backends_are_initialized()")  # fmt: skip
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def two_processes(workdir, *flags):
+    port = portpicker.pick_unused_port()
+    env = {"JAX_NUM_CPU_DEVICES": "2", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    return [launch(workdir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                   "--config.distributed.timeout_s=60", *flags, env=env)
+            for i in range(2)]  # fmt: skip
+
+
+def finish(processes, timeout=300):
+    """Outputs of all processes; every one is killed if any hangs or fails."""
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    return outputs
+
+
+def test_two_processes_train_in_lockstep_with_one(tmp_path):
+    single = launch(tmp_path / "single", env={"JAX_NUM_CPU_DEVICES": "4"})
+    (out,) = finish([single])
+    assert single.returncode == 0, out[-3000:]
+    processes = two_processes(tmp_path / "multi")
+    outputs = finish(processes)
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "devices: 4 on 2 process(es)" in outputs[0] and "samples:" in outputs[0]
+    assert "samples:" not in outputs[1]  # only process 0 writes
+    a, b = final_state(tmp_path / "multi"), final_state(tmp_path / "single")
+    assert int(a.step) == int(b.step) == 4
+    assert max_relative_difference(a.params, b.params) <= 1e-5
+
+
+def test_sigterm_on_one_host_checkpoints_all(tmp_path):
+    processes = two_processes(tmp_path, "--config.train.num_steps=100000",
+                              "--config.train.checkpoint_every=20")  # fmt: skip
+    wait_for_checkpoint(processes, tmp_path, 20, timeout=400)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = finish(processes)
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs[0][-2000:]
+    saved = [line for line in outputs[0].splitlines() if "SIGTERM: saved step" in line]
+    assert saved, outputs[0][-2000:]
+    step = int(saved[0].split("saved step ")[1].split()[0])
+    assert step > 20 and (tmp_path / "checkpoints" / str(step)).exists()
