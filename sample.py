@@ -29,6 +29,7 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "How many samples.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance (class models).")
+_ETA = flags.DEFINE_float("eta", None, "DDIM's η (0 deterministic, 1 DDPM-like); ddim only.")
 _EMA = flags.DEFINE_bool("ema", True, "Sample with the EMA weights.")
 _TRAJECTORY = flags.DEFINE_bool("trajectory", False, "Also write the forward/reverse strip.")
 
@@ -91,11 +92,13 @@ def main(argv) -> None:
         num_steps=_NUM_STEPS.value, null_class=num_classes,
         learned_variance=config.diffusion.loss == "hybrid",
         prediction_type=config.diffusion.prediction_type,
+        **({} if _ETA.value is None else {"eta": _ETA.value}),
     )  # fmt: skip
     labels = None if num_classes is None else jnp.arange(n) % num_classes
     key = jax.random.key(_SEED.value)
     x = np.asarray(jax.jit(generate)(params, key, labels, _GUIDANCE.value))
-    stem = f"{_METHOD.value}{_NUM_STEPS.value}_seed{_SEED.value}_step{int(state.step)}"
+    eta = "" if _ETA.value is None else f"_eta{_ETA.value:g}"
+    stem = f"{_METHOD.value}{_NUM_STEPS.value}{eta}_seed{_SEED.value}_step{int(state.step)}"
     grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
     npz = workdir / "samples" / f"{stem}.npz"
     np.savez(

@@ -124,7 +124,7 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
         model, schedule, shape=(config.sample.num_samples, size, size, channels),
         method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
         learned_variance=config.diffusion.loss == "hybrid",
-        prediction_type=config.diffusion.prediction_type,
+        prediction_type=config.diffusion.prediction_type, **config.sample.get("options", {}),
     )  # fmt: skip
     batches = data.Batches(source, batch_size=config.data.batch_size, image_size=size,
                            seed=config.seed, random_flip=config.data.random_flip,

@@ -19,7 +19,8 @@ def get_config(arg: str | None = None):
     c.model.variant = "ddpm_cifar10"
     c.model.overrides = {"dropout": 0.1}  # assigned, not update()d: that would merge
     c.diffusion.update(schedule="linear", beta_start=1e-4, beta_end=0.02, loss="simple")
-    c.optim.update(name="adam", learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0)
+    c.optim.update(name="adam", learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0,
+                   cosine_decay_steps=0)  # fmt: skip
     c.train.update(num_steps=800_000, log_every=100, checkpoint_every=10_000,
                    sample_every=50_000, ema_max_decay=0.9999)  # fmt: skip
     if arg:

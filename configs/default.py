@@ -3,11 +3,12 @@
     python train.py            # = --config configs/default.py --workdir outputs/default
 
 No download: the digits ship inside the scikit-learn wheel and are prepared as a tfds data set
-on first use. On 2 CPU cores it trains 3,000 steps in about 6 minutes (compile included) and ends by
-writing a grid of 64 samples (DDIM, 50 steps, EMA weights) to outputs/default/samples/ and
-printing its path: recognisable digits of every class. Interrupt it at any time; the same
-command resumes from the last checkpoint. `--config configs/default.py:tiny` is the few-step
-variant the tests run.
+on first use. On 2 CPU cores it trains 3,000 steps (cosine-decayed AdamW, EMA) in about 6
+minutes, compile included, and ends by writing a grid of 64 samples (DDIM, 50 steps, η=1, EMA
+weights) to outputs/default/samples/ and printing its path: digits of every class, 91.6% of
+them recognised by jdiff.evaluation's classifier (98.3% of real held-out digits are). Interrupt
+it at any time; the same command resumes from the last checkpoint.
+`--config configs/default.py:tiny` is the few-step variant the tests run.
 """
 
 import ml_collections
@@ -65,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "weight_decay": 0.0,
             "grad_clip": 1.0,
             "accumulate_steps": 1,
+            "cosine_decay_steps": 3000,  # 0: constant after warm-up
         }
     )
     c.train = ml_collections.ConfigDict(
@@ -95,13 +97,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     c.sample = ml_collections.ConfigDict(
-        {"method": "ddim", "num_steps": 50, "num_samples": 64, "guidance_scale": 1.0}
+        {
+            "method": "ddim",
+            "num_steps": 50,
+            "num_samples": 64,
+            "guidance_scale": 1.0,
+            "options": {"eta": 1.0},  # the sampler's own options (diffusers' names)
+        }
     )
     if arg == "tiny":
         c.data.batch_size = 8
         c.model.overrides = {"layers_per_block": 1, "norm_num_groups": 8}
         c.train.update(num_steps=4, log_every=2, checkpoint_every=2, sample_every=0)
-        c.optim.warmup_steps = 2
+        c.optim.update(warmup_steps=2, cosine_decay_steps=0)
         c.sample.update(num_steps=2, num_samples=4)
     elif arg:
         raise ValueError(f"configs/default.py: unknown variant {arg!r}; expected 'tiny' or none")

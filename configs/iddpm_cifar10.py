@@ -11,33 +11,23 @@ outputs 2 x 3 channels), Adam lr 1e-4, batch 128, EMA 0.9999, 500k steps. The pa
 learned variance; the other samplers use ε only.
 """
 
-from configs import default
+from configs import ddpm_cifar10
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config()
-    c.data.update(name="cifar10", image_size=32, channels=3, random_flip=True, batch_size=128)
-    c.model.variant = "ddpm_cifar10"
-    c.model.overrides = (  # assigned, not update()d: that would merge with the default's
-        {
-            "layers_per_block": 3,
-            "down_block_types": (
-                "DownBlock2D",
-                "AttnDownBlock2D",
-                "AttnDownBlock2D",
-                "DownBlock2D",
-            ),
-            "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-            "num_attention_heads": 4,
-            "resnet_time_scale_shift": "scale_shift",
-            "downsample_padding": 1,
-            "dropout": 0.3,
-        }
-    )
-    c.diffusion.update(schedule="cosine", loss="hybrid")
-    c.optim.update(name="adam", learning_rate=1e-4, warmup_steps=0, grad_clip=1.0)
-    c.train.update(num_steps=500_000, log_every=100, checkpoint_every=10_000,
-                   sample_every=50_000, ema_max_decay=0.9999)  # fmt: skip
     if arg:
         raise ValueError(f"configs/iddpm_cifar10.py takes no variant, got {arg!r}")
+    c = ddpm_cifar10.get_config()  # the same data, optimiser and schedule of work
+    c.model.overrides = {  # assigned, not update()d: that would merge with DDPM's
+        "layers_per_block": 3,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "num_attention_heads": 4,
+        "resnet_time_scale_shift": "scale_shift",
+        "downsample_padding": 1,
+        "dropout": 0.3,
+    }
+    c.diffusion.update(schedule="cosine", loss="hybrid")
+    c.optim.update(learning_rate=1e-4, warmup_steps=0)
+    c.train.num_steps = 500_000
     return c

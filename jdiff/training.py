@@ -152,20 +152,29 @@ def make_train_step(
 
 
 def make_optimizer(optim: Any) -> optax.GradientTransformation:
-    """optax Adam/AdamW from `config.optim`: linear warm-up to `learning_rate`, then constant;
-    global-norm gradient clipping (`grad_clip`, 0 for none); `optax.MultiSteps` over
-    `accumulate_steps` micro-batches."""
+    """optax Adam/AdamW from `config.optim`: linear warm-up to `learning_rate`, then constant
+    (`cosine_decay_steps` 0) or a cosine decay to 0 at update `cosine_decay_steps`; global-norm
+    gradient clipping (`grad_clip`, 0 for none); `optax.MultiSteps` over `accumulate_steps`
+    micro-batches."""
     if optim.name not in OPTIMIZERS:
         raise ValueError(f"optim.name={optim.name!r}; expected one of {OPTIMIZERS}")
     if optim.learning_rate <= 0 or optim.accumulate_steps < 1 or optim.warmup_steps < 0:
         raise ValueError(
             "optim.learning_rate must be > 0, optim.accumulate_steps >= 1, optim.warmup_steps >= 0"
         )
-    lr = optax.join_schedules(
-        [optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
-         optax.constant_schedule(optim.learning_rate)],
-        [optim.warmup_steps],
-    )  # fmt: skip
+    decay_steps = optim.get("cosine_decay_steps", 0)
+    if decay_steps and decay_steps <= optim.warmup_steps:
+        raise ValueError("optim.cosine_decay_steps must exceed optim.warmup_steps (or be 0)")
+    if decay_steps:
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, optim.learning_rate, optim.warmup_steps, decay_steps, end_value=0.0
+        )
+    else:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
+             optax.constant_schedule(optim.learning_rate)],
+            [optim.warmup_steps],
+        )  # fmt: skip
     decay = optim.weight_decay if optim.name == "adamw" else 0.0
     tx = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=decay)
     if optim.grad_clip:

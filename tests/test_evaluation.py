@@ -1,0 +1,41 @@
+"""Evaluation: Fréchet distance, nearest neighbours, and the digits classifier's verdicts."""
+
+import json
+
+import numpy as np
+import scipy.linalg
+
+from jdiff import evaluation, images
+
+
+def test_frechet_distance_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 6)) @ rng.standard_normal((6, 6))
+    b = rng.standard_normal((300, 6)) * 2.0 + 0.5
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cross = scipy.linalg.sqrtm(ca @ cb).real
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * cross)
+    np.testing.assert_allclose(evaluation.frechet_distance(a, b), expected, rtol=1e-8)
+    assert abs(evaluation.frechet_distance(a, a)) < 1e-8
+
+
+def test_nearest_distances():
+    reference = np.array([[0.0, 0.0], [3.0, 4.0]])
+    x = np.array([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]])
+    np.testing.assert_allclose(evaluation.nearest_distances(x, reference), [0.0, 1.0, 5.0])
+
+
+def test_held_out_digits_judged_as_the_ceiling(tmp_path):
+    """Evaluating the held-out images themselves: the same verdicts as the ceiling, a Fréchet
+    distance of zero, and nearest-training distances equal to the held-out ones."""
+    test_x, _ = evaluation.load_split("digits", "test", image_size=8)
+    path = tmp_path / "held_out.npz"
+    np.savez(path, images=images.to_uint8(test_x))
+    result = evaluation.main([str(path)])
+    assert result["held_out"]["accuracy"] >= 0.95
+    assert result["samples"]["recognised"] == result["held_out"]["recognised"] >= 0.9
+    assert abs(result["frechet_samples_vs_held_out"]) < 1e-4  # rounding of the square roots
+    assert result["frechet_train_vs_held_out"] > 1.0
+    distances = result["nearest_train_distance_median"]
+    assert distances["samples"] == distances["held_out"] > 0  # held-out is not in train
+    assert json.loads(path.with_suffix(".eval.json").read_text()) == result
