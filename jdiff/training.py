@@ -185,13 +185,11 @@ def make_optimizer(optim: Any) -> optax.GradientTransformation:
 
 
 def make_schedule(diffusion: Any) -> Schedule:
-    """The noise schedule of `config.diffusion`."""
-    return schedules.get_schedule(
-        diffusion.schedule,
-        diffusion.num_timesteps,
-        beta_start=diffusion.get("beta_start"),
-        beta_end=diffusion.get("beta_end"),
-    )
+    """The noise schedule of `config.diffusion` (its beta_start/beta_end unused by "cosine")."""
+    betas = {}
+    if diffusion.schedule != "cosine":
+        betas = {"beta_start": diffusion.get("beta_start"), "beta_end": diffusion.get("beta_end")}
+    return schedules.get_schedule(diffusion.schedule, diffusion.num_timesteps, **betas)
 
 
 def make_model(config: Any, num_classes: int | None = None) -> UNet:

@@ -184,3 +184,4 @@ def test_configs_build_their_models(name, expected):
     assert expected is None or count == expected
     learned = config.diffusion.loss == "hybrid"
     assert model.out_channels == channels * (2 if learned else 1)
+    assert training.make_schedule(config.diffusion).num_timesteps == 1000
