@@ -11,6 +11,7 @@ same figures for the held-out split, which are the ceiling.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -58,9 +59,14 @@ def train_classifier(x, labels, key, *, num_classes: int, steps: int = 1500, bat
     return params
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _apply(params, x, num_classes: int):
+    return SmallClassifier(num_classes).apply({"params": params}, x)
+
+
 def classify(params, x, *, num_classes: int):
     """(probabilities [N, K], features [N, F]) for images x [N, S, S, C] in [-1, 1]."""
-    logits, features = jax.jit(SmallClassifier(num_classes).apply)({"params": params}, x)
+    logits, features = _apply(params, x, num_classes)
     return np.asarray(jax.nn.softmax(logits)), np.asarray(features, np.float64)
 
 
