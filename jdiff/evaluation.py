@@ -92,19 +92,29 @@ def nearest_distances(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(d2.min(1), 0, None))
 
 
-def judge(x, params, *, num_classes: int, threshold: float = 0.9) -> dict:
-    """The classifier's verdicts on x: share recognised with p >= threshold, class shares."""
+def judge(x, params, *, num_classes: int, threshold: float = 0.9, labels=None) -> dict:
+    """The classifier's verdicts on x: share recognised with p >= threshold, class shares, and
+    with `labels` (what each image was asked to be) the share recognised as its own label."""
     probs, _ = classify(params, x, num_classes=num_classes)
     counts = np.bincount(probs.argmax(1), minlength=num_classes)
-    return {
+    verdicts = {
         "recognised": float((probs.max(1) >= threshold).mean()),
         "class_shares": (counts / len(x)).round(4).tolist(),
     }
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(x),):
+            raise ValueError(f"{len(x)} images but labels of shape {labels.shape}")
+        own = probs[np.arange(len(x)), labels]
+        verdicts["recognised_as_label"] = float((own >= threshold).mean())
+    return verdicts
 
 
 def evaluate(samples: np.ndarray, *, name: str = "digits", image_size: int = 8, seed: int = 0,
-             data_dir: str | None = None) -> dict:  # fmt: skip
+             data_dir: str | None = None, labels=None) -> dict:  # fmt: skip
     """Figures for samples [N, S, S, C] in [-1, 1] and, as the ceiling, the held-out split.
+
+    `labels`: the classes a class-conditional model was asked for (also judged per sample).
 
     Fréchet distances compare equal-sized sets (the held-out split's size) so their bias is
     the same: samples vs held-out, and training images vs held-out.
@@ -122,7 +132,7 @@ def evaluate(samples: np.ndarray, *, name: str = "digits", image_size: int = 8, 
     probs, _ = classify(params, test_x, num_classes=k)
     return {
         "num_samples": len(samples),
-        "samples": judge(samples, params, num_classes=k),
+        "samples": judge(samples, params, num_classes=k, labels=labels),
         "held_out": judge(test_x, params, num_classes=k)
         | {"accuracy": float((probs.argmax(1) == test_y).mean())},
         "frechet_samples_vs_held_out": frechet_distance(feats["samples"], feats["test"]),
@@ -140,8 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="digits", help="the data set the model learned")
     parser.add_argument("--image_size", type=int, default=8)
     args = parser.parse_args(argv)
-    images = np.load(args.samples)["images"].astype(np.float32) / 127.5 - 1.0
-    result = evaluate(images, name=args.data, image_size=args.image_size)
+    stored = np.load(args.samples)
+    images = stored["images"].astype(np.float32) / 127.5 - 1.0
+    labels = stored["labels"] if "labels" in stored and stored["labels"].size else None
+    result = evaluate(images, name=args.data, image_size=args.image_size, labels=labels)
     out = args.samples.with_suffix(".eval.json")
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

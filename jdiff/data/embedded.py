@@ -7,8 +7,12 @@ config's data set name to its builder; add an entry for another embedded set.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import tensorflow_datasets as tfds
+
+from jdiff.data import shapes
 
 
 class JdiffDigits(tfds.core.GeneratorBasedBuilder):
@@ -51,4 +55,53 @@ class JdiffDigits(tfds.core.GeneratorBasedBuilder):
             yield int(i), {"image": image, "label": int(digits.target[i])}
 
 
-EMBEDDED = {"digits": JdiffDigits}
+class JdiffShapes(tfds.core.GeneratorBasedBuilder):
+    """Captioned 32x32 RGB scenes of one coloured shape (`jdiff.data.shapes`), rendered here.
+
+    4 colours x 3 shapes x 4 positions; `train` (200 renders of each of the 36 seen
+    combinations) and `test` (20 each) hold the seen combinations, `held_out` (50 renders of each
+    of the other 12) the combinations no model trains on. `label` indexes all 48 combinations,
+    so class-conditional models train on it unchanged; `caption` is the scene's sentence.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    SPLITS: ClassVar[dict[str, int]] = {"train": 200, "test": 20, "held_out": 50}  # per combination
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = shapes.SIZE
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+                "caption": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=[s.caption for s in shapes.all_scenes()]),
+                "colour": tfds.features.ClassLabel(names=shapes.COLOURS),
+                "shape": tfds.features.ClassLabel(names=shapes.SHAPES),
+                "position": tfds.features.ClassLabel(names=shapes.POSITIONS),
+            }
+        )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Procedural captioned scenes: a coloured shape in one of four quadrants.",
+            features=features,
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, n) for split, n in self.SPLITS.items()}
+
+    def _generate_examples(self, split, count):
+        for i, (scene, image) in enumerate(shapes.examples(split, count, seed=0)):
+            yield (
+                i,
+                {
+                    "image": image,
+                    "caption": scene.caption,
+                    "label": scene.label,
+                    "colour": scene.colour,
+                    "shape": scene.shape,
+                    "position": scene.position,
+                },
+            )
+
+
+EMBEDDED = {"digits": JdiffDigits, "shapes": JdiffShapes}
