@@ -142,3 +142,40 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
         fields["num_attention_heads"] = value(heads)
     return fields
+
+
+_VAE_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+               "latent_channels", "norm_num_groups")  # fmt: skip
+_VAE_OPTIONAL = {"scaling_factor": 0.18215, "use_quant_conv": True, "use_post_quant_conv": True,
+                 "mid_block_add_attention": True}  # fmt: skip
+# diffusers AutoencoderKL options jdiff's autoencoder lacks, with the value that means "off"
+_VAE_UNSUPPORTED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None,
+                    "latents_std": None}  # fmt: skip
+
+
+def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`jdiff.nn.vae.AutoencoderKL` fields from a diffusers `AutoencoderKL` config dict.
+
+    Raises:
+      ValueError: another class, a missing field, or an option jdiff lacks (SD3's
+        `shift_factor`, other activations or block types).
+    """
+    cls = config.get("_class_name", "AutoencoderKL")
+    if cls != "AutoencoderKL":
+        raise ValueError(f"_class_name {cls!r}: expected AutoencoderKL")
+    missing = [k for k in _VAE_FIELDS if k not in config]
+    if missing:
+        raise ValueError(f"AutoencoderKL config lacks {missing}; pass the full config.json")
+    for key, off in _VAE_UNSUPPORTED.items():
+        if config.get(key, off) != off:
+            raise ValueError(f"AutoencoderKL option {key}={config[key]!r} is not supported")
+    n = len(config["block_out_channels"])
+    for key, kind in (("down_block_types", "DownEncoderBlock2D"),
+                      ("up_block_types", "UpDecoderBlock2D")):  # fmt: skip
+        if tuple(config.get(key, (kind,) * n)) != (kind,) * n:
+            raise ValueError(f"AutoencoderKL {key}={config[key]!r}: jdiff has only {kind}")
+    fields = {k: config[k] for k in _VAE_FIELDS}
+    fields["block_out_channels"] = tuple(fields["block_out_channels"])
+    fields |= {k: config.get(k, v) if config.get(k) is not None else v
+               for k, v in _VAE_OPTIONAL.items()}  # fmt: skip
+    return fields

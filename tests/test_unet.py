@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from references import perturbed
 
 from jdiff import convert
 from jdiff.nn import VARIANTS, UNet
@@ -53,15 +54,6 @@ def test_timestep_embedding_matches_diffusers_and_float64():
         # a float32 angle of up to 999 rad is exact to 999 * 2^-24 = 6e-5: that is the limit
         np.testing.assert_allclose(ours, exact, atol=6e-5)
         np.testing.assert_allclose(ours, ref, atol=1.2e-4)
-
-
-def perturbed(model):
-    """diffusers' random init with every parameter moved, so norms and biases carry weight."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 DIFFUSERS_TINY = {

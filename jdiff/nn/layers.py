@@ -78,7 +78,8 @@ class ResnetBlock2D(nn.Module):
 
     h = conv1(silu(norm1(x))); h = norm2(h + W·silu(temb))  (or norm2(h)(1 + s) + b with
     scale_shift); out = shortcut(x) + conv2(dropout(silu(h))). The 1x1 `conv_shortcut` exists
-    only when the channel count changes.
+    only when the channel count changes. With temb None (the autoencoder's blocks) there is no
+    `time_emb_proj`.
     """
 
     out_channels: int
@@ -93,16 +94,20 @@ class ResnetBlock2D(nn.Module):
         h = conv3x3(self.out_channels, self.dtype, "conv1")(
             nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
         )
-        scale_shift = self.time_embedding_norm == "scale_shift"
-        width = 2 * self.out_channels if scale_shift else self.out_channels
-        temb = nn.Dense(width, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-        temb = temb[:, None, None, :]
         norm2 = group_norm(self.groups, self.eps, self.dtype, "norm2")
-        if scale_shift:
-            scale, shift = jnp.split(temb, 2, axis=-1)
+        if temb is None:  # the autoencoder's blocks have no time embedding
+            h = norm2(h)
+        elif self.time_embedding_norm == "scale_shift":
+            temb = nn.Dense(2 * self.out_channels, dtype=self.dtype, name="time_emb_proj")(
+                nn.silu(temb)
+            )
+            scale, shift = jnp.split(temb[:, None, None, :], 2, axis=-1)
             h = norm2(h) * (1 + scale) + shift
         else:
-            h = norm2(h + temb)
+            temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(
+                nn.silu(temb)
+            )
+            h = norm2(h + temb[:, None, None, :])
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
         h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:

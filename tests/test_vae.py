@@ -1,0 +1,124 @@
+"""The autoencoder: parameter count, parity with diffusers' AutoencoderKL, posterior, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchAutoencoderKL
+from references import perturbed
+
+from jdiff import convert
+from jdiff.nn import vae
+
+
+def num_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_stable_diffusion_size():
+    model = vae.AutoencoderKL(**vae.VARIANTS["sd"])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert num_params(shapes) == 83_653_863
+    assert model.downsample_factor == 8
+
+
+# SD-shaped at tiny size: three levels (f = 4), two resnets per encoder level, 4 latents;
+# and a variant with neither 1x1 conv nor mid-block attention
+DIFFUSERS_TINY = {
+    "sd": {"block_out_channels": (16, 32, 32), "layers_per_block": 2, "latent_channels": 4,
+           "norm_num_groups": 8,
+           "down_block_types": ("DownEncoderBlock2D",) * 3,
+           "up_block_types": ("UpDecoderBlock2D",) * 3},
+    "bare": {"block_out_channels": (16, 16), "layers_per_block": 1, "latent_channels": 3,
+             "norm_num_groups": 4, "use_quant_conv": False, "use_post_quant_conv": False,
+             "mid_block_add_attention": False, "scaling_factor": 0.5,
+             "down_block_types": ("DownEncoderBlock2D",) * 2,
+             "up_block_types": ("UpDecoderBlock2D",) * 2},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_TINY))
+def test_encode_decode_match_diffusers(name):
+    torch_model = perturbed(TorchAutoencoderKL(**DIFFUSERS_TINY[name]))
+    fields = convert.vae_config_from_diffusers(dict(torch_model.config))
+    model = vae.AutoencoderKL(**fields)
+    assert model.scaling_factor == DIFFUSERS_TINY[name].get("scaling_factor", 0.18215)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(x.shape))["params"]
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    params = {"params": convert.from_diffusers(state, template)}
+
+    posterior = model.apply(params, jnp.asarray(x), method="encode")
+    image = model.apply(params, posterior.mean, method="decode")
+    with torch.no_grad():
+        ref = torch_model.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist
+        ref_image = torch_model.decode(ref.mean).sample.permute(0, 2, 3, 1).numpy()
+    ref_mean, ref_logvar = (v.permute(0, 2, 3, 1).numpy() for v in (ref.mean, ref.logvar))
+
+    def rel(a, b):
+        return np.abs(np.asarray(a) - b).max() / np.abs(b).max()
+
+    assert posterior.mean.shape == ref_mean.shape
+    assert rel(posterior.mean, ref_mean) <= 1e-4
+    assert rel(posterior.logvar, ref_logvar) <= 1e-4
+    assert image.shape == x.shape and rel(image, ref_image) <= 1e-4
+    np.testing.assert_allclose(posterior.kl(), ref.kl().numpy(), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = vae.AutoencoderKL(**vae.VARIANTS["tiny"])
+    x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 3), minval=-1, maxval=1)
+    return model, model.init(jax.random.key(0), x), x
+
+
+def test_posterior_sampling_and_kl(tiny):
+    model, params, x = tiny
+    recon, posterior = model.apply(params, x)  # no key: the mode
+    assert recon.shape == x.shape and recon.dtype == jnp.float32
+    assert posterior.mean.shape == (3, 4, 4, 4)  # f = 2, 4 latent channels
+    np.testing.assert_array_equal(recon, model.apply(params, posterior.mode(), method="decode"))
+    a = posterior.sample(jax.random.key(0))
+    np.testing.assert_array_equal(a, posterior.sample(jax.random.key(0)))
+    assert not np.array_equal(a, posterior.sample(jax.random.key(1)))
+    # many samples: the posterior's own mean and std
+    key = jax.random.key(2)
+    draws = jax.vmap(posterior.sample)(jax.random.split(key, 4000))
+    np.testing.assert_allclose(draws.mean(0), posterior.mean, atol=0.1)
+    np.testing.assert_allclose(draws.std(0), posterior.std, rtol=0.1)
+    # KL(N(0, 1) || N(0, 1)) = 0; KL of N(1, e^0) = 0.5 per element
+    zero = vae.DiagonalGaussian(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)))
+    np.testing.assert_allclose(zero.kl(), [0.0])
+    np.testing.assert_allclose(vae.DiagonalGaussian(zero.mean + 1, zero.logvar).kl(), [2.0])
+    clipped = vae.DiagonalGaussian.from_moments(jnp.full((1, 1, 1, 2), 100.0))
+    assert float(clipped.logvar.max()) == 20.0
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
+    model, params, x = tiny
+    low = vae.AutoencoderKL(**vae.VARIANTS["tiny"], dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(low.init(jax.random.key(0), x)))
+    recon, posterior = low.apply(params, x)
+    assert recon.dtype == posterior.mean.dtype == jnp.float32
+    np.testing.assert_allclose(recon, model.apply(params, x)[0], atol=0.1)
+
+
+def test_bad_inputs_and_configs(tiny):
+    model, params, _ = tiny
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model.apply(params, jnp.zeros((1, 7, 8, 3)), method="encode")
+    with pytest.raises(ValueError, match=r"images \[B, H, W, 3\]"):
+        model.apply(params, jnp.zeros((1, 8, 8, 1)), method="encode")
+    with pytest.raises(ValueError, match=r"latents \[B, h, w, 4\]"):
+        model.apply(params, jnp.zeros((1, 4, 4, 3)), method="decode")
+    with pytest.raises(ValueError, match="multiples of norm_num_groups=32"):
+        vae.AutoencoderKL(block_out_channels=(16, 32)).init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 3))
+        )
+    config = dict(DIFFUSERS_TINY["sd"], _class_name="AutoencoderKL", in_channels=3,
+                  out_channels=3, shift_factor=0.0609)  # fmt: skip
+    with pytest.raises(ValueError, match=r"shift_factor=0\.0609 is not supported"):
+        convert.vae_config_from_diffusers(config)
+    with pytest.raises(ValueError, match="expected AutoencoderKL"):
+        convert.vae_config_from_diffusers({"_class_name": "AutoencoderTiny"})
