@@ -13,6 +13,7 @@ denoised step by step (reverse process).
 from __future__ import annotations
 
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,11 @@ def load_run(workdir: pathlib.Path, step: int | None = None):
     """(config, num_classes, model, schedule, state) of a train.py workdir."""
     stored = checkpoints.read_run_info(workdir)
     config, num_classes = ConfigDict(stored["config"]), stored.get("num_classes")
+    if config.get("task", "diffusion") != "diffusion":
+        raise ValueError(
+            f"{workdir} holds an autoencoder (task={config.task!r}), not a diffusion model: its "
+            "reconstructions are in samples/ and its PSNR and scaling factor in autoencoder.json"
+        )
     model = training.make_model(config, num_classes)
     optimizer = training.make_optimizer(config.optim)
     size, channels = config.data.image_size, config.data.channels
@@ -84,7 +90,10 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
     workdir = pathlib.Path(_WORKDIR.value).absolute()
-    config, num_classes, model, schedule, state = load_run(workdir, _STEP.value)
+    try:
+        config, num_classes, model, schedule, state = load_run(workdir, _STEP.value)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     params = state.ema_params if _EMA.value else state.params
     size, channels, n = config.data.image_size, config.data.channels, _NUM_SAMPLES.value
     generate = pipelines.make_generate(
@@ -98,7 +107,8 @@ def main(argv) -> None:
     key = jax.random.key(_SEED.value)
     x = np.asarray(jax.jit(generate)(params, key, labels, _GUIDANCE.value))
     eta = "" if _ETA.value is None else f"_eta{_ETA.value:g}"
-    stem = f"{_METHOD.value}{_NUM_STEPS.value}{eta}_seed{_SEED.value}_step{int(state.step)}"
+    guided = "" if num_classes is None or _GUIDANCE.value == 1 else f"_cfg{_GUIDANCE.value:g}"
+    stem = f"{_METHOD.value}{_NUM_STEPS.value}{eta}{guided}_seed{_SEED.value}_step{int(state.step)}"
     grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
     npz = workdir / "samples" / f"{stem}.npz"
     np.savez(

@@ -1,11 +1,13 @@
-"""Train a diffusion model.
+"""Train a diffusion model, or the autoencoder of a latent diffusion model.
 
     python train.py [--config configs/<name>.py[:variant]] [--workdir DIR] [--config.key=value]
 
 With no arguments: the embedded default (configs/default.py, 8x8 digits, offline) into
-./outputs/default. Rerunning the same command resumes from the workdir's latest checkpoint;
-SIGTERM saves one before exiting. The workdir holds config.json (the model is rebuilt from it by
-sample.py), checkpoints/, TensorBoard metrics in tb/ and sample grids in samples/.
+./outputs/default. A config with `task = "autoencoder"` (configs/vae_shapes.py) trains an
+AutoencoderKL instead and ends by measuring its held-out PSNR and latent scaling factor, stored
+in the workdir's autoencoder.json. Rerunning the same command resumes from the workdir's latest
+checkpoint; SIGTERM saves one before exiting. The workdir holds config.json (the model is rebuilt
+from it by sample.py), checkpoints/, TensorBoard metrics in tb/ and sample grids in samples/.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 import jdiff
-from jdiff import checkpoints, data, images, pipelines, sharding, training
+from jdiff import autoencoder, checkpoints, data, images, pipelines, sharding, training
+from jdiff.data import shapes
 
 ROOT = pathlib.Path(__file__).resolve().parent
 # settings that shape the model or its data: a resume must not change them
-COMPATIBLE = ("model", "diffusion", "data.name", "data.image_size", "data.channels")
+COMPATIBLE = ("task", "model", "diffusion", "data.name", "data.image_size", "data.channels")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -86,15 +89,26 @@ def load_data(config: ConfigDict):
     source = load() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("jdiff data prepared")
     source = source or load()
-    return source, data.num_classes(source) if config.model.class_conditional else None
+    conditional = config.model.get("class_conditional", False)
+    return source, data.num_classes(source) if conditional else None
+
+
+def task(config: ConfigDict) -> str:
+    name = config.get("task", "diffusion")
+    if name not in training.TASKS:
+        raise ValueError(f"task={name!r}; expected one of {training.TASKS}")
+    return name
 
 
 def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | None) -> dict:
     """Mesh, model, optimizer, state (restored if the workdir has a checkpoint, else born
-    sharded), the jitted train step and sampler."""
+    sharded), the jitted train step and, for diffusion, the jitted sampler."""
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
-    model = training.make_model(config, num_classes)
-    schedule = training.make_schedule(config.diffusion)
+    is_autoencoder = task(config) == "autoencoder"
+    if is_autoencoder:
+        model = training.make_autoencoder(config)
+    else:
+        model = training.make_model(config, num_classes)
     optimizer = training.make_optimizer(config.optim)
     size, channels = config.data.image_size, config.data.channels
     k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
@@ -108,24 +122,22 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     )
     state = checkpoints.restore_latest(manager, sharding.with_shardings(abstract, state_sh))
     state = state or jax.jit(init, out_shardings=state_sh)()
-    step = training.make_train_step(
-        model,
-        schedule,
-        optimizer,
-        loss=config.diffusion.loss,
-        prediction_type=config.diffusion.prediction_type,
-        snr_gamma=config.diffusion.snr_gamma or None,
-        ema_max_decay=config.train.ema_max_decay,
-        accumulate_steps=config.optim.accumulate_steps,
-        null_class=num_classes,
-        class_dropout=config.train.class_dropout,
-    )  # fmt: skip
-    generate = pipelines.make_generate(
-        model, schedule, shape=(config.sample.num_samples, size, size, channels),
-        method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
-        learned_variance=config.diffusion.loss == "hybrid",
-        prediction_type=config.diffusion.prediction_type, **config.sample.get("options", {}),
-    )  # fmt: skip
+    common = {"ema_max_decay": config.train.ema_max_decay,
+              "accumulate_steps": config.optim.accumulate_steps}  # fmt: skip
+    if is_autoencoder:
+        step = training.make_autoencoder_step(
+            model, optimizer, reconstruction=config.autoencoder.reconstruction,
+            kl_weight=config.autoencoder.kl_weight, **common,
+        )  # fmt: skip
+        generate = None
+    else:
+        step = training.make_train_step(
+            model, training.make_schedule(config.diffusion), optimizer,
+            loss=config.diffusion.loss, prediction_type=config.diffusion.prediction_type,
+            snr_gamma=config.diffusion.snr_gamma or None, null_class=num_classes,
+            class_dropout=config.train.class_dropout, **common,
+        )  # fmt: skip
+        generate = jax.jit(_make_generate(config, model, num_classes), out_shardings=replicated)
     batches = data.Batches(source, batch_size=config.data.batch_size, image_size=size,
                            seed=config.seed, random_flip=config.data.random_flip,
                            process_index=jax.process_index(),
@@ -135,13 +147,27 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     return {
         "state": state, "manager": manager, "batches": batches, "k_train": k_train,
         "k_sample": k_sample, "step": step_jit, "batch_sharding": batch_sh,
-        "generate": jax.jit(generate, out_shardings=replicated), "num_classes": num_classes,
+        "generate": generate, "num_classes": num_classes, "model": model, "source": source,
     }  # fmt: skip
 
 
+def _make_generate(config: ConfigDict, model, num_classes: int | None):
+    size, channels = config.data.image_size, config.data.channels
+    return pipelines.make_generate(
+        model, training.make_schedule(config.diffusion),
+        shape=(config.sample.num_samples, size, size, channels),
+        method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
+        learned_variance=config.diffusion.loss == "hybrid",
+        prediction_type=config.diffusion.prediction_type, **config.sample.get("options", {}),
+    )  # fmt: skip
+
+
 def write_samples(run: dict, config: ConfigDict, workdir: pathlib.Path, step: int):
-    """A grid of samples from the EMA weights (fixed key, so grids of a run compare). Every
-    process samples (the parameters may be split over them); process 0 writes the PNG."""
+    """A grid of samples from the EMA weights (fixed key, so grids of a run compare), or of an
+    autoencoder's reconstructions. Every process computes (the parameters may be split over
+    them); process 0 writes the PNG."""
+    if run["generate"] is None:
+        return write_reconstructions(run, config, workdir, step)
     labels = None
     if run["num_classes"] is not None:
         labels = jax.numpy.arange(config.sample.num_samples) % run["num_classes"]
@@ -150,6 +176,50 @@ def write_samples(run: dict, config: ConfigDict, workdir: pathlib.Path, step: in
     if jax.process_index() == 0:
         return images.save_grid(workdir / "samples" / f"step_{step:07d}.png", np.asarray(x))
     return None
+
+
+def _eval_images(config: ConfigDict, split: str, count: int, seed: int) -> np.ndarray:
+    """`count` images of `split` (all if fewer), drawn without replacement, in [-1, 1]."""
+    source = data.load_source(config.data.name, split=split,
+                              data_dir=config.data.data_dir or None)  # fmt: skip
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.permutation(len(source))[:count])
+    size = config.data.image_size
+    return np.stack([data.preprocess(source[int(i)]["image"], image_size=size) for i in index])
+
+
+def write_reconstructions(run: dict, config: ConfigDict, workdir: pathlib.Path, step: int):
+    """Held-out images (odd rows) over their reconstructions (even rows), EMA weights."""
+    x = _eval_images(config, config.autoencoder.eval_split, 32, seed=0)
+    recon = autoencoder.make_codec(run["model"])["reconstruct"](run["state"].ema_params, x)
+    if jax.process_index() == 0:
+        grid = autoencoder.reconstruction_grid(x, np.asarray(recon))
+        path = workdir / "samples" / f"reconstructions_{step:07d}.png"
+        return images.save_grid(path, grid, ncols=8)
+    return None
+
+
+def measure_autoencoder(run: dict, config: ConfigDict, workdir: pathlib.Path) -> dict:
+    """PSNR on the held-out split and the latent scaling factor, stored in autoencoder.json."""
+    ae = config.autoencoder
+    info = autoencoder.measure(
+        run["model"], run["state"].ema_params,
+        train_images=_eval_images(config, config.data.split, ae.scaling_images, seed=1),
+        eval_images=_eval_images(config, ae.eval_split, ae.eval_images, seed=2),
+        key=jax.random.fold_in(run["k_sample"], 1),
+        describe=shapes.describe if config.data.name == "shapes" else None,
+    )  # fmt: skip
+    info |= {"step": int(run["state"].step), "eval_split": ae.eval_split, "weights": "ema"}
+    if jax.process_index() == 0:
+        path = autoencoder.save_info(workdir, info)
+        print(f"held-out PSNR {info['psnr_db']:.2f} dB (5th percentile "
+              f"{info['psnr_db_p5']:.2f} dB) on {info['num_eval_images']} {ae.eval_split} "
+              f"images; latent scaling factor {info['scaling_factor']:.4f} (1/std of z, "
+              f"latents {tuple(info['latent_shape'])}): {path}", flush=True)  # fmt: skip
+        if "described_alike" in info:
+            print(f"reconstructions read as their originals by shapes.describe: "
+                  f"{100 * info['described_alike']:.1f}%", flush=True)  # fmt: skip
+    return info
 
 
 def check_finite(state: training.TrainState, manager) -> None:
@@ -177,6 +247,7 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
     (None on processes other than 0)."""
     main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).absolute()
+    task(config)
     source, num_classes = load_data(config)
     if main:
         prepare_workdir(workdir, config, num_classes)
@@ -196,6 +267,8 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
             checkpoints.save(manager, int(run["state"].step), run["state"])
         manager.wait_until_finished()
         grid = write_samples(run, config, workdir, int(run["state"].step))
+        if run["generate"] is None:
+            measure_autoencoder(run, config, workdir)
     finally:
         restore_signals()
         if writer is not None:

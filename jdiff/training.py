@@ -1,7 +1,9 @@
 """Training: the train state as one pytree, a pure train step, and the factories from a config.
 
-`train_step(state, batch, key) -> (state, metrics)` draws t per example, noises in closed form,
-takes the loss's gradient, applies an optax update and the EMA; jit it once (donating the state).
+`train_step(state, batch, key) -> (state, metrics)`, jitted once (donating the state), takes a
+loss's gradient and applies an optax update and the EMA: for diffusion models the loss draws t
+per example and noises in closed form (`make_train_step`); for the autoencoder of latent
+diffusion it is reconstruction + KL (`make_autoencoder_step`); `make_step` is their shared part.
 A step whose loss or gradient is not finite leaves the state as it was and records its number
 in `state.nonfinite_step`, so no bad parameters reach a checkpoint. Only the `make_*` factories
 read a config.
@@ -9,6 +11,7 @@ read a config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,10 +21,13 @@ import jax.numpy as jnp
 import optax
 
 from jdiff import losses, schedules
-from jdiff.nn import VARIANTS, UNet
+from jdiff.nn import VARIANTS, UNet, vae
+from jdiff.nn.vae import AutoencoderKL
 from jdiff.schedules import Schedule
 
 LOSSES = ("simple", "hybrid")
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+TASKS = ("diffusion", "autoencoder")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -55,7 +61,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainSta
 
 
 def make_init(
-    model: UNet,
+    model: UNet | AutoencoderKL,
     optimizer: optax.GradientTransformation,
     key: jax.Array,
     *,
@@ -66,65 +72,33 @@ def make_init(
 
     def init() -> TrainState:
         x = jnp.zeros((1, *image_shape))
+        if isinstance(model, AutoencoderKL):
+            return init_state(model.init(key, x)["params"], optimizer)
         labels = {} if model.num_class_embeds is None else {"class_labels": jnp.zeros(1, int)}
         return init_state(model.init(key, x, jnp.zeros(1), **labels)["params"], optimizer)
 
     return init
 
 
-def make_train_step(
-    model: UNet,
-    schedule: Schedule,
+def make_step(
+    loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
     optimizer: optax.GradientTransformation,
     *,
-    loss: str = "simple",
-    prediction_type: str = "epsilon",
-    snr_gamma: float | None = None,
     ema_max_decay: float = 0.9999,
     accumulate_steps: int = 1,
-    null_class: int | None = None,
-    class_dropout: float = 0.0,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-    """The pure train step for `model` (jit it; donate the state).
+    """The pure train step around any `loss_fn(params, batch, key) -> (loss, metrics)`: the
+    gradient, the optax update, the EMA (moving on optimizer updates, so with `accumulate_steps`
+    micro-steps per update only every k-th step moves it) and the non-finite guard.
 
-    Args:
-      loss: "simple" (DDPM eq. 14, `prediction_type` target, optional min-SNR-γ weights) or
-        "hybrid" (IDDPM L_simple + λ L_vlb for a learned-range variance, 2C outputs).
-      accumulate_steps: micro-steps per optimizer update (the optimizer must be wrapped in
-        `optax.MultiSteps` with the same k, as `make_optimizer` does); the EMA moves on updates.
-      null_class: for a class-conditional model, the label of "no class"; each label is
-        replaced by it with probability `class_dropout` (classifier-free guidance training).
-
-    Returns:
-      train_step(state, batch, key): batch {"image": [B, H, W, C] in [-1, 1], "label": int [B]};
-      key is the run's root key, the step's own is fold_in(key, state.step), so a resumed run
-      draws the same noise. Returns (state, {"loss", "grad_norm"}).
+    The step's key is fold_in(key, state.step) of the run's root key, so a resumed run draws the
+    same randomness. Returns (state, {"loss", "grad_norm", **metrics}).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r}; expected one of {LOSSES}")
-
-    def loss_fn(params, x0, labels, key):
-        k_loss, k_dropout = jax.random.split(key)
-        kwargs = {} if labels is None else {"class_labels": labels}
-
-        def model_fn(x, t):
-            rngs = {"dropout": k_dropout}
-            return model.apply({"params": params}, x, t, deterministic=False, rngs=rngs, **kwargs)
-
-        if loss == "hybrid":
-            return losses.hybrid_loss(model_fn, schedule, x0, k_loss)
-        return losses.diffusion_loss(
-            model_fn, schedule, x0, k_loss, prediction_type=prediction_type, snr_gamma=snr_gamma
-        )
 
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         key = jax.random.fold_in(key, state.step)
-        k_loss, k_label = jax.random.split(key)
-        labels = None
-        if null_class is not None:
-            drop = jax.random.bernoulli(k_label, class_dropout, batch["label"].shape)
-            labels = jnp.where(drop, null_class, batch["label"])
-        value, grads = jax.value_and_grad(loss_fn)(state.params, batch["image"], labels, k_loss)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (value, metrics), grads = grad_fn(state.params, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         num_updates = (state.step + 1) // accumulate_steps
@@ -146,9 +120,100 @@ def make_train_step(
             opt_state=keep(opt_state, state.opt_state),
             nonfinite_step=first_bad,
         )
-        return new_state, {"loss": value, "grad_norm": grad_norm}
+        return new_state, {"loss": value, "grad_norm": grad_norm, **metrics}
 
     return train_step
+
+
+def make_train_step(
+    model: UNet,
+    schedule: Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss: str = "simple",
+    prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
+    ema_max_decay: float = 0.9999,
+    accumulate_steps: int = 1,
+    null_class: int | None = None,
+    class_dropout: float = 0.0,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """The pure diffusion train step for `model` (jit it; donate the state).
+
+    Args:
+      loss: "simple" (DDPM eq. 14, `prediction_type` target, optional min-SNR-γ weights) or
+        "hybrid" (IDDPM L_simple + λ L_vlb for a learned-range variance, 2C outputs).
+      accumulate_steps: micro-steps per optimizer update (the optimizer must be wrapped in
+        `optax.MultiSteps` with the same k, as `make_optimizer` does); the EMA moves on updates.
+      null_class: for a class-conditional model, the label of "no class"; each label is
+        replaced by it with probability `class_dropout` (classifier-free guidance training).
+
+    Returns:
+      train_step(state, batch, key): batch {"image": [B, H, W, C] in [-1, 1], "label": int [B]};
+      see `make_step`. Returns (state, {"loss", "grad_norm"}).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}; expected one of {LOSSES}")
+
+    def loss_fn(params, batch, key):
+        k_loss, k_label = jax.random.split(key)
+        k_loss, k_dropout = jax.random.split(k_loss)
+        kwargs = {}
+        if null_class is not None:
+            drop = jax.random.bernoulli(k_label, class_dropout, batch["label"].shape)
+            kwargs["class_labels"] = jnp.where(drop, null_class, batch["label"])
+
+        def model_fn(x, t):
+            rngs = {"dropout": k_dropout}
+            return model.apply({"params": params}, x, t, deterministic=False, rngs=rngs, **kwargs)
+
+        x0 = batch["image"]
+        if loss == "hybrid":
+            return losses.hybrid_loss(model_fn, schedule, x0, k_loss), {}
+        value = losses.diffusion_loss(
+            model_fn, schedule, x0, k_loss, prediction_type=prediction_type, snr_gamma=snr_gamma
+        )
+        return value, {}
+
+    return make_step(loss_fn, optimizer, ema_max_decay=ema_max_decay,
+                     accumulate_steps=accumulate_steps)  # fmt: skip
+
+
+def make_autoencoder_step(
+    model: AutoencoderKL,
+    optimizer: optax.GradientTransformation,
+    *,
+    reconstruction: str = "l1",
+    kl_weight: float = 1e-6,
+    ema_max_decay: float = 0.9999,
+    accumulate_steps: int = 1,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """The pure train step of a KL-regularised autoencoder (LDM's first stage, without the
+    perceptual and adversarial terms, which need downloaded or co-trained networks).
+
+    loss = mean |x - D(z)| (or squared, `reconstruction="l2"`) + kl_weight * KL(q(z|x) || N(0, I))
+    / (H W C), z ~ q(z|x): LDM sums both terms over an image's elements, so dividing both by the
+    element count keeps its ratio, and its kl_weight (1e-6), while the loss reads as a per-pixel
+    error. Returns (state, {"loss", "grad_norm", "reconstruction", "kl"}), kl in nats per image.
+    """
+    if reconstruction not in RECONSTRUCTION_LOSSES:
+        raise ValueError(
+            f"reconstruction={reconstruction!r}; expected one of {RECONSTRUCTION_LOSSES}"
+        )
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight={kl_weight} must be >= 0")
+
+    def loss_fn(params, batch, key):
+        x = batch["image"]
+        recon, posterior = model.apply({"params": params}, x, key)
+        error = recon - x
+        error = jnp.abs(error) if reconstruction == "l1" else jnp.square(error)
+        rec, kl = error.mean(), posterior.kl().mean()
+        value = rec + kl_weight * kl / math.prod(x.shape[1:])
+        return value, {"reconstruction": rec, "kl": kl}
+
+    return make_step(loss_fn, optimizer, ema_max_decay=ema_max_decay,
+                     accumulate_steps=accumulate_steps)  # fmt: skip
 
 
 def make_optimizer(optim: Any) -> optax.GradientTransformation:
@@ -207,7 +272,24 @@ def make_model(config: Any, num_classes: int | None = None) -> UNet:
         if num_classes is None:
             raise ValueError("model.class_conditional needs a data set with class labels")
         fields["num_class_embeds"] = num_classes + 1  # the last is the null class
+    return UNet(**fields, dtype=_dtype(model.dtype), remat=model.remat)
+
+
+def make_autoencoder(config: Any) -> AutoencoderKL:
+    """The autoencoder of `config.model` (a `jdiff.nn.vae.VARIANTS` name plus field overrides)
+    for the data's channels."""
+    model = config.model
+    if model.variant not in vae.VARIANTS:
+        raise ValueError(f"model.variant={model.variant!r}; expected one of {sorted(vae.VARIANTS)}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model.overrides.items()}
+    fields = {**vae.VARIANTS[model.variant], **overrides}
+    channels = config.data.channels
+    fields.update(in_channels=channels, out_channels=channels)
+    return AutoencoderKL(**fields, dtype=_dtype(model.dtype))
+
+
+def _dtype(name: str):
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if model.dtype not in dtypes:
-        raise ValueError(f"model.dtype={model.dtype!r}; expected one of {sorted(dtypes)}")
-    return UNet(**fields, dtype=dtypes[model.dtype], remat=model.remat)
+    if name not in dtypes:
+        raise ValueError(f"model.dtype={name!r}; expected one of {sorted(dtypes)}")
+    return dtypes[name]

@@ -1,5 +1,6 @@
 """The PyTorch references the parity tests compare against: diffusers schedulers driven the way
-diffusers' pipelines drive them, on a smooth analytic model function written twice (JAX, torch)."""
+diffusers' pipelines drive them, on a smooth analytic model function written twice (JAX, torch);
+`perturbed` for the networks' random-weight parity tests."""
 
 from __future__ import annotations
 
@@ -148,3 +149,12 @@ def diffusers_trajectory(
     if method == "heun":  # a jdiff Heun step is diffusers' first- and second-order call together
         states = np.concatenate([states[1::2], states[-1:]]) if len(states) % 2 else states[1::2]
     return states
+
+
+def perturbed(model):
+    """The reference's random init with every parameter moved, so norms and biases carry weight."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()

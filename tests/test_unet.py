@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
-from references import perturbed
+from reference import perturbed
 
 from jdiff import convert
 from jdiff.nn import VARIANTS, UNet

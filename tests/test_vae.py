@@ -1,14 +1,19 @@
-"""The autoencoder: parameter count, parity with diffusers' AutoencoderKL, posterior, errors."""
+"""The autoencoder: parameter count, parity with diffusers' AutoencoderKL, posterior, errors;
+its train step, and train.py training and measuring one."""
+
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
-from references import perturbed
+from reference import perturbed
+from runs import launch
 
-from jdiff import convert
+from jdiff import autoencoder, convert, training
 from jdiff.nn import vae
 
 
@@ -122,3 +127,93 @@ def test_bad_inputs_and_configs(tiny):
         convert.vae_config_from_diffusers(config)
     with pytest.raises(ValueError, match="expected AutoencoderKL"):
         convert.vae_config_from_diffusers({"_class_name": "AutoencoderTiny"})
+
+
+# training (jdiff.training.make_autoencoder_step) and train.py's autoencoder task
+
+
+@pytest.mark.parametrize("reconstruction", ["l1", "l2"])
+def test_autoencoder_step_is_reconstruction_plus_weighted_kl(tiny, reconstruction):
+    model, variables, _ = tiny
+    params = variables["params"]
+    optimizer = optax.sgd(0.0)
+    state = training.init_state(params, optimizer)
+    x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+    key, weight = jax.random.key(3), 0.25
+    step = training.make_autoencoder_step(
+        model, optimizer, reconstruction=reconstruction, kl_weight=weight
+    )
+    _, metrics = jax.jit(step)(state, {"image": x}, key)
+
+    recon, posterior = model.apply({"params": params}, x, jax.random.fold_in(key, 0))
+    error = np.abs(recon - x) if reconstruction == "l1" else np.square(recon - x)
+    kl = np.mean(posterior.kl())
+    np.testing.assert_allclose(metrics["reconstruction"], error.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], error.mean() + weight * kl / 192, rtol=1e-5)
+
+
+def test_autoencoder_training_reduces_the_loss(tiny):
+    model, variables, _ = tiny
+    params = variables["params"]
+    optimizer = optax.adam(3e-3)
+    step = jax.jit(training.make_autoencoder_step(model, optimizer))
+    state = training.init_state(params, optimizer)
+    x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, {"image": x}, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[0]
+    with pytest.raises(ValueError, match="reconstruction='l3'"):
+        training.make_autoencoder_step(model, optimizer, reconstruction="l3")
+
+
+def test_psnr_and_chunks():
+    x = np.zeros((2, 4, 4, 1), np.float32)
+    y = x.copy()
+    y[1] += 0.2  # MSE 0.04 on a peak of 2: 10 log10(4 / 0.04) = 20 dB
+    np.testing.assert_allclose(autoencoder.psnr(y, x)[1], 20.0, rtol=1e-6)
+    assert autoencoder.psnr(x + 5.0, x)[0] == pytest.approx(10 * np.log10(4.0))  # clipped to 1
+    rows = np.arange(10.0)[:, None]
+    np.testing.assert_array_equal(autoencoder.in_chunks(lambda c: 2 * c, rows, 4), 2 * rows)
+
+
+def test_train_py_trains_and_measures_an_autoencoder(tmp_path):
+    import train
+
+    config = importlib.import_module("configs.vae_shapes").get_config("tiny")
+    config.mesh.data = 1
+    train.train(config, tmp_path)
+    info = autoencoder.load_info(tmp_path)
+    assert info["latent_shape"] == [16, 16, 4] and info["step"] == 3
+    assert info["num_eval_images"] == 10 and 0 < info["scaling_factor"] < 1e3
+    assert np.isfinite(info["psnr_db"]) and info["psnr_db_p5"] <= info["psnr_db"]
+    assert 0 <= info["described_alike"] <= 1
+    grid = tmp_path / "samples" / "reconstructions_0000003.png"
+    assert grid.exists()
+    assert (tmp_path / "checkpoints" / "3").exists()
+    process = launch(tmp_path, script="sample.py")
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == 1 and "holds an autoencoder" in out, out[-2000:]
+
+    config.model.overrides = {"block_out_channels": (8, 16), "norm_num_groups": 4}
+    with pytest.raises(ValueError, match="model differ"):
+        train.train(config, tmp_path)
+    with pytest.raises(FileNotFoundError, match="train the autoencoder"):
+        autoencoder.load_info(tmp_path / "nothing")
+    config.task = "gan"
+    with pytest.raises(ValueError, match="task='gan'"):
+        train.train(config, tmp_path)
+
+
+def test_vae_shapes_config_is_f4_on_32x32():
+    config = importlib.import_module("configs.vae_shapes").get_config()
+    model = training.make_autoencoder(config)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    z = jax.eval_shape(lambda v: model.apply(v, x, method="encode").mean, variables)
+    assert z.shape == (1, 8, 8, 4) and config.task == "autoencoder"
+    config.model.variant = "huge"
+    with pytest.raises(ValueError, match=r"model\.variant='huge'"):
+        training.make_autoencoder(config)
