@@ -16,7 +16,7 @@ import numpy as np
 
 # diffusers' ModuleLists: `name.N` in a state dict is `name_N` in jdiff
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-          "transformer_blocks", "to_out", "net")  # fmt: skip
+          "transformer_blocks", "to_out", "net", "layers")  # fmt: skip
 
 _UNET_FIELDS = (
     "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
@@ -179,3 +179,40 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     fields |= {k: config.get(k, v) if config.get(k) is not None else v
                for k, v in _VAE_OPTIONAL.items()}  # fmt: skip
     return fields
+
+
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings", "hidden_act")  # fmt: skip
+_TEXT_OPTIONAL = {"layer_norm_eps": 1e-5, "eos_token_id": 2}
+
+
+def text_encoder_config_from_transformers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`jdiff.nn.text_encoder.CLIPTextModel` fields from a transformers `CLIPTextModel` config
+    dict (a `text_encoder/config.json` of a diffusers-format Stable Diffusion directory).
+
+    Raises:
+      ValueError: another architecture, a missing field, or an activation jdiff lacks.
+    """
+    architectures = config.get("architectures") or ["CLIPTextModel"]
+    if not set(architectures) & {"CLIPTextModel", "CLIPTextModelWithProjection"}:
+        raise ValueError(f"architectures {architectures}: expected CLIPTextModel")
+    missing = [k for k in _TEXT_FIELDS if k not in config]
+    if missing:
+        raise ValueError(f"CLIPTextModel config lacks {missing}; pass the full config.json")
+    if config["hidden_act"] not in ("quick_gelu", "gelu"):
+        raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported")
+    fields = {k: config[k] for k in _TEXT_FIELDS}
+    return fields | {k: config.get(k, v) for k, v in _TEXT_OPTIONAL.items()}
+
+
+def text_encoder_from_transformers(state_dict: Mapping[str, Any], template: Any) -> Any:
+    """A transformers `CLIPTextModel` state dict -> jdiff parameters shaped like `template`
+    (`from_diffusers`' rules). Checkpoints name the weights `text_model.encoder...`, the
+    in-memory modules of transformers 5 `encoder...`: both are read. The `position_ids` buffer
+    some checkpoints carry is dropped; a `CLIPTextModelWithProjection`'s `text_projection` is
+    refused as unused."""
+    kept = {}
+    for key, value in state_dict.items():
+        if not key.endswith("position_ids"):
+            kept[key if key.startswith("text_model.") else f"text_model.{key}"] = value
+    return from_diffusers(kept, template)
