@@ -39,10 +39,15 @@ def load_run(workdir: pathlib.Path, step: int | None = None):
     """(config, num_classes, model, schedule, state) of a train.py workdir."""
     stored = checkpoints.read_run_info(workdir)
     config, num_classes = ConfigDict(stored["config"]), stored.get("num_classes")
-    if config.get("task", "diffusion") != "diffusion":
+    if config.get("task", "diffusion") == "autoencoder":
         raise ValueError(
             f"{workdir} holds an autoencoder (task={config.task!r}), not a diffusion model: its "
             "reconstructions are in samples/ and its PSNR and scaling factor in autoencoder.json"
+        )
+    if config.get("task", "diffusion") != "diffusion":
+        raise ValueError(
+            f"{workdir} holds a {config.task!r} run: sample.py does not sample those yet (its "
+            "training run wrote a prompt grid to samples/)"
         )
     model = training.make_model(config, num_classes)
     optimizer = training.make_optimizer(config.optim)

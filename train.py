@@ -26,12 +26,22 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 import jdiff
-from jdiff import autoencoder, checkpoints, data, images, pipelines, sharding, training
+from jdiff import (
+    autoencoder,
+    checkpoints,
+    data,
+    images,
+    pipelines,
+    sharding,
+    tokenizer,
+    training,
+)
 from jdiff.data import shapes
 
 ROOT = pathlib.Path(__file__).resolve().parent
 # settings that shape the model or its data: a resume must not change them
-COMPATIBLE = ("task", "model", "diffusion", "data.name", "data.image_size", "data.channels")
+COMPATIBLE = ("task", "model", "diffusion", "text", "latent", "data.name", "data.image_size",
+              "data.channels")  # fmt: skip
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -102,18 +112,17 @@ def task(config: ConfigDict) -> str:
 
 def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | None) -> dict:
     """Mesh, model, optimizer, state (restored if the workdir has a checkpoint, else born
-    sharded), the jitted train step and, for diffusion, the jitted sampler."""
+    sharded), the jitted train step and the task's sample function."""
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
-    is_autoencoder = task(config) == "autoencoder"
-    if is_autoencoder:
-        model = training.make_autoencoder(config)
-    else:
-        model = training.make_model(config, num_classes)
     optimizer = training.make_optimizer(config.optim)
-    size, channels = config.data.image_size, config.data.channels
     k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
+    common = {"ema_max_decay": config.train.ema_max_decay,
+              "accumulate_steps": config.optim.accumulate_steps}  # fmt: skip
+    parts = {"diffusion": _diffusion_parts, "autoencoder": _autoencoder_parts,
+             "latent_diffusion": _latent_parts}[task(config)]  # fmt: skip
+    run = parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common)
 
-    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
+    init = run.pop("init")
     abstract = jax.eval_shape(init)
     state_sh = sharding.tree_shardings(mesh, abstract, min_size=config.mesh.fsdp_min_size)
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -122,57 +131,148 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     )
     state = checkpoints.restore_latest(manager, sharding.with_shardings(abstract, state_sh))
     state = state or jax.jit(init, out_shardings=state_sh)()
-    common = {"ema_max_decay": config.train.ema_max_decay,
-              "accumulate_steps": config.optim.accumulate_steps}  # fmt: skip
-    if is_autoencoder:
-        step = training.make_autoencoder_step(
-            model, optimizer, reconstruction=config.autoencoder.reconstruction,
-            kl_weight=config.autoencoder.kl_weight, **common,
-        )  # fmt: skip
-        generate = None
-    else:
-        step = training.make_train_step(
-            model, training.make_schedule(config.diffusion), optimizer,
-            loss=config.diffusion.loss, prediction_type=config.diffusion.prediction_type,
-            snr_gamma=config.diffusion.snr_gamma or None, null_class=num_classes,
-            class_dropout=config.train.class_dropout, **common,
-        )  # fmt: skip
-        generate = jax.jit(_make_generate(config, model, num_classes), out_shardings=replicated)
-    batches = data.Batches(source, batch_size=config.data.batch_size, image_size=size,
-                           seed=config.seed, random_flip=config.data.random_flip,
-                           process_index=jax.process_index(),
-                           process_count=jax.process_count())  # fmt: skip
-    step_jit = jax.jit(step, in_shardings=(state_sh, batch_sh, replicated),
+    step_jit = jax.jit(run.pop("step"), in_shardings=(state_sh, batch_sh, replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
-    return {
-        "state": state, "manager": manager, "batches": batches, "k_train": k_train,
-        "k_sample": k_sample, "step": step_jit, "batch_sharding": batch_sh,
-        "generate": generate, "num_classes": num_classes, "model": model, "source": source,
+    if run["sample"] is not None:
+        run["sample"] = jax.jit(run["sample"], out_shardings=replicated)
+    return run | {
+        "state": state, "manager": manager, "k_train": k_train, "k_sample": k_sample,
+        "step": step_jit, "batch_sharding": batch_sh, "num_classes": num_classes,
+        "source": source,
     }  # fmt: skip
 
 
-def _make_generate(config: ConfigDict, model, num_classes: int | None):
+def _image_batches(config: ConfigDict, source) -> data.Batches:
+    return data.Batches(source, batch_size=config.data.batch_size,
+                        image_size=config.data.image_size, seed=config.seed,
+                        random_flip=config.data.random_flip, process_index=jax.process_index(),
+                        process_count=jax.process_count())  # fmt: skip
+
+
+def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+    """Pixel-space diffusion: the U-Net, its step, and sample(params) -> a grid's images."""
+    model = training.make_model(config, num_classes)
     size, channels = config.data.image_size, config.data.channels
-    return pipelines.make_generate(
+    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
+    step = training.make_train_step(
+        model, training.make_schedule(config.diffusion), optimizer,
+        loss=config.diffusion.loss, prediction_type=config.diffusion.prediction_type,
+        snr_gamma=config.diffusion.snr_gamma or None, null_class=num_classes,
+        class_dropout=config.train.class_dropout, **common,
+    )  # fmt: skip
+    generate = pipelines.make_generate(
         model, training.make_schedule(config.diffusion),
         shape=(config.sample.num_samples, size, size, channels),
         method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
         learned_variance=config.diffusion.loss == "hybrid",
         prediction_type=config.diffusion.prediction_type, **config.sample.get("options", {}),
     )  # fmt: skip
+    labels = None
+    if num_classes is not None:
+        labels = jax.numpy.arange(config.sample.num_samples) % num_classes
+    guidance = config.sample.guidance_scale
+
+    def sample(params):
+        return generate(params, k_sample, labels, guidance)
+
+    return {"init": init, "step": step, "sample": sample, "model": model,
+            "batches": _image_batches(config, source)}  # fmt: skip
+
+
+def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+    """The autoencoder and its step; its "samples" are reconstructions (write_samples)."""
+    model = training.make_autoencoder(config)
+    size, channels = config.data.image_size, config.data.channels
+    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
+    step = training.make_autoencoder_step(
+        model, optimizer, reconstruction=config.autoencoder.reconstruction,
+        kl_weight=config.autoencoder.kl_weight, **common,
+    )  # fmt: skip
+    return {"init": init, "step": step, "sample": None, "model": model,
+            "batches": _image_batches(config, source)}  # fmt: skip
+
+
+def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+    """Text-conditional latent diffusion on a frozen autoencoder trained by this program:
+    cached latents and token ids, the U-Net and text encoder, and a txt2img sample function."""
+    if "caption" not in source[0]:
+        raise ValueError(
+            f"task='latent_diffusion' trains on captions; data set {config.data.name!r} has "
+            "none (the embedded 'shapes' has)"
+        )
+    vae_workdir = pathlib.Path(config.latent.autoencoder_workdir).absolute()
+    vae_model, vae_params, info = autoencoder.load(vae_workdir)
+    tok = tokenizer.CLIPTokenizer.default(max_length=config.text.max_length)
+    cache = latent_cache(config, workdir, source, vae_model, vae_params, info, tok)
+    text = training.make_text_encoder(config)
+    latent_shape = cache["latent_mean"].shape[1:]
+    unet = training.make_model(config, channels=latent_shape[-1], context_dim=text.hidden_size)
+    init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
+    schedule = training.make_schedule(config.diffusion)
+    step = training.make_latent_train_step(
+        unet, text, schedule, optimizer, empty_ids=tok([""])[0],
+        scaling_factor=info["scaling_factor"], caption_dropout=config.train.caption_dropout,
+        prediction_type=config.diffusion.prediction_type,
+        snr_gamma=config.diffusion.snr_gamma or None, **common,
+    )  # fmt: skip
+    prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
+    prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
+    generate = pipelines.make_txt2img(
+        unet, text, vae_model, schedule, latent_shape=(len(prompts), *latent_shape),
+        scaling_factor=info["scaling_factor"], method=config.sample.method,
+        num_steps=config.sample.num_steps, prediction_type=config.diffusion.prediction_type,
+        **config.sample.get("options", {}),
+    )  # fmt: skip
+    ids, uncond = tok(prompts), tok([""] * len(prompts))
+    guidance = config.sample.guidance_scale
+
+    def sample(params):
+        return generate(params, vae_params, ids, uncond, k_sample, guidance)
+
+    batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())  # fmt: skip
+    return {"init": init, "step": step, "sample": sample, "model": unet, "batches": batches,
+            "prompts": prompts}  # fmt: skip
+
+
+def captions(source) -> list[str]:
+    """The captions of a source's records, as str."""
+    out = []
+    for i in range(len(source)):
+        value = source[i]["caption"]
+        out.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+    return out
+
+
+def latent_cache(config, workdir, source, vae_model, vae_params, info, tok) -> dict:
+    """{"latent_mean", "latent_std", "ids"} of every training record: the frozen autoencoder's
+    posterior (encoded once, cached in workdir/latents.npz) and the tokenized captions."""
+    path = workdir / "latents.npz"
+    key = f"{config.latent.autoencoder_workdir}@{info['step']}"
+    if path.exists():
+        cached = np.load(path)
+        if str(cached["autoencoder"]) == key and cached["ids"].shape[1] == tok.max_length:
+            return {k: cached[k] for k in ("latent_mean", "latent_std", "ids")}
+    size = config.data.image_size
+    pixels = np.stack([data.preprocess(source[i]["image"], image_size=size)
+                       for i in range(len(source))])  # fmt: skip
+    mean, std = autoencoder.encode_moments(vae_model, vae_params, pixels)
+    arrays = {"latent_mean": mean, "latent_std": std, "ids": tok(captions(source))}
+    if jax.process_index() == 0:
+        tmp = workdir / "latents.tmp.npz"
+        np.savez(tmp, autoencoder=key, **arrays)
+        tmp.rename(path)
+    return arrays
 
 
 def write_samples(run: dict, config: ConfigDict, workdir: pathlib.Path, step: int):
     """A grid of samples from the EMA weights (fixed key, so grids of a run compare), or of an
     autoencoder's reconstructions. Every process computes (the parameters may be split over
     them); process 0 writes the PNG."""
-    if run["generate"] is None:
+    if run["sample"] is None:
         return write_reconstructions(run, config, workdir, step)
-    labels = None
-    if run["num_classes"] is not None:
-        labels = jax.numpy.arange(config.sample.num_samples) % run["num_classes"]
-    x = run["generate"](run["state"].ema_params, run["k_sample"], labels,
-                        config.sample.guidance_scale)  # fmt: skip
+    x = run["sample"](run["state"].ema_params)
     if jax.process_index() == 0:
         return images.save_grid(workdir / "samples" / f"step_{step:07d}.png", np.asarray(x))
     return None
@@ -267,7 +367,7 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
             checkpoints.save(manager, int(run["state"].step), run["state"])
         manager.wait_until_finished()
         grid = write_samples(run, config, workdir, int(run["state"].step))
-        if run["generate"] is None:
+        if task(config) == "autoencoder":
             measure_autoencoder(run, config, workdir)
     finally:
         restore_signals()

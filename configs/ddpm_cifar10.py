@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
     c = default.get_config()
     c.data.update(name="cifar10", image_size=32, channels=3, random_flip=True, batch_size=128)
     c.model.variant = "ddpm_cifar10"
+    c.model.class_conditional = False  # the paper's model is unconditional
     c.model.overrides = {"dropout": 0.1}  # assigned, not update()d: that would merge
     c.diffusion.update(schedule="linear", beta_start=1e-4, beta_end=0.02, loss="simple")
     c.optim.update(name="adam", learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0,

@@ -1,13 +1,17 @@
-"""The embedded default: DDPM on scikit-learn's 8x8 handwritten digits, offline, on a CPU.
+"""The embedded default: a class-conditional DDPM on scikit-learn's 8x8 handwritten digits,
+offline, on a CPU.
 
     python train.py            # = --config configs/default.py --workdir outputs/default
 
 No download: the digits ship inside the scikit-learn wheel and are prepared as a tfds data set
-on first use. On 2 CPU cores it trains 3,000 steps (cosine-decayed AdamW, EMA) in about 6
-minutes, compile included, and ends by writing a grid of 64 samples (DDIM, 50 steps, η=1, EMA
-weights) to outputs/default/samples/ and printing its path: digits of every class, 92.2% of
-them recognised by jdiff.evaluation's classifier (98.3% of real held-out digits are). Interrupt
-it at any time; the same command resumes from the last checkpoint.
+on first use. On 2 CPU cores it trains 3,000 steps (cosine-decayed AdamW, EMA, labels dropped
+to a null class 10% of the time) in about 6 minutes, compile included, and ends by writing a
+grid of 64 samples (DDIM, 50 steps, η=1, EMA weights, digits 0..9 cycling) to
+outputs/default/samples/ and printing its path. Of 1,000 samples, 97.3% are recognised by
+jdiff.evaluation's classifier and 95.9% as the digit asked for (98.3% of real held-out digits
+are recognised); `--guidance_scale 2` in sample.py makes it 100%, with less variety. The
+unconditional model (`--config.model.class_conditional=False`) reaches 92.2%. Interrupt it at
+any time; the same command resumes from the last checkpoint.
 `--config configs/default.py:tiny` is the few-step variant the tests run.
 """
 
@@ -39,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "norm_num_groups": 8,
                 "dropout": 0.0,
             },
-            "class_conditional": False,
+            "class_conditional": True,  # labels + a null class: classifier-free guidance
             "dtype": "float32",  # compute dtype ("bfloat16" on accelerators); params float32
             "remat": False,
         }

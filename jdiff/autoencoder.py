@@ -122,3 +122,45 @@ def reconstruction_grid(x: np.ndarray, recon: np.ndarray, ncols: int = 8) -> np.
     for start in range(0, n, ncols):
         rows += [x[start : start + ncols], recon[start : start + ncols]]
     return np.concatenate(rows) if rows else x[:0]
+
+
+def load(workdir: str | pathlib.Path) -> tuple[AutoencoderKL, Any, dict]:
+    """(model, EMA parameters, autoencoder.json facts) of an autoencoder trained by train.py
+    in `workdir`, rebuilt from the workdir alone; parameters on the default device."""
+    from ml_collections import ConfigDict
+
+    from jdiff import checkpoints, training
+
+    workdir = pathlib.Path(workdir)
+    info = load_info(workdir)
+    config = ConfigDict(checkpoints.read_run_info(workdir)["config"])
+    if config.get("task") != "autoencoder":
+        raise ValueError(
+            f"{workdir} holds a {config.get('task', 'diffusion')} run, not an autoencoder"
+        )
+    model = training.make_autoencoder(config)
+    optimizer = training.make_optimizer(config.optim)
+    size, channels = config.data.image_size, config.data.channels
+    init = training.make_init(model, optimizer, jax.random.key(0),
+                              image_shape=(size, size, channels))  # fmt: skip
+    manager = checkpoints.make_manager(workdir / "checkpoints")
+    try:
+        state = checkpoints.restore(manager, info["step"], jax.eval_shape(init))
+    finally:
+        manager.close()
+    return model, state.ema_params, info
+
+
+def encode_moments(
+    model: AutoencoderKL, params: Any, images: np.ndarray, chunk: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior's mean and standard deviation [N, h, w, latent_channels] of each image
+    (float32, unscaled): what a latent model caches to draw z = mean + std · ε per step."""
+
+    @jax.jit
+    def moments(params, x):
+        posterior = model.apply({"params": params}, x, method="encode")
+        return jax.numpy.stack([posterior.mean, posterior.std], axis=1)
+
+    out = in_chunks(lambda x: moments(params, x), images, chunk)
+    return out[:, 0], out[:, 1]

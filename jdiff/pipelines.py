@@ -1,8 +1,9 @@
 """Generation pipelines: a network, a schedule and a sampler composed into one function to jit.
 
-`make_generate(...)` returns `generate(params, key, labels=None) -> images`; under `jax.jit` the
-U-Net and the whole sampling loop compile together once, and new parameters, keys, labels or
-guidance scales do not retrace.
+`make_generate(...)` returns `generate(params, key, labels=None) -> images` (pixel space,
+unconditional or class-conditional); `make_txt2img(...)` the latent, text-conditional one.
+Under `jax.jit` the networks and the whole sampling loop compile together once, and new
+parameters, keys, labels, prompts or guidance scales do not retrace.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 
 from jdiff import guidance, samplers
 from jdiff.nn import UNet
+from jdiff.nn.text_encoder import CLIPTextModel
+from jdiff.nn.vae import AutoencoderKL
 from jdiff.schedules import Schedule
 
 
@@ -66,5 +69,53 @@ def make_generate(
         if return_trajectory:
             return jnp.clip(out[0], -1.0, 1.0), out[1]
         return jnp.clip(out, -1.0, 1.0)
+
+    return generate
+
+
+def make_txt2img(
+    unet: UNet,
+    text_encoder: CLIPTextModel,
+    autoencoder: AutoencoderKL,
+    schedule: Schedule,
+    *,
+    latent_shape: tuple[int, int, int, int],
+    scaling_factor: float,
+    method: str = "ddim",
+    num_steps: int = 50,
+    guidance_rescale: float = 0.0,
+    **options,
+) -> Callable[..., jax.Array]:
+    """Text-to-image latent diffusion: encode the prompts' token ids, sample latents with
+    classifier-free guidance (the conditional and unconditional passes batched into one U-Net
+    call), decode them with the autoencoder in its own dtype (float32 by default: reduced-
+    precision decodes overflow into black or NaN images).
+
+    Args:
+      latent_shape: [N, h, w, c] of the latents (N prompts).
+      scaling_factor: the autoencoder's (the U-Net sees scaling_factor · z).
+
+    Returns:
+      generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5) ->
+      images [N, H, W, 3] in [-1, 1]; params = {"unet", "text_encoder"}; ids and uncond_ids
+      int [N, L] (the prompts' and the negative prompts' or empty prompt's). Under `jax.jit`
+      everything compiles once: new prompts, keys and guidance scales do not retrace.
+    """
+
+    def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5):
+        def encode(tokens):
+            return text_encoder.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
+
+        def model_fn(x, t, context):
+            return unet.apply({"params": params["unet"]}, x, t, context=context)
+
+        fn = guidance.classifier_free(
+            model_fn, encode(ids), encode(uncond_ids), guidance_scale,
+            guidance_rescale=guidance_rescale, cond_kwarg="context",
+        )  # fmt: skip
+        z = samplers.sample(fn, schedule, key, latent_shape, method=method, num_steps=num_steps,
+                            **options)  # fmt: skip
+        images = autoencoder.apply({"params": vae_params}, z / scaling_factor, method="decode")
+        return jnp.clip(images, -1.0, 1.0)
 
     return generate

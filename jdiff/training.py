@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import optax
 
 from jdiff import losses, schedules
-from jdiff.nn import VARIANTS, UNet, vae
+from jdiff.nn import VARIANTS, UNet, text_encoder, vae
+from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
 from jdiff.schedules import Schedule
 
 LOSSES = ("simple", "hybrid")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
-TASKS = ("diffusion", "autoencoder")
+TASKS = ("diffusion", "autoencoder", "latent_diffusion")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -216,6 +217,77 @@ def make_autoencoder_step(
                      accumulate_steps=accumulate_steps)  # fmt: skip
 
 
+def make_latent_init(
+    unet: UNet,
+    text: CLIPTextModel,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    *,
+    latent_shape: tuple[int, int, int],
+) -> Callable[[], TrainState]:
+    """init() -> the step-0 TrainState of a text-conditional latent model, whose parameters
+    are {"unet": ..., "text_encoder": ...} (both trained)."""
+
+    def init() -> TrainState:
+        k_unet, k_text = jax.random.split(key)
+        ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+        text_params = text.init(k_text, ids)["params"]
+        context = jnp.zeros((1, text.max_position_embeddings, text.hidden_size))
+        x = jnp.zeros((1, *latent_shape))
+        unet_params = unet.init(k_unet, x, jnp.zeros(1), context=context)["params"]
+        return init_state({"unet": unet_params, "text_encoder": text_params}, optimizer)
+
+    return init
+
+
+def make_latent_train_step(
+    unet: UNet,
+    text: CLIPTextModel,
+    schedule: Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    empty_ids: jax.Array,
+    scaling_factor: float,
+    caption_dropout: float = 0.1,
+    prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
+    ema_max_decay: float = 0.9999,
+    accumulate_steps: int = 1,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """The pure train step of a text-conditional latent diffusion model (LDM, Rombach et al.
+    2022, with the text transformer trained jointly).
+
+    batch: {"latent_mean", "latent_std": [B, h, w, c] (the frozen autoencoder's posterior,
+    cached), "ids": int [B, L] (tokenized captions)}. Each step draws z = mean + std · ε,
+    scales it by `scaling_factor`, replaces each caption by the empty prompt's `empty_ids` [L]
+    with probability `caption_dropout` (so the same model serves classifier-free guidance),
+    encodes the captions to the U-Net's `context`, and takes the diffusion loss on z.
+    """
+    if not 0.0 <= caption_dropout < 1.0:
+        raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
+    empty_ids = jnp.asarray(empty_ids, jnp.int32)
+
+    def loss_fn(params, batch, key):
+        k_z, k_drop, k_loss, k_dropout = jax.random.split(key, 4)
+        mean = batch["latent_mean"]
+        z = scaling_factor * (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape))
+        drop = jax.random.bernoulli(k_drop, caption_dropout, (mean.shape[0], 1))
+        ids = jnp.where(drop, empty_ids[None], batch["ids"])
+        context = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+
+        def model_fn(x, t):
+            return unet.apply({"params": params["unet"]}, x, t, context=context,
+                              deterministic=False, rngs={"dropout": k_dropout})  # fmt: skip
+
+        value = losses.diffusion_loss(
+            model_fn, schedule, z, k_loss, prediction_type=prediction_type, snr_gamma=snr_gamma
+        )
+        return value, {}
+
+    return make_step(loss_fn, optimizer, ema_max_decay=ema_max_decay,
+                     accumulate_steps=accumulate_steps)  # fmt: skip
+
+
 def make_optimizer(optim: Any) -> optax.GradientTransformation:
     """optax Adam/AdamW from `config.optim`: linear warm-up to `learning_rate`, then constant
     (`cosine_decay_steps` 0) or a cosine decay to 0 at update `cosine_decay_steps`; global-norm
@@ -257,22 +329,45 @@ def make_schedule(diffusion: Any) -> Schedule:
     return schedules.get_schedule(diffusion.schedule, diffusion.num_timesteps, **betas)
 
 
-def make_model(config: Any, num_classes: int | None = None) -> UNet:
+def make_model(
+    config: Any,
+    num_classes: int | None = None,
+    *,
+    channels: int | None = None,
+    context_dim: int | None = None,
+) -> UNet:
     """The U-Net of `config.model` (a `VARIANTS` name plus field overrides) for the data's
-    channels: 2 x channels out for a learned variance, a null class added to `num_classes`."""
+    channels (or `channels`, e.g. an autoencoder's latent channels): 2 x channels out for a
+    learned variance, a null class added to `num_classes`, cross-attention on a `context` of
+    width `context_dim` (a text encoder's)."""
     model = config.model
     if model.variant not in VARIANTS:
         raise ValueError(f"model.variant={model.variant!r}; expected one of {sorted(VARIANTS)}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model.overrides.items()}
     fields = {**VARIANTS[model.variant], **overrides}
-    channels = config.data.channels
+    channels = channels or config.data.channels
     learned = config.diffusion.loss == "hybrid"
     fields.update(in_channels=channels, out_channels=channels * (2 if learned else 1))
-    if model.class_conditional:
+    if context_dim is not None:
+        fields["cross_attention_dim"] = context_dim
+    if model.get("class_conditional", False):
         if num_classes is None:
             raise ValueError("model.class_conditional needs a data set with class labels")
         fields["num_class_embeds"] = num_classes + 1  # the last is the null class
     return UNet(**fields, dtype=_dtype(model.dtype), remat=model.remat)
+
+
+def make_text_encoder(config: Any) -> CLIPTextModel:
+    """The text encoder of `config.text` (a `jdiff.nn.text_encoder.VARIANTS` name plus field
+    overrides; positions = the tokenizer's `max_length`), in `config.model.dtype`."""
+    text = config.text
+    if text.variant not in text_encoder.VARIANTS:
+        raise ValueError(
+            f"text.variant={text.variant!r}; expected one of {sorted(text_encoder.VARIANTS)}"
+        )
+    fields = {**text_encoder.VARIANTS[text.variant], **dict(text.overrides.items())}
+    fields["max_position_embeddings"] = text.max_length
+    return CLIPTextModel(**fields, dtype=_dtype(config.model.dtype))
 
 
 def make_autoencoder(config: Any) -> AutoencoderKL:

@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import jax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -17,3 +18,18 @@ jax.config.update(
     "jax_compilation_cache_dir", os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache"))
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_workdir(tmp_path_factory):
+    """configs/vae_shapes.py:tiny trained by train.py (3 steps, f = 2): the autoencoder the
+    latent-diffusion tests build on."""
+    import importlib
+
+    import train
+
+    workdir = tmp_path_factory.mktemp("vae_shapes_tiny")
+    config = importlib.import_module("configs.vae_shapes").get_config("tiny")
+    config.mesh.data = 1
+    train.train(config, workdir)
+    return workdir

@@ -28,7 +28,8 @@ def tiny_config(**train_overrides) -> ConfigDict:
 def final_state(workdir) -> training.TrainState:
     """The latest checkpoint of a tiny-config run, on one device whatever mesh wrote it."""
     config = tiny_config()
-    model, optimizer = training.make_model(config), training.make_optimizer(config.optim)
+    model = training.make_model(config, num_classes=10)  # the digits' classes
+    optimizer = training.make_optimizer(config.optim)
     init = training.make_init(model, optimizer, jax.random.key(0), image_shape=(8, 8, 1))
     abstract = jax.eval_shape(init)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

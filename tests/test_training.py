@@ -122,7 +122,7 @@ def test_bad_config_values_are_named(section, key, value, match):
     config = tiny_config()
     config[section][key] = value
     with pytest.raises(ValueError, match=match):
-        model = training.make_model(config)
+        model = training.make_model(config, num_classes=10)
         training.make_optimizer(config.optim)
         schedule = training.make_schedule(config.diffusion)
         training.make_train_step(model, schedule, training.make_optimizer(config.optim),
@@ -173,7 +173,7 @@ def test_a_workdir_without_a_run_is_named(tmp_path):
 )
 def test_configs_build_their_models(name, expected):
     config = importlib.import_module(f"configs.{name}").get_config()
-    model = training.make_model(config)
+    model = training.make_model(config, 10 if config.model.class_conditional else None)
     optimizer = training.make_optimizer(config.optim)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(

@@ -179,12 +179,12 @@ def test_psnr_and_chunks():
     np.testing.assert_array_equal(autoencoder.in_chunks(lambda c: 2 * c, rows, 4), 2 * rows)
 
 
-def test_train_py_trains_and_measures_an_autoencoder(tmp_path):
+def test_train_py_trains_and_measures_an_autoencoder(tiny_vae_workdir):
     import train
 
+    tmp_path = tiny_vae_workdir  # configs/vae_shapes.py:tiny, trained by train.train
     config = importlib.import_module("configs.vae_shapes").get_config("tiny")
     config.mesh.data = 1
-    train.train(config, tmp_path)
     info = autoencoder.load_info(tmp_path)
     assert info["latent_shape"] == [16, 16, 4] and info["step"] == 3
     assert info["num_eval_images"] == 10 and 0 < info["scaling_factor"] < 1e3

@@ -133,3 +133,32 @@ class Batches:
                 yield pending.pop(0).result()
                 pending.append(pool.submit(self, step))
                 step += 1
+
+
+class ArrayBatches(Batches):
+    """`Batches` over in-memory arrays with a leading example axis (e.g. an autoencoder's cached
+    latents and the captions' token ids): the same shuffled order, resumable from any step,
+    each process its own rows; batch s is {name: array[rows of s]}."""
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        sizes = {len(a) for a in arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"arrays of different lengths: { {k: len(a) for k, a in arrays.items()} }"
+            )
+        super().__init__(range(sizes.pop()), batch_size=batch_size, image_size=0, seed=seed,
+                         process_index=process_index, process_count=process_count)  # fmt: skip
+        self.arrays = arrays
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        start = step * self.batch_size + self.offset
+        rows = np.asarray([int(self.order[p]) for p in range(start, start + self.local)])
+        return {name: array[rows] for name, array in self.arrays.items()}

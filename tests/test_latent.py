@@ -1,0 +1,108 @@
+"""Text-conditional latent diffusion: the train step, train.py on a tiny autoencoder, and
+txt2img compiled once for new prompts, seeds and guidance scales."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jdiff import autoencoder, losses, pipelines, schedules, training
+from jdiff.nn import UNet
+from jdiff.nn import text_encoder as te
+from jdiff.nn.unet import VARIANTS
+from jdiff.tokenizer import CLIPTokenizer
+
+
+def tiny_models():
+    text = te.CLIPTextModel(**te.VARIANTS["tiny"])  # vocab 1000, width 32, 16 positions
+    fields = {**VARIANTS["tiny_cond"], "in_channels": 4, "out_channels": 4,
+              "cross_attention_dim": 32}  # fmt: skip
+    return UNet(**fields), text
+
+
+def test_latent_step_is_the_diffusion_loss_on_scaled_latents_with_text_context():
+    unet, text = tiny_models()
+    optimizer = optax.sgd(0.0)
+    init = training.make_latent_init(unet, text, optimizer, jax.random.key(0),
+                                     latent_shape=(8, 8, 4))  # fmt: skip
+    state = init()
+    assert set(state.params) == {"unet", "text_encoder"}
+    schedule = schedules.get_schedule("cosine", 1000)
+    rng = np.random.default_rng(0)
+    batch = {"latent_mean": jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32),
+             "latent_std": jnp.full((2, 8, 8, 4), 0.1),
+             "ids": jnp.asarray(rng.integers(0, 1000, (2, 16)), jnp.int32)}  # fmt: skip
+    step = training.make_latent_train_step(
+        unet, text, schedule, optimizer, empty_ids=jnp.zeros(16, jnp.int32),
+        scaling_factor=0.5, caption_dropout=0.0,
+    )  # fmt: skip
+    key = jax.random.key(7)
+    _, metrics = jax.jit(step)(state, batch, key)
+
+    @jax.jit
+    def expected_loss(params, batch):
+        k_z, _, k_loss, k_dropout = jax.random.split(jax.random.fold_in(key, 0), 4)
+        mean = batch["latent_mean"]
+        z = 0.5 * (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape))
+        context = text.apply({"params": params["text_encoder"]}, batch["ids"])
+
+        def model_fn(x, t):
+            rngs = {"dropout": k_dropout}
+            return unet.apply({"params": params["unet"]}, x, t, deterministic=False,
+                              context=context.last_hidden_state, rngs=rngs)  # fmt: skip
+
+        return losses.diffusion_loss(model_fn, schedule, z, k_loss)
+
+    expected = expected_loss(state.params, batch)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"caption_dropout=1\.5"):
+        training.make_latent_train_step(unet, text, schedule, optimizer, empty_ids=batch["ids"][0],
+                                        scaling_factor=1.0, caption_dropout=1.5)  # fmt: skip
+
+
+def test_txt2img_compiles_once(tiny_vae_workdir):
+    unet, text = tiny_models()
+    vae_model, vae_params, info = autoencoder.load(tiny_vae_workdir)
+    params = training.make_latent_init(unet, text, optax.sgd(0.0), jax.random.key(0),
+                                       latent_shape=(16, 16, 4))().params  # fmt: skip
+    generate = jax.jit(pipelines.make_txt2img(
+        unet, text, vae_model, schedules.get_schedule("cosine", 1000),
+        latent_shape=(2, 16, 16, 4), scaling_factor=info["scaling_factor"], num_steps=3,
+    ))  # fmt: skip
+    tok = CLIPTokenizer.default(max_length=16)
+    ids = jnp.asarray(tok(["a red circle at the top left", "a blue square"]) % 1000)
+    uncond = jnp.asarray(tok(["", ""]) % 1000)
+    a = generate(params, vae_params, ids, uncond, jax.random.key(0), 3.0)
+    b = generate(params, vae_params, ids[::-1], uncond, jax.random.key(1), 7.5)
+    c = generate(params, vae_params, ids, uncond, jax.random.key(0), 3.0)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == jnp.float32
+    assert float(jnp.abs(a).max()) <= 1.0 and not np.allclose(a, b)
+    np.testing.assert_array_equal(a, c)
+    assert generate._cache_size() == 1  # new prompts, seeds and scales did not retrace
+
+
+def test_train_py_trains_a_text_conditional_latent_model(tiny_vae_workdir, tmp_path):
+    import train
+
+    config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
+    config.latent.autoencoder_workdir = str(tiny_vae_workdir)
+    config.mesh.data = 1
+    grid = train.train(config, tmp_path)
+    assert grid == tmp_path / "samples" / "step_0000003.png" and grid.exists()
+    cache = np.load(tmp_path / "latents.npz")
+    assert cache["latent_mean"].shape == (7200, 16, 16, 4) == cache["latent_std"].shape
+    assert cache["ids"].shape == (7200, 16) and (cache["ids"][:, 0] == 49406).all()
+    assert (tmp_path / "checkpoints" / "3").exists()
+
+    config.train.num_steps = 4  # resumes from step 3 and reuses the cached latents
+    train.train(config, tmp_path)
+    assert (tmp_path / "checkpoints" / "4").exists()
+
+    config.data.name = "digits"
+    with pytest.raises(ValueError, match="differ"):
+        train.train(config, tmp_path)
+    with pytest.raises(ValueError, match="trains on captions"):
+        train.train(config, tmp_path / "digits")
