@@ -2,6 +2,13 @@
 
     python sample.py --workdir DIR [--step N] [--method ddim] [--num_steps 50] [--seed 0]
                      [--num_samples 64] [--guidance_scale 1.0] [--trajectory]
+    python sample.py --workdir LDM_DIR --prompt "a red circle at the top left" [--prompt ...]
+                     [--negative_prompt TEXT] [--guidance_scale 3] [--num_samples 8]
+                     [--init_image IMAGE.png --strength 0.6]
+
+A text-conditional latent model (train.py's task "latent_diffusion") takes prompts (cycled to
+--num_samples images; none: the prompts of its config) and, with --init_image, re-imagines
+that image (img2img, SDEdit: noised to --strength, then denoised with the prompt).
 
 The model is rebuilt from DIR/config.json alone; the latest checkpoint (or --step) is restored
 and its EMA weights sample (--noema for the raw ones). Writes a PNG grid and an .npz of the
@@ -29,10 +36,18 @@ _METHOD = flags.DEFINE_enum("method", "ddim", list(samplers.METHODS), "Sampler."
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "How many samples.")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance (class models).")
+_GUIDANCE = flags.DEFINE_float(
+    "guidance_scale",
+    None,
+    "Classifier-free guidance (default: 1 for class models, the config's for text models).",
+)
 _ETA = flags.DEFINE_float("eta", None, "DDIM's η (0 deterministic, 1 DDPM-like); ddim only.")
 _EMA = flags.DEFINE_bool("ema", True, "Sample with the EMA weights.")
 _TRAJECTORY = flags.DEFINE_bool("trajectory", False, "Also write the forward/reverse strip.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt(s) (latent text models).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (latent text models).")
+_INIT_IMAGE = flags.DEFINE_string("init_image", None, "Image to re-imagine (img2img).")
+_STRENGTH = flags.DEFINE_float("strength", 0.8, "img2img: how far to noise the image (0..1).")
 
 
 def load_run(workdir: pathlib.Path, step: int | None = None):
@@ -43,11 +58,6 @@ def load_run(workdir: pathlib.Path, step: int | None = None):
         raise ValueError(
             f"{workdir} holds an autoencoder (task={config.task!r}), not a diffusion model: its "
             "reconstructions are in samples/ and its PSNR and scaling factor in autoencoder.json"
-        )
-    if config.get("task", "diffusion") != "diffusion":
-        raise ValueError(
-            f"{workdir} holds a {config.task!r} run: sample.py does not sample those yet (its "
-            "training run wrote a prompt grid to samples/)"
         )
     model = training.make_model(config, num_classes)
     optimizer = training.make_optimizer(config.optim)
@@ -67,7 +77,8 @@ def load_run(workdir: pathlib.Path, step: int | None = None):
     return config, num_classes, model, training.make_schedule(config.diffusion), state
 
 
-def trajectory_strip(config, model, schedule, params, key, frames: int = 10) -> np.ndarray:
+def trajectory_strip(config, model, schedule, params, key, frames: int = 10,
+                     num_classes: int | None = None) -> np.ndarray:  # fmt: skip
     """Two rows of `frames` images: a data image noised at evenly spaced t (q_sample), and a
     sample's states at evenly spaced steps of a DDPM run (T steps would be slow: 100)."""
     size, channels = config.data.image_size, config.data.channels
@@ -81,7 +92,7 @@ def trajectory_strip(config, model, schedule, params, key, frames: int = 10) -> 
     generate = pipelines.make_generate(
         model, schedule, shape=(1, size, size, channels), method="ddpm", num_steps=100,
         learned_variance=config.diffusion.loss == "hybrid", return_trajectory=True,
-        prediction_type=config.diffusion.prediction_type,
+        prediction_type=config.diffusion.prediction_type, null_class=num_classes,
     )  # fmt: skip
     labels = None if model.num_class_embeds is None else jnp.zeros(1, int)
     _, states = jax.jit(generate)(params, k_sample, labels)
@@ -96,6 +107,9 @@ def main(argv) -> None:
     print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     try:
+        task = checkpoints.read_run_info(workdir)["config"].get("task", "diffusion")
+        if task == "latent_diffusion":
+            return sample_text(workdir)
         config, num_classes, model, schedule, state = load_run(workdir, _STEP.value)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -110,9 +124,10 @@ def main(argv) -> None:
     )  # fmt: skip
     labels = None if num_classes is None else jnp.arange(n) % num_classes
     key = jax.random.key(_SEED.value)
-    x = np.asarray(jax.jit(generate)(params, key, labels, _GUIDANCE.value))
+    scale = 1.0 if _GUIDANCE.value is None else _GUIDANCE.value
+    x = np.asarray(jax.jit(generate)(params, key, labels, scale))
     eta = "" if _ETA.value is None else f"_eta{_ETA.value:g}"
-    guided = "" if num_classes is None or _GUIDANCE.value == 1 else f"_cfg{_GUIDANCE.value:g}"
+    guided = "" if num_classes is None or scale == 1 else f"_cfg{scale:g}"
     stem = f"{_METHOD.value}{_NUM_STEPS.value}{eta}{guided}_seed{_SEED.value}_step{int(state.step)}"
     grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
     npz = workdir / "samples" / f"{stem}.npz"
@@ -121,10 +136,50 @@ def main(argv) -> None:
     )
     print(f"samples: {grid}\narrays: {npz}")
     if _TRAJECTORY.value:
-        strip = trajectory_strip(config, model, schedule, params, key)
+        strip = trajectory_strip(config, model, schedule, params, key, num_classes=num_classes)
         path = images.save_png(workdir / "samples" / f"trajectory_seed{_SEED.value}.png", strip,
                                scale=max(1, 64 // config.data.image_size))  # fmt: skip
         print(f"trajectory: {path}")
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """An image file as float32 [size, size, 3] in [-1, 1] (centre-cropped, resized)."""
+    from PIL import Image
+
+    try:
+        image = np.asarray(Image.open(path).convert("RGB"))
+    except (FileNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"--init_image {path}: {e}") from None
+    return data.preprocess(image, image_size=size)
+
+
+def sample_text(workdir: pathlib.Path) -> None:
+    """txt2img (or img2img with --init_image) from a latent text-conditional run."""
+    model, params, config = pipelines.load_latent_diffusion(workdir, _STEP.value, ema=_EMA.value)
+    prompts = _PROMPT.value or list(config.sample.get("prompts", ()))
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable)")
+    n = _NUM_SAMPLES.value
+    prompts = (prompts * n)[:n]
+    guidance = config.sample.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
+    options = {} if _ETA.value is None else {"eta": _ETA.value}
+    common = {"negative_prompts": _NEGATIVE.value, "guidance_scale": guidance,
+              "num_steps": _NUM_STEPS.value, "method": _METHOD.value, **options}  # fmt: skip
+    key = jax.random.key(_SEED.value)
+    if _INIT_IMAGE.value:
+        init = load_image(_INIT_IMAGE.value, config.data.image_size)
+        x = model.img2img(params, np.repeat(init[None], n, 0), prompts, key,
+                          strength=_STRENGTH.value, **common)  # fmt: skip
+        stem = f"img2img_s{_STRENGTH.value:g}"
+    else:
+        x = model.txt2img(params, prompts, key, **common)
+        stem = "txt2img"
+    stem += f"_{_METHOD.value}{_NUM_STEPS.value}_cfg{guidance:g}_seed{_SEED.value}"
+    x = np.asarray(x)
+    grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
+    npz = workdir / "samples" / f"{stem}.npz"
+    np.savez(npz, images=images.to_uint8(x), prompts=np.asarray(prompts))
+    print(f"samples: {grid}\narrays: {npz}")
 
 
 if __name__ == "__main__":

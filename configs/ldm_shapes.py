@@ -24,12 +24,12 @@ def get_config(arg: str | None = None):
     c.model.variant = "tiny_cond"
     c.model.class_conditional = False
     c.model.overrides = {
-        "block_out_channels": (64, 128),
+        "block_out_channels": (32, 64),
         "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         "layers_per_block": 1,
-        "norm_num_groups": 16,
-        "num_attention_heads": 4,
+        "norm_num_groups": 8,
+        "num_attention_heads": 2,
     }
     c.text = {
         "variant": "tiny",
@@ -38,8 +38,8 @@ def get_config(arg: str | None = None):
         "max_length": 16,  # tokens per caption, start and end included
     }  # fmt: skip
     c.train.caption_dropout = 0.1
-    c.train.update(num_steps=4000, checkpoint_every=500)
-    c.optim.update(learning_rate=1e-3, warmup_steps=200, cosine_decay_steps=4000)
+    c.train.update(num_steps=3000, checkpoint_every=500)
+    c.optim.update(learning_rate=1e-3, warmup_steps=200, cosine_decay_steps=3000)
     c.sample.update(num_samples=48, guidance_scale=3.0)
     c.sample.prompts = tuple(scene.caption for scene in shapes.all_scenes())
     if arg == "tiny":

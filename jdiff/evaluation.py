@@ -5,7 +5,9 @@ and nearest-training-neighbour distances (memorisation is not success).
 
 trains the small classifier on the data set's train split (seeded, seconds on a CPU), then
 prints and stores next to the samples (`.eval.json`) the figures for the samples beside the
-same figures for the held-out split, which are the ceiling.
+same figures for the held-out split, which are the ceiling. Samples written with prompts (a
+text-to-image model of the embedded shapes) are judged instead by the shapes' rule checker:
+the share that shows what its prompt asks for, seen and held-out combinations apart.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 
 from jdiff import data
+from jdiff.data import shapes
 from jdiff.nn.classifier import SmallClassifier
 
 
@@ -144,6 +147,32 @@ def evaluate(samples: np.ndarray, *, name: str = "digits", image_size: int = 8, 
     }
 
 
+def prompt_adherence(images: np.ndarray, prompts: list[str]) -> dict:
+    """How well images of the embedded shapes follow their captions, judged by the rule checker
+    `shapes.describe` (right on every real render): the share whose colour, shape and position
+    all match the prompt, and each attribute's share, for seen and held-out combinations apart.
+
+    images: uint8 [N, 32, 32, 3]; prompts: N captions of the shapes grammar.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    asked = [shapes.parse(p) for p in prompts]
+    seen = shapes.describe(images)
+    result = {}
+    for group, held in (("seen", False), ("held_out", True)):
+        pairs = [(a, s) for a, s in zip(asked, seen, strict=True) if a.held_out == held]
+        if not pairs:
+            continue
+        figures = {"count": len(pairs),
+                   "all": float(np.mean([s is not None and s == a for a, s in pairs]))}  # fmt: skip
+        for attribute in ("colour", "shape", "position"):
+            matches = [s is not None and getattr(s, attribute) == getattr(a, attribute)
+                       for a, s in pairs]  # fmt: skip
+            figures[attribute] = float(np.mean(matches))
+        result[group] = figures
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("samples", type=pathlib.Path, help="an .npz written by sample.py")
@@ -151,6 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image_size", type=int, default=8)
     args = parser.parse_args(argv)
     stored = np.load(args.samples)
+    if "prompts" in stored:  # text-to-image samples of the embedded shapes: the rule checker
+        result = prompt_adherence(stored["images"], [str(p) for p in stored["prompts"]])
+        out = args.samples.with_suffix(".eval.json")
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        print(f"written to {out}")
+        return result
     images = stored["images"].astype(np.float32) / 127.5 - 1.0
     labels = stored["labels"] if "labels" in stored and stored["labels"].size else None
     result = evaluate(images, name=args.data, image_size=args.image_size, labels=labels)

@@ -8,7 +8,9 @@ parameters, keys, labels, prompts or guidance scales do not retrace.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,19 +105,210 @@ def make_txt2img(
     """
 
     def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5):
-        def encode(tokens):
-            return text_encoder.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
-
-        def model_fn(x, t, context):
-            return unet.apply({"params": params["unet"]}, x, t, context=context)
-
-        fn = guidance.classifier_free(
-            model_fn, encode(ids), encode(uncond_ids), guidance_scale,
-            guidance_rescale=guidance_rescale, cond_kwarg="context",
-        )  # fmt: skip
+        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
+                           guidance_rescale)  # fmt: skip
         z = samplers.sample(fn, schedule, key, latent_shape, method=method, num_steps=num_steps,
                             **options)  # fmt: skip
         images = autoencoder.apply({"params": vae_params}, z / scaling_factor, method="decode")
         return jnp.clip(images, -1.0, 1.0)
 
     return generate
+
+
+def img2img_start_step(num_steps: int, strength: float) -> int:
+    """The grid step img2img starts from: the last round(strength · num_steps) steps run
+    (diffusers' rule: int(num_steps · strength) steps; strength 1 is txt2img from the image's
+    noised latents, 0 returns the image through the autoencoder)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength}; expected 0 <= strength <= 1")
+    return num_steps - min(int(num_steps * strength), num_steps)
+
+
+def make_img2img(
+    unet: UNet,
+    text_encoder: CLIPTextModel,
+    autoencoder: AutoencoderKL,
+    schedule: Schedule,
+    *,
+    latent_shape: tuple[int, int, int, int],
+    scaling_factor: float,
+    strength: float = 0.8,
+    method: str = "ddim",
+    num_steps: int = 50,
+    guidance_rescale: float = 0.0,
+    **options,
+) -> Callable[..., jax.Array]:
+    """Image-to-image (SDEdit, Meng et al. 2022): encode the images, noise their latents to the
+    grid step `img2img_start_step(num_steps, strength)` and denoise from there with the
+    prompts, classifier-free guided; decode.
+
+    Returns:
+      generate(params, vae_params, images [N, H, W, 3] in [-1, 1], ids, uncond_ids, key,
+      guidance_scale=7.5) -> images [N, H, W, 3]. `strength` and `num_steps` are compiled in.
+    """
+    start = img2img_start_step(num_steps, strength)
+
+    def generate(params, vae_params, init_images, ids, uncond_ids, key, guidance_scale=7.5):
+        k_encode, k_noise, k_sample = jax.random.split(key, 3)
+        vae = {"params": vae_params}
+        posterior = autoencoder.apply(vae, init_images, method="encode")
+        z = scaling_factor * posterior.sample(k_encode)
+        if start < num_steps:
+            noise = jax.random.normal(k_noise, z.shape)
+            z = samplers.add_noise(schedule, z, noise, method=method, num_steps=num_steps,
+                                   start_step=start, **options)  # fmt: skip
+            fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
+                               guidance_rescale)  # fmt: skip
+            z = samplers.sample(fn, schedule, k_sample, latent_shape, method=method, x_T=z,
+                                num_steps=num_steps, start_step=start, **options)  # fmt: skip
+        images = autoencoder.apply(vae, z / scaling_factor, method="decode")
+        return jnp.clip(images, -1.0, 1.0)
+
+    return generate
+
+
+def _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale, rescale):
+    def encode(tokens):
+        return text_encoder.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
+
+    def model_fn(x, t, context):
+        return unet.apply({"params": params["unet"]}, x, t, context=context)
+
+    return guidance.classifier_free(model_fn, encode(ids), encode(uncond_ids), guidance_scale,
+                                    guidance_rescale=rescale, cond_kwarg="context")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentDiffusion:
+    """A text-conditional latent diffusion model put together for generation, with host-side
+    tokenization: `txt2img` and `img2img` take prompts as strings. Each distinct (batch size,
+    image size, sampler, steps, strength) compiles once; new prompts, negative prompts, seeds,
+    guidance scales or parameters reuse it.
+
+    params: {"unet": ..., "text_encoder": ..., "autoencoder": ...}.
+    """
+
+    unet: UNet
+    text_encoder: CLIPTextModel
+    autoencoder: AutoencoderKL
+    schedule: Schedule
+    tokenizer: Any  # jdiff.tokenizer.CLIPTokenizer
+    scaling_factor: float
+    image_size: int  # the default height and width
+    sampler_options: tuple = ()  # (name, value) pairs every sampler gets (prediction_type, ...)
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def _tokens(self, prompts, negative_prompts):
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts: pass a list of at least one string")
+        if negative_prompts is None:
+            negative_prompts = [""] * len(prompts)
+        elif isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(
+                f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts; pass one "
+                "per prompt, a single string, or None"
+            )
+        return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative_prompts))
+
+    def _latent_shape(self, n, height, width):
+        f = self.autoencoder.downsample_factor
+        height, width = height or self.image_size, width or self.image_size
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f}; got "
+                             f"{height}x{width}")  # fmt: skip
+        return (n, height // f, width // f, self.autoencoder.latent_channels)
+
+    def _jit(self, key, build):
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(build())
+        return self._compiled[key]
+
+    def txt2img(
+        self, params, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
+        num_steps=50, method="ddim", height=None, width=None, **options,
+    ) -> jax.Array:  # fmt: skip
+        """Images [N, H, W, 3] in [-1, 1] for N prompts."""
+        ids, uncond = self._tokens(prompts, negative_prompts)
+        shape = self._latent_shape(len(ids), height, width)
+        options = dict(self.sampler_options) | options
+        generate = self._jit(
+            ("txt2img", shape, method, num_steps, tuple(sorted(options.items()))),
+            lambda: make_txt2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 method=method, num_steps=num_steps, **options),
+        )  # fmt: skip
+        vae = params["autoencoder"]
+        return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale))
+
+    def img2img(
+        self, params, init_images, prompts, key, *, strength=0.8, negative_prompts=None,
+        guidance_scale=7.5, num_steps=50, method="ddim", **options,
+    ) -> jax.Array:  # fmt: skip
+        """`init_images` [N, H, W, 3] in [-1, 1] re-imagined with N prompts."""
+        init_images = jnp.asarray(init_images, jnp.float32)
+        if init_images.ndim != 4 or init_images.shape[-1] != 3:
+            raise ValueError(f"init images must be [N, H, W, 3]; got shape {init_images.shape}")
+        ids, uncond = self._tokens(prompts, negative_prompts)
+        if len(ids) != len(init_images):
+            raise ValueError(f"{len(init_images)} init images for {len(ids)} prompts")
+        shape = self._latent_shape(len(ids), *init_images.shape[1:3])
+        start = img2img_start_step(num_steps, strength)  # validates strength
+        options = dict(self.sampler_options) | options
+        generate = self._jit(
+            ("img2img", shape, method, num_steps, start, tuple(sorted(options.items()))),
+            lambda: make_img2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 strength=strength, method=method, num_steps=num_steps,
+                                 **options),
+        )  # fmt: skip
+        return generate(params, params["autoencoder"], init_images, ids, uncond, key,
+                        jnp.float32(guidance_scale))  # fmt: skip
+
+
+def load_latent_diffusion(
+    workdir, step: int | None = None, *, ema: bool = True
+) -> tuple[LatentDiffusion, dict, Any]:
+    """(LatentDiffusion, params, config) of a `task = "latent_diffusion"` train.py workdir,
+    rebuilt from it alone (its config names the autoencoder's workdir)."""
+    import pathlib
+
+    from ml_collections import ConfigDict
+
+    from jdiff import autoencoder as autoencoders
+    from jdiff import checkpoints, training
+    from jdiff.tokenizer import CLIPTokenizer
+
+    workdir = pathlib.Path(workdir)
+    config = ConfigDict(checkpoints.read_run_info(workdir)["config"])
+    if config.get("task") != "latent_diffusion":
+        raise ValueError(f"{workdir} holds a {config.get('task', 'diffusion')!r} run, not a "
+                         "latent diffusion model")  # fmt: skip
+    vae_model, vae_params, info = autoencoders.load(config.latent.autoencoder_workdir)
+    text = training.make_text_encoder(config)
+    latent = tuple(info["latent_shape"])
+    unet = training.make_model(config, channels=latent[-1], context_dim=text.hidden_size)
+    optimizer = training.make_optimizer(config.optim)
+    init = training.make_latent_init(unet, text, optimizer, jax.random.key(0), latent_shape=latent)
+    manager = checkpoints.make_manager(workdir / "checkpoints")
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint {'' if step is None else step} in {workdir / 'checkpoints'} "
+                f"(available: {list(manager.all_steps())}); train first"
+            )
+        state = checkpoints.restore(manager, step, jax.eval_shape(init))
+    finally:
+        manager.close()
+    model = LatentDiffusion(
+        unet, text, vae_model, training.make_schedule(config.diffusion),
+        CLIPTokenizer.default(max_length=config.text.max_length), info["scaling_factor"],
+        image_size=config.data.image_size,
+        sampler_options=(("prediction_type", config.diffusion.prediction_type),),
+    )  # fmt: skip
+    weights = state.ema_params if ema else state.params
+    return model, {**weights, "autoencoder": vae_params}, config

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from runs import launch
 
 from jdiff import autoencoder, losses, pipelines, schedules, training
 from jdiff.nn import UNet
@@ -84,25 +85,81 @@ def test_txt2img_compiles_once(tiny_vae_workdir):
     assert generate._cache_size() == 1  # new prompts, seeds and scales did not retrace
 
 
-def test_train_py_trains_a_text_conditional_latent_model(tiny_vae_workdir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_ldm(tiny_vae_workdir, tmp_path_factory):
+    """configs/ldm_shapes.py:tiny trained by train.train on the tiny autoencoder."""
     import train
 
+    workdir = tmp_path_factory.mktemp("ldm_shapes_tiny")
     config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
     config.latent.autoencoder_workdir = str(tiny_vae_workdir)
     config.mesh.data = 1
-    grid = train.train(config, tmp_path)
-    assert grid == tmp_path / "samples" / "step_0000003.png" and grid.exists()
-    cache = np.load(tmp_path / "latents.npz")
+    grid = train.train(config, workdir)
+    return workdir, config, grid
+
+
+def test_train_py_trains_a_text_conditional_latent_model(tiny_ldm, tmp_path):
+    import train
+
+    workdir, config, grid = tiny_ldm
+    assert grid == workdir / "samples" / "step_0000003.png" and grid.exists()
+    cache = np.load(workdir / "latents.npz")
     assert cache["latent_mean"].shape == (7200, 16, 16, 4) == cache["latent_std"].shape
     assert cache["ids"].shape == (7200, 16) and (cache["ids"][:, 0] == 49406).all()
-    assert (tmp_path / "checkpoints" / "3").exists()
+    assert (workdir / "checkpoints" / "3").exists()
 
+    config = config.copy_and_resolve_references()
     config.train.num_steps = 4  # resumes from step 3 and reuses the cached latents
-    train.train(config, tmp_path)
-    assert (tmp_path / "checkpoints" / "4").exists()
+    train.train(config, workdir)
+    assert (workdir / "checkpoints" / "4").exists()
 
     config.data.name = "digits"
     with pytest.raises(ValueError, match="differ"):
-        train.train(config, tmp_path)
+        train.train(config, workdir)
     with pytest.raises(ValueError, match="trains on captions"):
         train.train(config, tmp_path / "digits")
+
+
+def test_txt2img_and_img2img_from_the_workdir(tiny_ldm, tiny_vae_workdir):
+    workdir = tiny_ldm[0]
+    model, params, _ = pipelines.load_latent_diffusion(workdir)
+    prompts = ["a red circle at the top left", "a blue square at the bottom right"]
+    x = model.txt2img(params, prompts, jax.random.key(0), guidance_scale=3.0, num_steps=2)
+    y = model.txt2img(params, prompts[::-1], jax.random.key(1), guidance_scale=7.5,
+                      num_steps=2, negative_prompts="a green triangle")  # fmt: skip
+    assert x.shape == y.shape == (2, 32, 32, 3) and not np.allclose(x, y)
+    (generate,) = model._compiled.values()
+    assert generate._cache_size() == 1  # new prompts, seeds, scales: no retrace
+
+    init = np.asarray(x)
+    z = model.img2img(params, init, prompts, jax.random.key(2), strength=0.5, num_steps=4)
+    assert z.shape == (2, 32, 32, 3)
+    with pytest.raises(ValueError, match=r"strength=1\.5"):
+        model.img2img(params, init, prompts, jax.random.key(2), strength=1.5)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model.img2img(params, np.zeros((2, 33, 33, 3)), prompts, jax.random.key(2))
+    with pytest.raises(ValueError, match="no prompts"):
+        model.txt2img(params, [], jax.random.key(0))
+    with pytest.raises(ValueError, match="negative prompts for 2 prompts"):
+        model.txt2img(params, prompts, jax.random.key(0), negative_prompts=["a", "b", "c"])
+    with pytest.raises(ValueError, match="not a latent diffusion model"):
+        pipelines.load_latent_diffusion(tiny_vae_workdir)
+
+
+def test_sample_py_prompts_and_evaluation(tiny_ldm):
+    from jdiff import evaluation
+
+    workdir = tiny_ldm[0]
+    process = launch(workdir, "--prompt=a green circle at the top left",
+                     "--prompt=a blue square at the top right", "--num_samples=4",
+                     "--num_steps=2", "--guidance_scale=2", script="sample.py")  # fmt: skip
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, out[-3000:]
+    npz = workdir / "samples" / "txt2img_ddim2_cfg2_seed0.npz"
+    assert str(npz) in out
+    stored = np.load(npz)
+    assert stored["images"].shape == (4, 32, 32, 3) and len(stored["prompts"]) == 4
+    result = evaluation.main([str(npz)])
+    # "a blue square at the top right" is held out: (blue 2 + square 1 + top right 1) % 4 == 0
+    assert result["held_out"]["count"] == 2 == result["seen"]["count"]
+    assert 0 <= result["seen"]["all"] <= result["seen"]["colour"] <= 1
