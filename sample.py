@@ -162,7 +162,12 @@ def sample_text(workdir: pathlib.Path) -> None:
     n = _NUM_SAMPLES.value
     prompts = (prompts * n)[:n]
     guidance = config.sample.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
-    options = {} if _ETA.value is None else {"eta": _ETA.value}
+    # the sampler options of the config (η = 1 for DDIM) when its sampler is the one asked for
+    options = (
+        dict(config.sample.get("options", {})) if _METHOD.value == config.sample.method else {}
+    )
+    if _ETA.value is not None:
+        options["eta"] = _ETA.value
     common = {"negative_prompts": _NEGATIVE.value, "guidance_scale": guidance,
               "num_steps": _NUM_STEPS.value, "method": _METHOD.value, **options}  # fmt: skip
     key = jax.random.key(_SEED.value)
@@ -174,7 +179,8 @@ def sample_text(workdir: pathlib.Path) -> None:
     else:
         x = model.txt2img(params, prompts, key, **common)
         stem = "txt2img"
-    stem += f"_{_METHOD.value}{_NUM_STEPS.value}_cfg{guidance:g}_seed{_SEED.value}"
+    eta = f"_eta{options['eta']:g}" if "eta" in options else ""
+    stem += f"_{_METHOD.value}{_NUM_STEPS.value}{eta}_cfg{guidance:g}_seed{_SEED.value}"
     x = np.asarray(x)
     grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
     npz = workdir / "samples" / f"{stem}.npz"

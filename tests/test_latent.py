@@ -155,7 +155,7 @@ def test_sample_py_prompts_and_evaluation(tiny_ldm):
                      "--num_steps=2", "--guidance_scale=2", script="sample.py")  # fmt: skip
     out = process.communicate(timeout=300)[0]
     assert process.returncode == 0, out[-3000:]
-    npz = workdir / "samples" / "txt2img_ddim2_cfg2_seed0.npz"
+    npz = workdir / "samples" / "txt2img_ddim2_eta1_cfg2_seed0.npz"  # the config's η = 1
     assert str(npz) in out
     stored = np.load(npz)
     assert stored["images"].shape == (4, 32, 32, 3) and len(stored["prompts"]) == 4
@@ -163,3 +163,15 @@ def test_sample_py_prompts_and_evaluation(tiny_ldm):
     # "a blue square at the top right" is held out: (blue 2 + square 1 + top right 1) % 4 == 0
     assert result["held_out"]["count"] == 2 == result["seen"]["count"]
     assert 0 <= result["seen"]["all"] <= result["seen"]["colour"] <= 1
+
+    # img2img from an image file
+    from PIL import Image
+
+    Image.fromarray(stored["images"][0]).save(workdir / "init.png")
+    process = launch(workdir, f"--init_image={workdir / 'init.png'}", "--strength=0.5",
+                     "--prompt=a red square at the bottom left", "--num_samples=2",
+                     "--num_steps=4", "--eta=0", script="sample.py")  # fmt: skip
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, out[-3000:]
+    img2img = np.load(workdir / "samples" / "img2img_s0.5_ddim4_eta0_cfg3_seed0.npz")
+    assert img2img["images"].shape == (2, 32, 32, 3)
