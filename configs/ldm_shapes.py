@@ -9,7 +9,12 @@ text encoder (a small CLIP text transformer over CLIP's BPE tokens, 16 positions
 jointly, as in LDM, with captions replaced by the empty prompt 10% of the time so the model
 serves classifier-free guidance. The latents and token ids are encoded once and cached in the
 workdir. It ends by writing a grid of one sample for each of the 48 captions (the 12 held-out
-combinations included) at guidance scale 3. `:tiny` is the few-step variant the tests run.
+combinations included) at guidance scale 3.
+
+Measured on 2 CPU cores: 17.7 minutes in all (3,000 steps at ~3 steps/s). Prompt adherence
+(rule checker, 528 samples, DDIM-50 η=1): 90.4% of samples of seen combinations and 84.8% of
+held-out ones show every attribute of their prompt at guidance 3 (81.1% / 70.5% at guidance
+1); see the README ("Latent diffusion"). `:tiny` is the few-step variant the tests run.
 """
 
 from configs import default
