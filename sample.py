@@ -65,15 +65,7 @@ def load_run(workdir: pathlib.Path, step: int | None = None):
     init = training.make_init(
         model, optimizer, jax.random.key(0), image_shape=(size, size, channels)
     )
-    manager = checkpoints.make_manager(workdir / "checkpoints")
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"no checkpoint {'' if step is None else step} in {workdir / 'checkpoints'} "
-            f"(available: {list(manager.all_steps())}); train first"
-        )
-    state = checkpoints.restore(manager, step, jax.eval_shape(init))
-    manager.close()
+    state = checkpoints.restore_from(workdir, jax.eval_shape(init), step)
     return config, num_classes, model, training.make_schedule(config.diffusion), state
 
 

@@ -143,11 +143,7 @@ def load(workdir: str | pathlib.Path) -> tuple[AutoencoderKL, Any, dict]:
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(model, optimizer, jax.random.key(0),
                               image_shape=(size, size, channels))  # fmt: skip
-    manager = checkpoints.make_manager(workdir / "checkpoints")
-    try:
-        state = checkpoints.restore(manager, info["step"], jax.eval_shape(init))
-    finally:
-        manager.close()
+    state = checkpoints.restore_from(workdir, jax.eval_shape(init), info["step"])
     return model, state.ema_params, info
 
 

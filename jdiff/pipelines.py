@@ -293,17 +293,7 @@ def load_latent_diffusion(
     unet = training.make_model(config, channels=latent[-1], context_dim=text.hidden_size)
     optimizer = training.make_optimizer(config.optim)
     init = training.make_latent_init(unet, text, optimizer, jax.random.key(0), latent_shape=latent)
-    manager = checkpoints.make_manager(workdir / "checkpoints")
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else step} in {workdir / 'checkpoints'} "
-                f"(available: {list(manager.all_steps())}); train first"
-            )
-        state = checkpoints.restore(manager, step, jax.eval_shape(init))
-    finally:
-        manager.close()
+    state = checkpoints.restore_from(workdir, jax.eval_shape(init), step)
     model = LatentDiffusion(
         unet, text, vae_model, training.make_schedule(config.diffusion),
         CLIPTokenizer.default(max_length=config.text.max_length), info["scaling_factor"],

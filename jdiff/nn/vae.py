@@ -75,11 +75,14 @@ class _MidBlock(nn.Module):
         )
 
 
-class _EncoderBlock(nn.Module):
+class _Block(nn.Module):
+    """`layers` residual blocks, then a x2 down- or upsampling (`resample`) or none: a level
+    of the encoder (`DownEncoderBlock2D`) or of the decoder (`UpDecoderBlock2D`)."""
+
     out_channels: int
     layers: int
     groups: int
-    downsample: bool
+    resample: str | None  # "down", "up" or None
     dtype: Any
 
     @nn.compact
@@ -87,25 +90,10 @@ class _EncoderBlock(nn.Module):
         for i in range(self.layers):
             h = ResnetBlock2D(self.out_channels, self.groups, _EPS, dtype=self.dtype,
                               name=f"resnets_{i}")(h, None)  # fmt: skip
-        if self.downsample:  # bottom/right padding only, as the LDM code
+        if self.resample == "down":  # bottom/right padding only, as the LDM code
             h = Downsample2D(self.out_channels, padding=0, dtype=self.dtype,
                              name="downsamplers_0")(h)  # fmt: skip
-        return h
-
-
-class _DecoderBlock(nn.Module):
-    out_channels: int
-    layers: int
-    groups: int
-    upsample: bool
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, h):
-        for i in range(self.layers):
-            h = ResnetBlock2D(self.out_channels, self.groups, _EPS, dtype=self.dtype,
-                              name=f"resnets_{i}")(h, None)  # fmt: skip
-        if self.upsample:
+        elif self.resample == "up":
             h = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(h)
         return h
 
@@ -125,8 +113,9 @@ class Encoder(nn.Module):
         channels = tuple(self.block_out_channels)
         h = conv3x3(channels[0], self.dtype, "conv_in")(x.astype(self.dtype))
         for i, width in enumerate(channels):
-            h = _EncoderBlock(width, self.layers_per_block, self.groups, i < len(channels) - 1,
-                              self.dtype, name=f"down_blocks_{i}")(h)  # fmt: skip
+            resample = "down" if i < len(channels) - 1 else None
+            h = _Block(width, self.layers_per_block, self.groups, resample, self.dtype,
+                       name=f"down_blocks_{i}")(h)  # fmt: skip
         h = _MidBlock(self.groups, self.mid_block_attention, self.dtype, name="mid_block")(h)
         h = nn.silu(group_norm(self.groups, _EPS, self.dtype, "conv_norm_out")(h))
         return conv3x3(2 * self.latent_channels, self.dtype, "conv_out")(h)
@@ -148,10 +137,9 @@ class Decoder(nn.Module):
         h = conv3x3(channels[0], self.dtype, "conv_in")(z.astype(self.dtype))
         h = _MidBlock(self.groups, self.mid_block_attention, self.dtype, name="mid_block")(h)
         for i, width in enumerate(channels):
-            last = i == len(channels) - 1
-            block = _DecoderBlock(width, self.layers_per_block + 1, self.groups, not last,
-                                  self.dtype, name=f"up_blocks_{i}")  # fmt: skip
-            h = block(h)
+            resample = "up" if i < len(channels) - 1 else None
+            h = _Block(width, self.layers_per_block + 1, self.groups, resample, self.dtype,
+                       name=f"up_blocks_{i}")(h)  # fmt: skip
         h = nn.silu(group_norm(self.groups, _EPS, self.dtype, "conv_norm_out")(h))
         return conv3x3(self.out_channels, self.dtype, "conv_out")(h)
 
