@@ -435,7 +435,7 @@ def main(argv) -> None:
                                     auto=d.auto, timeout_s=d.timeout_s)  # fmt: skip
     try:
         train(config, workdir)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, FileNotFoundError) as e:  # a missing data set or autoencoder
         sys.exit(f"error: {e}")
 
 
