@@ -207,10 +207,19 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
     text = training.make_text_encoder(config)
     latent_shape = cache["latent_mean"].shape[1:]
     unet = training.make_model(config, channels=latent_shape[-1], context_dim=text.hidden_size)
+    frozen = config.text.get("frozen", False)
+    if frozen:
+        optimizer = training.freeze_text_encoder(optimizer)
     init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
+    empty_ids, empty_context = tok([""])[0], None
+    if frozen:  # encode every caption once with the (unchanging) initial text encoder
+        text_params = jax.jit(init)().params["text_encoder"]
+        encode = jax.jit(lambda ids: text.apply({"params": text_params}, ids).last_hidden_state)
+        cache = cache | {"context": autoencoder.in_chunks(encode, cache["ids"], 512)}
+        empty_context = encode(empty_ids[None])[0]
     schedule = training.make_schedule(config.diffusion)
     step = training.make_latent_train_step(
-        unet, text, schedule, optimizer, empty_ids=tok([""])[0],
+        unet, text, schedule, optimizer, empty_ids=empty_ids, empty_context=empty_context,
         scaling_factor=info["scaling_factor"], caption_dropout=config.train.caption_dropout,
         prediction_type=config.diffusion.prediction_type,
         snr_gamma=config.diffusion.snr_gamma or None, **common,

@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
         "overrides": {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128,
                       "num_hidden_layers": 2, "num_attention_heads": 4, "eos_token_id": 49407},
         "max_length": 16,  # tokens per caption, start and end included
+        "frozen": False,  # True: keep the encoder as initialised, its outputs cached once
     }  # fmt: skip
     c.train.caption_dropout = 0.1
     c.train.update(num_steps=3000, checkpoint_every=500)

@@ -292,6 +292,8 @@ def load_latent_diffusion(
     latent = tuple(info["latent_shape"])
     unet = training.make_model(config, channels=latent[-1], context_dim=text.hidden_size)
     optimizer = training.make_optimizer(config.optim)
+    if config.text.get("frozen", False):  # the checkpoint's optimizer state has that shape
+        optimizer = training.freeze_text_encoder(optimizer)
     init = training.make_latent_init(unet, text, optimizer, jax.random.key(0), latent_shape=latent)
     state = checkpoints.restore_from(workdir, jax.eval_shape(init), step)
     model = LatentDiffusion(

@@ -249,6 +249,7 @@ def make_latent_train_step(
     empty_ids: jax.Array,
     scaling_factor: float,
     caption_dropout: float = 0.1,
+    empty_context: jax.Array | None = None,
     prediction_type: str = "epsilon",
     snr_gamma: float | None = None,
     ema_max_decay: float = 0.9999,
@@ -262,6 +263,10 @@ def make_latent_train_step(
     scales it by `scaling_factor`, replaces each caption by the empty prompt's `empty_ids` [L]
     with probability `caption_dropout` (so the same model serves classifier-free guidance),
     encodes the captions to the U-Net's `context`, and takes the diffusion loss on z.
+
+    A frozen text encoder's contexts are computed once: a batch with "context" [B, L, D] (the
+    cached encodings) uses them, and the empty prompt's `empty_context` [L, D], instead of
+    running the encoder (freeze its parameters with `freeze_text_encoder`).
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
@@ -272,8 +277,13 @@ def make_latent_train_step(
         mean = batch["latent_mean"]
         z = scaling_factor * (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape))
         drop = jax.random.bernoulli(k_drop, caption_dropout, (mean.shape[0], 1))
-        ids = jnp.where(drop, empty_ids[None], batch["ids"])
-        context = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+        if "context" in batch:  # a frozen encoder's cached output
+            if empty_context is None:
+                raise ValueError("a batch with cached 'context' needs empty_context")
+            context = jnp.where(drop[..., None], empty_context[None], batch["context"])
+        else:
+            ids = jnp.where(drop, empty_ids[None], batch["ids"])
+            context = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
         def model_fn(x, t):
             return unet.apply({"params": params["unet"]}, x, t, context=context,
@@ -286,6 +296,14 @@ def make_latent_train_step(
 
     return make_step(loss_fn, optimizer, ema_max_decay=ema_max_decay,
                      accumulate_steps=accumulate_steps)  # fmt: skip
+
+
+def freeze_text_encoder(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` on the U-Net's parameters, none on the text encoder's (latent models whose
+    parameters are {"unet", "text_encoder"}): the text encoder stays as it was initialised or
+    loaded, and keeps no optimizer state."""
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
+                                 {"unet": "train", "text_encoder": "frozen"})  # fmt: skip
 
 
 def make_optimizer(optim: Any) -> optax.GradientTransformation:

@@ -175,3 +175,28 @@ def test_sample_py_prompts_and_evaluation(tiny_ldm):
     assert process.returncode == 0, out[-3000:]
     img2img = np.load(workdir / "samples" / "img2img_s0.5_ddim4_eta0_cfg3_seed0.npz")
     assert img2img["images"].shape == (2, 32, 32, 3)
+
+
+def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tmp_path):
+    """text.frozen: the captions are encoded once, the encoder keeps its initial parameters."""
+    import train
+
+    config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
+    config.latent.autoencoder_workdir = str(tiny_vae_workdir)
+    config.mesh.data = 1
+    config.text.frozen = True
+    config.train.update(num_steps=2, checkpoint_every=2)
+    train.train(config, tmp_path)
+    _, trained, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
+
+    text = training.make_text_encoder(config)
+    unet = training.make_model(config, channels=4, context_dim=text.hidden_size)
+    k_init = jax.random.split(jax.random.key(config.seed), 3)[0]
+    init = training.make_latent_init(unet, text, optax.sgd(0.0), k_init, latent_shape=(16, 16, 4))
+    initial = init().params
+    for a, b in zip(jax.tree.leaves(trained["text_encoder"]),
+                    jax.tree.leaves(initial["text_encoder"]), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    pairs = zip(jax.tree.leaves(trained["unet"]), jax.tree.leaves(initial["unet"]), strict=True)
+    moved = [not np.array_equal(a, b) for a, b in pairs]
+    assert any(moved)
