@@ -152,17 +152,17 @@ def _image_batches(config: ConfigDict, source) -> data.Batches:
 def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
     """Pixel-space diffusion: the U-Net, its step, and sample(params) -> a grid's images."""
     model = training.make_model(config, num_classes)
+    schedule = training.make_schedule(config.diffusion)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
     step = training.make_train_step(
-        model, training.make_schedule(config.diffusion), optimizer,
+        model, schedule, optimizer,
         loss=config.diffusion.loss, prediction_type=config.diffusion.prediction_type,
         snr_gamma=config.diffusion.snr_gamma or None, null_class=num_classes,
         class_dropout=config.train.class_dropout, **common,
     )  # fmt: skip
     generate = pipelines.make_generate(
-        model, training.make_schedule(config.diffusion),
-        shape=(config.sample.num_samples, size, size, channels),
+        model, schedule, shape=(config.sample.num_samples, size, size, channels),
         method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
         learned_variance=config.diffusion.loss == "hybrid",
         prediction_type=config.diffusion.prediction_type, **config.sample.get("options", {}),

@@ -9,6 +9,7 @@ every newly trained autoencoder measures its own and stores it in `autoencoder.j
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from collections.abc import Callable
@@ -31,6 +32,7 @@ def psnr(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return 10.0 * np.log10(4.0 / np.maximum(mse, 1e-12))
 
 
+@functools.cache  # one set of jitted functions per model: no re-jit per grid or measurement
 def make_codec(model: AutoencoderKL) -> dict[str, Callable]:
     """Jitted `reconstruct(params, x)` (decode of the posterior mean), `encode(params, x, key)`
     (a posterior sample z, unscaled) and `decode(params, z)`."""

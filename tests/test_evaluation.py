@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import scipy.linalg
 
 from jdiff import evaluation, images
@@ -42,3 +43,25 @@ def test_held_out_digits_judged_as_the_ceiling(tmp_path):
     distances = result["nearest_train_distance_median"]
     assert distances["samples"] == distances["held_out"] > 0  # held-out is not in train
     assert json.loads(path.with_suffix(".eval.json").read_text()) == result
+
+
+def test_prompt_adherence_of_real_renders():
+    """Real renders with their own captions follow them fully; with a changed colour, none do."""
+    from jdiff.data import shapes
+
+    pairs = shapes.examples("test", 1, seed=3) + shapes.examples("held_out", 1, seed=3)
+    pixels = np.stack([image for _, image in pairs])
+    captions = [scene.caption for scene, _ in pairs]
+    result = evaluation.prompt_adherence(pixels, captions)
+    assert result["seen"]["count"] == 36 and result["held_out"]["count"] == 12
+    assert result["seen"]["all"] == result["held_out"]["all"] == 1.0
+
+    recoloured = [
+        shapes.Scene((s.colour + 1) % len(shapes.COLOURS), s.shape, s.position).caption
+        for s, _ in pairs
+    ]
+    wrong = evaluation.prompt_adherence(pixels, recoloured)
+    groups = [wrong[g] for g in wrong]
+    assert all(g["all"] == 0.0 and g["colour"] == 0.0 and g["shape"] == 1.0 for g in groups)
+    with pytest.raises(ValueError, match="48 images for 1 prompts"):
+        evaluation.prompt_adherence(pixels, captions[:1])
