@@ -1,10 +1,13 @@
-"""Generate from a trained run.
+"""Generate from a trained run or from pretrained Stable Diffusion / DDPM weights.
 
     python sample.py --workdir DIR [--step N] [--method ddim] [--num_steps 50] [--seed 0]
                      [--num_samples 64] [--guidance_scale 1.0] [--trajectory]
     python sample.py --workdir LDM_DIR --prompt "a red circle at the top left" [--prompt ...]
                      [--negative_prompt TEXT] [--guidance_scale 3] [--num_samples 8]
                      [--init_image IMAGE.png --strength 0.6]
+    python sample.py --pretrained /path/to/stable-diffusion-v1-5 --prompt "a photo of a cat"
+                     [--guidance_scale 7.5] [--method dpmpp_2m] [--num_steps 25]
+                     [--init_image IMAGE.png --strength 0.6] [--dtype bfloat16] [--output_dir D]
 
 A text-conditional latent model (train.py's task "latent_diffusion") takes prompts (cycled to
 --num_samples images; none: the prompts of its config) and, with --init_image, re-imagines
@@ -15,6 +18,13 @@ and its EMA weights sample (--noema for the raw ones). Writes a PNG grid and an 
 samples (uint8 [N, H, W, C] and labels) to DIR/samples/ and prints their paths. --trajectory
 also writes a strip: one data image noised step by step (forward process) above one sample
 denoised step by step (reverse process).
+
+--pretrained takes a diffusers-format directory, an original single-file .safetensors
+(--prediction_type / --image_size where the SD 1.x / 2.x defaults do not fit) or a directory
+`python -m jdiff.convert` wrote. Its scheduler's sampler and settings are the defaults (SD 1.5:
+PNDM); --method picks another with the same settings. A text-to-image model samples one image
+per prompt (--num_samples to cycle them); a pixel-space U-Net (DDPM) --num_samples images.
+Outputs go to --output_dir (default ./samples).
 """
 
 from __future__ import annotations
@@ -30,12 +40,24 @@ from ml_collections import ConfigDict
 
 from jdiff import checkpoints, data, diffusion, images, pipelines, samplers, sharding, training
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained",
+    None,
+    "A diffusers-format directory, single-file checkpoint or jdiff.convert output.",
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_METHOD = flags.DEFINE_enum("method", "ddim", list(samplers.METHODS), "Sampler.")
+_METHOD = flags.DEFINE_enum(
+    "method",
+    None,
+    list(samplers.METHODS),
+    "Sampler (default: ddim; --pretrained: its scheduler's).",
+)
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "How many samples.")
+_NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", None, "How many samples (default 64; --pretrained text models: one per prompt)."
+)
 _GUIDANCE = flags.DEFINE_float(
     "guidance_scale",
     None,
@@ -48,6 +70,25 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt(s) (latent text
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (latent text models).")
 _INIT_IMAGE = flags.DEFINE_string("init_image", None, "Image to re-imagine (img2img).")
 _STRENGTH = flags.DEFINE_float("strength", 0.8, "img2img: how far to noise the image (0..1).")
+_PREDICTION = flags.DEFINE_enum(
+    "prediction_type",
+    None,
+    ["epsilon", "v_prediction"],
+    "--pretrained: override the scheduler's (single files: SD1 eps, SD2 v).",
+)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "--pretrained: image height and width.")
+_ALLOW_PICKLE = flags.DEFINE_bool(
+    "allow_pickle", False, "--pretrained: read pickle-based .ckpt/.bin (trusted files only)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "--pretrained: U-Net and text-encoder compute dtype (VAE: float32).",
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "--pretrained: where to write (default ./samples)."
+)
 
 
 def load_run(workdir: pathlib.Path, step: int | None = None):
@@ -97,6 +138,13 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
+    if (_WORKDIR.value is None) == (_PRETRAINED.value is None):
+        raise app.UsageError("pass exactly one of --workdir (a train.py run) or --pretrained")
+    if _PRETRAINED.value:
+        try:
+            return sample_pretrained(pathlib.Path(_PRETRAINED.value))
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     try:
         task = checkpoints.read_run_info(workdir)["config"].get("task", "diffusion")
@@ -106,9 +154,10 @@ def main(argv) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     params = state.ema_params if _EMA.value else state.params
-    size, channels, n = config.data.image_size, config.data.channels, _NUM_SAMPLES.value
+    size, channels, n = config.data.image_size, config.data.channels, _NUM_SAMPLES.value or 64
+    method = _METHOD.value or "ddim"
     generate = pipelines.make_generate(
-        model, schedule, shape=(n, size, size, channels), method=_METHOD.value,
+        model, schedule, shape=(n, size, size, channels), method=method,
         num_steps=_NUM_STEPS.value, null_class=num_classes,
         learned_variance=config.diffusion.loss == "hybrid",
         prediction_type=config.diffusion.prediction_type,
@@ -120,7 +169,7 @@ def main(argv) -> None:
     x = np.asarray(jax.jit(generate)(params, key, labels, scale))
     eta = "" if _ETA.value is None else f"_eta{_ETA.value:g}"
     guided = "" if num_classes is None or scale == 1 else f"_cfg{scale:g}"
-    stem = f"{_METHOD.value}{_NUM_STEPS.value}{eta}{guided}_seed{_SEED.value}_step{int(state.step)}"
+    stem = f"{method}{_NUM_STEPS.value}{eta}{guided}_seed{_SEED.value}_step{int(state.step)}"
     grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
     npz = workdir / "samples" / f"{stem}.npz"
     np.savez(
@@ -149,22 +198,29 @@ def sample_text(workdir: pathlib.Path) -> None:
     """txt2img (or img2img with --init_image) from a latent text-conditional run."""
     model, params, config = pipelines.load_latent_diffusion(workdir, _STEP.value, ema=_EMA.value)
     prompts = _PROMPT.value or list(config.sample.get("prompts", ()))
-    if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT (repeatable)")
-    n = _NUM_SAMPLES.value
-    prompts = (prompts * n)[:n]
+    method = _METHOD.value or "ddim"
     guidance = config.sample.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
     # the sampler options of the config (η = 1 for DDIM) when its sampler is the one asked for
-    options = (
-        dict(config.sample.get("options", {})) if _METHOD.value == config.sample.method else {}
-    )
+    options = dict(config.sample.get("options", {})) if method == config.sample.method else {}
+    generate_text(model, params, prompts, _NUM_SAMPLES.value or 64, method, guidance, options,
+                  config.data.image_size, workdir / "samples")  # fmt: skip
+
+
+def generate_text(model, params, prompts, n, method, guidance, options, size, out) -> None:
+    """txt2img (img2img with --init_image) for `prompts` cycled to n images; writes a grid and
+    an .npz to `out`."""
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable)")
+    prompts = (prompts * n)[:n]
     if _ETA.value is not None:
         options["eta"] = _ETA.value
     common = {"negative_prompts": _NEGATIVE.value, "guidance_scale": guidance,
-              "num_steps": _NUM_STEPS.value, "method": _METHOD.value, **options}  # fmt: skip
+              "num_steps": _NUM_STEPS.value, "method": method, **options}  # fmt: skip
     key = jax.random.key(_SEED.value)
+    print(f"sampling {n} image(s) with {method} x {_NUM_STEPS.value} steps, guidance "
+          f"{guidance:g} (the first call compiles)", flush=True)  # fmt: skip
     if _INIT_IMAGE.value:
-        init = load_image(_INIT_IMAGE.value, config.data.image_size)
+        init = load_image(_INIT_IMAGE.value, size)
         x = model.img2img(params, np.repeat(init[None], n, 0), prompts, key,
                           strength=_STRENGTH.value, **common)  # fmt: skip
         stem = f"img2img_s{_STRENGTH.value:g}"
@@ -172,11 +228,61 @@ def sample_text(workdir: pathlib.Path) -> None:
         x = model.txt2img(params, prompts, key, **common)
         stem = "txt2img"
     eta = f"_eta{options['eta']:g}" if "eta" in options else ""
-    stem += f"_{_METHOD.value}{_NUM_STEPS.value}{eta}_cfg{guidance:g}_seed{_SEED.value}"
+    stem += f"_{method}{_NUM_STEPS.value}{eta}_cfg{guidance:g}_seed{_SEED.value}"
     x = np.asarray(x)
-    grid = images.save_grid(workdir / "samples" / f"{stem}.png", x)
-    npz = workdir / "samples" / f"{stem}.npz"
+    grid = images.save_grid(out / f"{stem}.png", x)
+    npz = out / f"{stem}.npz"
     np.savez(npz, images=images.to_uint8(x), prompts=np.asarray(prompts))
+    print(f"samples: {grid}\narrays: {npz}")
+
+
+def sample_pretrained(path: pathlib.Path) -> None:
+    """Generate from converted Stable Diffusion (txt2img, img2img) or DDPM weights."""
+    import dataclasses
+
+    from jdiff import convert
+
+    print(f"loading {path}", flush=True)
+    p = convert.load_pretrained(
+        path,
+        prediction_type=_PREDICTION.value,
+        image_size=_IMAGE_SIZE.value,
+        allow_pickle=_ALLOW_PICKLE.value,
+    )
+    out = pathlib.Path(_OUTPUT_DIR.value or "samples").absolute()
+    method = _METHOD.value or p.scheduler.method
+    if _DTYPE.value == "bfloat16":
+        parts = {"unet": p.unet.clone(dtype=jnp.bfloat16)}
+        if p.text_encoder is not None:
+            parts["text_encoder"] = p.text_encoder.clone(dtype=jnp.bfloat16)
+        p = dataclasses.replace(p, **parts)
+    if p.is_latent:
+        model = pipelines.LatentDiffusion.from_pretrained(p)
+        guidance = 7.5 if _GUIDANCE.value is None else _GUIDANCE.value
+        prompts = _PROMPT.value or []
+        n = _NUM_SAMPLES.value or len(prompts)
+        return generate_text(model, p.params, prompts, n, method, guidance, {}, p.image_size, out)
+    if _PROMPT.value or _INIT_IMAGE.value:
+        raise ValueError(f"{path} is a pixel-space U-Net without a text encoder: it takes no "
+                         "--prompt or --init_image")  # fmt: skip
+    if p.unet.num_class_embeds is not None:
+        raise ValueError("class-conditional pretrained U-Nets are not supported by sample.py")
+    n, size = _NUM_SAMPLES.value or 64, p.image_size
+    options = p.scheduler.options_for(method)
+    if _ETA.value is not None:
+        options["eta"] = _ETA.value
+    channels = p.unet.in_channels
+    generate = pipelines.make_generate(
+        p.unet, p.scheduler.make_schedule(), shape=(n, size, size, channels), method=method,
+        num_steps=_NUM_STEPS.value, learned_variance=p.unet.out_channels == 2 * channels,
+        **options,
+    )  # fmt: skip
+    print(f"sampling {n} image(s) with {method} x {_NUM_STEPS.value} steps", flush=True)
+    x = np.asarray(jax.jit(generate)(p.params["unet"], jax.random.key(_SEED.value)))
+    stem = f"{method}{_NUM_STEPS.value}_seed{_SEED.value}"
+    grid = images.save_grid(out / f"{stem}.png", x)
+    npz = out / f"{stem}.npz"
+    np.savez(npz, images=images.to_uint8(x))
     print(f"samples: {grid}\narrays: {npz}")
 
 

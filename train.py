@@ -122,15 +122,15 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
              "latent_diffusion": _latent_parts}[task(config)]  # fmt: skip
     run = parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common)
 
-    init = run.pop("init")
-    abstract = jax.eval_shape(init)
+    init, init_args = run.pop("init"), run.pop("init_args", ())
+    abstract = jax.eval_shape(init, *init_args)
     state_sh = sharding.tree_shardings(mesh, abstract, min_size=config.mesh.fsdp_min_size)
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     manager = checkpoints.make_manager(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
     state = checkpoints.restore_latest(manager, sharding.with_shardings(abstract, state_sh))
-    state = state or jax.jit(init, out_shardings=state_sh)()
+    state = state or jax.jit(init, out_shardings=state_sh)(*init_args)
     step_jit = jax.jit(run.pop("step"), in_shardings=(state_sh, batch_sh, replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
     if run["sample"] is not None:
@@ -200,37 +200,56 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
             f"task='latent_diffusion' trains on captions; data set {config.data.name!r} has "
             "none (the embedded 'shapes' has)"
         )
-    vae_workdir = pathlib.Path(config.latent.autoencoder_workdir).absolute()
-    vae_model, vae_params, info = autoencoder.load(vae_workdir)
-    tok = tokenizer.CLIPTokenizer.default(max_length=config.text.max_length)
-    cache = latent_cache(config, workdir, source, vae_model, vae_params, info, tok)
-    text = training.make_text_encoder(config)
+    path = config.latent.get("pretrained") or None
+    if path:  # fine-tune converted weights: U-Net trained, autoencoder and text encoder frozen
+        p = training.load_pretrained_parts(config)
+        vae_model, vae_params, tok, text, unet = (p.autoencoder, p.params["autoencoder"],
+                                                  p.tokenizer, p.text_encoder, p.unet)  # fmt: skip
+        scaling, cache_key = p.autoencoder.scaling_factor, f"pretrained:{path}"
+        schedule, frozen = p.scheduler.make_schedule(), True
+        sampler = p.scheduler.options_for(config.sample.method)
+    else:
+        vae_workdir = pathlib.Path(config.latent.autoencoder_workdir).absolute()
+        vae_model, vae_params, info = autoencoder.load(vae_workdir)
+        scaling = info["scaling_factor"]
+        cache_key = f"{config.latent.autoencoder_workdir}@{info['step']}"
+        tok = tokenizer.CLIPTokenizer.default(max_length=config.text.max_length)
+        text = training.make_text_encoder(config)
+        schedule, frozen = (
+            training.make_schedule(config.diffusion),
+            config.text.get("frozen", False),
+        )
+        sampler = {"prediction_type": config.diffusion.prediction_type}
+    cache = latent_cache(workdir, source, vae_model, vae_params, cache_key, tok,
+                         config.data.image_size)  # fmt: skip
     latent_shape = cache["latent_mean"].shape[1:]
-    unet = training.make_model(config, channels=latent_shape[-1], context_dim=text.hidden_size)
-    frozen = config.text.get("frozen", False)
     if frozen:
         optimizer = training.freeze_text_encoder(optimizer)
-    init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
+    if path:
+        weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
+        init, init_args = lambda params: training.init_state(params, optimizer), (weights,)
+    else:
+        unet = training.make_model(config, channels=latent_shape[-1], context_dim=text.hidden_size)
+        init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
+        init_args = ()
     empty_ids, empty_context = tok([""])[0], None
     if frozen:  # encode every caption once with the (unchanging) initial text encoder
-        text_params = jax.jit(init)().params["text_encoder"]
+        text_params = jax.jit(init)(*init_args).params["text_encoder"]
         encode = jax.jit(lambda ids: text.apply({"params": text_params}, ids).last_hidden_state)
         cache = cache | {"context": autoencoder.in_chunks(encode, cache["ids"], 512)}
         empty_context = encode(empty_ids[None])[0]
-    schedule = training.make_schedule(config.diffusion)
     step = training.make_latent_train_step(
         unet, text, schedule, optimizer, empty_ids=empty_ids, empty_context=empty_context,
-        scaling_factor=info["scaling_factor"], caption_dropout=config.train.caption_dropout,
-        prediction_type=config.diffusion.prediction_type,
+        scaling_factor=scaling, caption_dropout=config.train.caption_dropout,
+        prediction_type=sampler.get("prediction_type", "epsilon"),
         snr_gamma=config.diffusion.snr_gamma or None, **common,
     )  # fmt: skip
     prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
     prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
     generate = pipelines.make_txt2img(
         unet, text, vae_model, schedule, latent_shape=(len(prompts), *latent_shape),
-        scaling_factor=info["scaling_factor"], method=config.sample.method,
-        num_steps=config.sample.num_steps, prediction_type=config.diffusion.prediction_type,
-        **config.sample.get("options", {}),
+        scaling_factor=scaling, method=config.sample.method, num_steps=config.sample.num_steps,
+        **(sampler | dict(config.sample.get("options", {}))),
     )  # fmt: skip
     ids, uncond = tok(prompts), tok([""] * len(prompts))
     guidance = config.sample.guidance_scale
@@ -241,8 +260,8 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
     batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())  # fmt: skip
-    return {"init": init, "step": step, "sample": sample, "model": unet, "batches": batches,
-            "prompts": prompts}  # fmt: skip
+    return {"init": init, "init_args": init_args, "step": step, "sample": sample, "model": unet,
+            "batches": batches, "prompts": prompts}  # fmt: skip
 
 
 def captions(source) -> list[str]:
@@ -254,16 +273,15 @@ def captions(source) -> list[str]:
     return out
 
 
-def latent_cache(config, workdir, source, vae_model, vae_params, info, tok) -> dict:
+def latent_cache(workdir, source, vae_model, vae_params, key: str, tok, size: int) -> dict:
     """{"latent_mean", "latent_std", "ids"} of every training record: the frozen autoencoder's
-    posterior (encoded once, cached in workdir/latents.npz) and the tokenized captions."""
+    posterior (encoded once, cached in workdir/latents.npz under `key`, which names the
+    autoencoder) and the tokenized captions."""
     path = workdir / "latents.npz"
-    key = f"{config.latent.autoencoder_workdir}@{info['step']}"
     if path.exists():
         cached = np.load(path)
         if str(cached["autoencoder"]) == key and cached["ids"].shape[1] == tok.max_length:
             return {k: cached[k] for k in ("latent_mean", "latent_std", "ids")}
-    size = config.data.image_size
     pixels = np.stack([data.preprocess(source[i]["image"], image_size=size)
                        for i in range(len(source))])  # fmt: skip
     mean, std = autoencoder.encode_moments(vae_model, vae_params, pixels)

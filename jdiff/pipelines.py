@@ -98,17 +98,19 @@ def make_txt2img(
       scaling_factor: the autoencoder's (the U-Net sees scaling_factor · z).
 
     Returns:
-      generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5) ->
+      generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None) ->
       images [N, H, W, 3] in [-1, 1]; params = {"unet", "text_encoder"}; ids and uncond_ids
-      int [N, L] (the prompts' and the negative prompts' or empty prompt's). Under `jax.jit`
-      everything compiles once: new prompts, keys and guidance scales do not retrace.
+      int [N, L] (the prompts' and the negative prompts' or empty prompt's); latents: the
+      standard-normal initial latents (default: drawn from key), as diffusers' `latents=`.
+      Under `jax.jit` everything compiles once: new prompts, keys and guidance scales do not
+      retrace.
     """
 
-    def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5):
+    def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None):
         fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
                            guidance_rescale)  # fmt: skip
         z = samplers.sample(fn, schedule, key, latent_shape, method=method, num_steps=num_steps,
-                            **options)  # fmt: skip
+                            x_T=latents, **options)  # fmt: skip
         images = autoencoder.apply({"params": vae_params}, z / scaling_factor, method="decode")
         return jnp.clip(images, -1.0, 1.0)
 
@@ -195,8 +197,36 @@ class LatentDiffusion:
     tokenizer: Any  # jdiff.tokenizer.CLIPTokenizer
     scaling_factor: float
     image_size: int  # the default height and width
-    sampler_options: tuple = ()  # (name, value) pairs every sampler gets (prediction_type, ...)
+    # (name, value) pairs of sampler settings (prediction_type, steps_offset, ...); each sampler
+    # gets those it takes, as diffusers' `OtherScheduler.from_config(config)` does
+    sampler_options: tuple = ()
+    method: str = "ddim"  # the default sampler
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained) -> LatentDiffusion:
+        """From `jdiff.convert.load_pretrained(...)`'s result (a latent text-to-image model);
+        its params are `pretrained.params`. The scheduler's sampler is the default method."""
+        if not pretrained.is_latent or pretrained.text_encoder is None:
+            raise ValueError(f"{pretrained.source} is not a latent text-to-image model; use "
+                             "pipelines.make_generate for a pixel-space U-Net")  # fmt: skip
+        if pretrained.unet.in_channels != pretrained.autoencoder.latent_channels:
+            raise ValueError(
+                f"this U-Net takes {pretrained.unet.in_channels} input channels (an inpainting "
+                f"model's layout), not the {pretrained.autoencoder.latent_channels} latent "
+                "channels txt2img and img2img give it"
+            )
+        s = pretrained.scheduler
+        return cls(pretrained.unet, pretrained.text_encoder, pretrained.autoencoder,
+                   s.make_schedule(), pretrained.tokenizer,
+                   pretrained.autoencoder.scaling_factor, image_size=pretrained.image_size,
+                   sampler_options=tuple(sorted(s.options.items())), method=s.method)  # fmt: skip
+
+    def _options(self, method, options):
+        if method not in samplers.DEFAULTS:
+            raise ValueError(f"unknown sampler method {method!r}; choose one of {samplers.METHODS}")
+        own = {k: v for k, v in self.sampler_options if k in samplers.DEFAULTS[method]}
+        return own | options
 
     def _tokens(self, prompts, negative_prompts):
         if isinstance(prompts, str):
@@ -229,12 +259,18 @@ class LatentDiffusion:
 
     def txt2img(
         self, params, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
-        num_steps=50, method="ddim", height=None, width=None, **options,
+        num_steps=50, method=None, height=None, width=None, latents=None, **options,
     ) -> jax.Array:  # fmt: skip
-        """Images [N, H, W, 3] in [-1, 1] for N prompts."""
+        """Images [N, H, W, 3] in [-1, 1] for N prompts (`latents`: optional initial noise
+        [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler)."""
         ids, uncond = self._tokens(prompts, negative_prompts)
         shape = self._latent_shape(len(ids), height, width)
-        options = dict(self.sampler_options) | options
+        method = method or self.method
+        options = self._options(method, options)
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents have shape {latents.shape}; expected {shape}")
         generate = self._jit(
             ("txt2img", shape, method, num_steps, tuple(sorted(options.items()))),
             lambda: make_txt2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
@@ -242,13 +278,14 @@ class LatentDiffusion:
                                  method=method, num_steps=num_steps, **options),
         )  # fmt: skip
         vae = params["autoencoder"]
-        return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale))
+        return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale), latents)
 
     def img2img(
         self, params, init_images, prompts, key, *, strength=0.8, negative_prompts=None,
-        guidance_scale=7.5, num_steps=50, method="ddim", **options,
+        guidance_scale=7.5, num_steps=50, method=None, **options,
     ) -> jax.Array:  # fmt: skip
         """`init_images` [N, H, W, 3] in [-1, 1] re-imagined with N prompts."""
+        method = method or self.method
         init_images = jnp.asarray(init_images, jnp.float32)
         if init_images.ndim != 4 or init_images.shape[-1] != 3:
             raise ValueError(f"init images must be [N, H, W, 3]; got shape {init_images.shape}")
@@ -257,7 +294,7 @@ class LatentDiffusion:
             raise ValueError(f"{len(init_images)} init images for {len(ids)} prompts")
         shape = self._latent_shape(len(ids), *init_images.shape[1:3])
         start = img2img_start_step(num_steps, strength)  # validates strength
-        options = dict(self.sampler_options) | options
+        options = self._options(method, options)
         generate = self._jit(
             ("img2img", shape, method, num_steps, start, tuple(sorted(options.items()))),
             lambda: make_img2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
@@ -287,6 +324,15 @@ def load_latent_diffusion(
     if config.get("task") != "latent_diffusion":
         raise ValueError(f"{workdir} holds a {config.get('task', 'diffusion')!r} run, not a "
                          "latent diffusion model")  # fmt: skip
+    if config.latent.get("pretrained"):  # fine-tuned converted weights: only the U-Net trained
+        p = training.load_pretrained_parts(config)
+        optimizer = training.freeze_text_encoder(training.make_optimizer(config.optim))
+        weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
+        abstract = jax.eval_shape(lambda w: training.init_state(w, optimizer), weights)
+        state = checkpoints.restore_from(workdir, abstract, step)
+        model = LatentDiffusion.from_pretrained(p)
+        tuned = state.ema_params if ema else state.params
+        return model, {**tuned, "autoencoder": p.params["autoencoder"]}, config
     vae_model, vae_params, info = autoencoders.load(config.latent.autoencoder_workdir)
     text = training.make_text_encoder(config)
     latent = tuple(info["latent_shape"])

@@ -82,6 +82,9 @@ class CLIPTokenizer:
         if max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for start and end tokens")
         self.vocab, self.max_length = vocab, max_length
+        self.merges = [tuple(pair) for pair in merges]
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token,
+                               "pad_token": pad_token, "unk_token": unk_token}  # fmt: skip
         self.ranks = {tuple(pair): i for i, pair in enumerate(merges)}
         self.bos_id, self.eos_id = vocab[bos_token], vocab[eos_token]
         self.pad_id, self.unk_id = vocab[pad_token], vocab[unk_token]
@@ -151,6 +154,21 @@ class CLIPTokenizer:
         if isinstance(length, int) and 2 <= length <= 4096:
             found["max_length"] = length
         return cls(vocab, merges, **(found | kwargs))
+
+    def save_pretrained(self, directory: str | pathlib.Path) -> pathlib.Path:
+        """Write the folder `from_pretrained` (and transformers' `CLIPTokenizer`) reads:
+        vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False),
+                                              encoding="utf-8")  # fmt: skip
+        merges = "\n".join(" ".join(pair) for pair in self.merges)
+        (directory / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", encoding="utf-8")
+        (directory / "special_tokens_map.json").write_text(json.dumps(self.special_tokens))
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
+                  "do_lower_case": True, **self.special_tokens}  # fmt: skip
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        return directory
 
     # tokenization
 

@@ -388,6 +388,22 @@ def make_text_encoder(config: Any) -> CLIPTextModel:
     return CLIPTextModel(**fields, dtype=_dtype(config.model.dtype))
 
 
+def load_pretrained_parts(config: Any):
+    """`jdiff.convert.load_pretrained(config.latent.pretrained)` for fine-tuning: the U-Net in
+    `config.model.dtype` (and `remat`), the text encoder in it too, the autoencoder float32."""
+    import dataclasses
+
+    from jdiff import convert
+
+    p = convert.load_pretrained(config.latent.pretrained)
+    if not p.is_latent or p.text_encoder is None:
+        raise ValueError(f"latent.pretrained={config.latent.pretrained!r} is not a latent "
+                         "text-to-image model (Stable Diffusion)")  # fmt: skip
+    dtype = _dtype(config.model.dtype)
+    return dataclasses.replace(p, unet=p.unet.clone(dtype=dtype, remat=config.model.remat),
+                               text_encoder=p.text_encoder.clone(dtype=dtype))  # fmt: skip
+
+
 def make_autoencoder(config: Any) -> AutoencoderKL:
     """The autoencoder of `config.model` (a `jdiff.nn.vae.VARIANTS` name plus field overrides)
     for the data's channels."""

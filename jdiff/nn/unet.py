@@ -233,7 +233,10 @@ class UNet(nn.Module):
         self._check(x, context, class_labels)
         s = self._settings()
         n, c0 = len(self.block_out_channels), self.block_out_channels[0]
-        heads, layers = self._heads(), _per_block(self.transformer_layers_per_block, n, "layers")
+        heads, layers = (
+            self.heads_per_block(),
+            _per_block(self.transformer_layers_per_block, n, "layers"),
+        )
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         emb = timestep_embedding(
             t, c0, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
@@ -287,7 +290,8 @@ class UNet(nn.Module):
             self.remat,
         )
 
-    def _heads(self) -> tuple[int, ...]:
+    def heads_per_block(self) -> tuple[int, ...]:
+        """The number of attention heads at each level."""
         n = len(self.block_out_channels)
         if self.num_attention_heads is not None and self.attention_head_dim is not None:
             raise ValueError("give num_attention_heads or attention_head_dim, not both")

@@ -1,0 +1,39 @@
+"""Fine-tune pretrained Stable Diffusion weights on the embedded captioned shapes.
+
+    python train.py --config configs/sd_finetune.py --workdir outputs/sd_finetune \
+        --config.latent.pretrained=/path/to/stable-diffusion-v1-5
+
+`latent.pretrained` is anything `jdiff.convert.load_pretrained` reads (a diffusers-format
+directory, an original single-file .safetensors, a `python -m jdiff.convert` output). Only the
+U-Net trains, in latent space: the autoencoder and the text encoder stay frozen, the shapes'
+latents and caption encodings are computed once and cached in the workdir, and the noise
+schedule, prediction type and sampler settings are the pretrained scheduler's. Images are
+upscaled to 256x256 (32x32 latents for SD's f=8 autoencoder). Samples use the scheduler's
+sampler settings (DDIM, 50 steps) at guidance 7.5.
+
+Real SD sizes need an accelerator (bfloat16, rematerialised blocks); `:tiny` is the few-step
+variant the tests run on a small random-weight directory.
+"""
+
+from configs import ldm_shapes
+
+
+def get_config(arg: str | None = None):
+    c = ldm_shapes.get_config()
+    c.latent = {"pretrained": "", "autoencoder_workdir": ""}
+    c.data.update(image_size=256, batch_size=8)
+    c.model.update(dtype="bfloat16", remat=True)  # the U-Net's and text encoder's compute
+    c.train.update(num_steps=2000, checkpoint_every=500, caption_dropout=0.1)
+    c.optim.update(learning_rate=1e-5, warmup_steps=100, cosine_decay_steps=0, grad_clip=1.0)
+    c.sample.update(method="ddim", num_steps=50, num_samples=8, guidance_scale=7.5, options={})
+    if arg == "tiny":
+        c.data.update(image_size=16, batch_size=4, split="train[:64]")
+        c.model.update(dtype="float32", remat=False)
+        c.train.update(num_steps=2, log_every=1, checkpoint_every=2)
+        c.optim.update(learning_rate=1e-3, warmup_steps=1)
+        c.sample.update(num_steps=2, num_samples=2)
+    elif arg:
+        raise ValueError(
+            f"configs/sd_finetune.py: unknown variant {arg!r}; expected 'tiny' or none"
+        )
+    return c

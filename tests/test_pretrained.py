@@ -1,0 +1,420 @@
+"""Stable Diffusion weights: diffusers-format directories and original single files in, diffusers
+directories and jdiff checkpoints out, each against diffusers and transformers themselves.
+
+The models are small random-weight SD 1.x- and SD 2.x-shaped pipelines built with diffusers and
+transformers in the test and saved with their own `save_pretrained` (no hub)."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from reference import perturbed
+
+from jdiff import convert, pipelines, samplers, single_file
+from jdiff.tokenizer import CLIPTokenizer
+
+SD1_SCHEDULER = dict(single_file.SCHEDULERS["sd1"])
+SD2_SCHEDULER = dict(single_file.SCHEDULERS["sd2"])
+PROMPTS = ["a red circle at the top left", "a blue square"]
+NEGATIVE = ["", "green"]
+
+
+def tiny_pipeline(version: str):
+    """The parts of an SD 1.x- or 2.x-shaped pipeline (random weights): U-Net 32/64 channels
+    (SD 2.x: 64/128, 64-channel heads, linear projections, upcast attention), an f=2 VAE, a
+    2-layer CLIP text encoder with the real 49,408-token vocabulary."""
+    sd2 = version == "sd2"
+    width = 64
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128) if sd2 else (32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(1, 2) if sd2 else 8, cross_attention_dim=width,
+        use_linear_projection=sd2, upcast_attention=sd2,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )  # fmt: skip
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=1, max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+    ))  # fmt: skip
+    tokenizer = CLIPTokenizer.default(**({"pad_token": "!"} if sd2 else {}))
+    return unet, vae, text, tokenizer
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory):
+    """{"sd1" | "sd2": directory}: the tiny pipelines as diffusers saves them."""
+    out = {}
+    for version, scheduler in (("sd1", PNDMScheduler.from_config(SD1_SCHEDULER)),
+                               ("sd2", DDIMScheduler.from_config(SD2_SCHEDULER))):  # fmt: skip
+        unet, vae, text, tokenizer = tiny_pipeline(version)
+        folder = tmp_path_factory.mktemp(version)
+        tokenizer.save_pretrained(folder / "tokenizer_files")
+        torch_tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_files")
+        pipe = StableDiffusionPipeline(
+            vae=perturbed(vae), text_encoder=perturbed(text), tokenizer=torch_tokenizer,
+            unet=perturbed(unet), scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.save_pretrained(folder / "pipeline")
+        out[version] = folder / "pipeline"
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(sd_dirs):
+    return {v: convert.load_pretrained(path) for v, path in sd_dirs.items()}
+
+
+def torch_pipeline(path, scheduler=None):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_directory_loads_with_its_configs_and_scheduler(loaded):
+    sd1, sd2 = loaded["sd1"], loaded["sd2"]
+    assert sd1.unet.heads_per_block() == (8, 8) and not sd1.unet.use_linear_projection
+    assert sd2.unet.heads_per_block() == (1, 2) and sd2.unet.use_linear_projection
+    assert sd2.unet.upcast_attention and sd2.text_encoder.hidden_act == "gelu"
+    assert sd1.image_size == 16 and sd1.autoencoder.downsample_factor == 2
+    assert sd1.scheduler.method == "pndm" and sd2.scheduler.method == "ddim"
+    assert sd1.scheduler.options_for() == {
+        "prediction_type": "epsilon", "steps_offset": 1, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "timestep_spacing": "leading",
+    }  # fmt: skip
+    # another method takes what applies to it, as DDIMScheduler.from_config would
+    assert sd2.scheduler.options_for("euler") == {"prediction_type": "v_prediction",
+                                                  "steps_offset": 1,
+                                                  "timestep_spacing": "leading"}  # fmt: skip
+    assert sd2.tokenizer.pad_id == sd2.tokenizer.vocab["!"]
+    assert set(sd1.params) == {"unet", "autoencoder", "text_encoder"}
+
+
+def _latents(seed=0):
+    return np.random.default_rng(seed).standard_normal((2, 8, 8, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "version, method, scheduler",
+    [("sd1", "ddim", DDIMScheduler), ("sd1", "dpmpp_2m", DPMSolverMultistepScheduler),
+     ("sd2", None, None)],
+)  # fmt: skip
+def test_txt2img_matches_stable_diffusion_pipeline(sd_dirs, loaded, version, method, scheduler):
+    """The same directory, prompts, negative prompts and initial latents: jdiff's images are
+    diffusers' StableDiffusionPipeline's (classifier-free guidance 7.5, 10 steps)."""
+    latents = _latents()
+    model = pipelines.LatentDiffusion.from_pretrained(loaded[version])
+    ours = model.txt2img(loaded[version].params, PROMPTS, jax.random.key(0), method=method,
+                         negative_prompts=NEGATIVE, num_steps=10, latents=latents)  # fmt: skip
+    ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
+    pipe = torch_pipeline(sd_dirs[version], scheduler)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5,
+                   latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+                   output_type="np").images  # fmt: skip
+    assert ours.shape == ref.shape == (2, 16, 16, 3)
+    assert ref.std() > 0.05  # not a flat image
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_export_round_trips_through_diffusers(sd_dirs, loaded, tmp_path):
+    """jdiff -> save_pretrained -> diffusers loads it: the same tensors and configs as the
+    directory it came from."""
+    out = convert.save_pretrained(loaded["sd2"], tmp_path / "exported")
+    original = torch_pipeline(sd_dirs["sd2"])
+    exported = torch_pipeline(out)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(original, name).state_dict(), getattr(exported, name).state_dict()
+        assert set(a) == set(b), name
+        for key in a:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    for key in ("block_out_channels", "attention_head_dim", "use_linear_projection",
+                "upcast_attention", "cross_attention_dim", "sample_size"):  # fmt: skip
+        assert original.unet.config[key] == exported.unet.config[key], key
+    assert type(exported.scheduler) is DDIMScheduler
+    assert exported.scheduler.config.prediction_type == "v_prediction"
+    assert exported.tokenizer.pad_token == "!"
+    assert exported.tokenizer("a cat").input_ids == original.tokenizer("a cat").input_ids
+    # and back into jdiff
+    again = convert.load_pretrained(out)
+    for a, b in zip(jax.tree.leaves(loaded["sd2"].params), jax.tree.leaves(again.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_jdiff_checkpoint_cli_round_trip(sd_dirs, loaded, tmp_path, capsys):
+    convert.main([str(sd_dirs["sd1"]), "--output", str(tmp_path / "ckpt")])
+    printed = capsys.readouterr().out
+    assert "jdiff checkpoint:" in printed and re.search(r"unet [0-9,]{7,}", printed)
+    back = convert.load_pretrained(tmp_path / "ckpt")
+    assert back.scheduler.options_for() == loaded["sd1"].scheduler.options_for()
+    assert back.tokenizer(["a cat"]).tolist() == loaded["sd1"].tokenizer(["a cat"]).tolist()
+    for a, b in zip(jax.tree.leaves(loaded["sd1"].params), jax.tree.leaves(back.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    convert.main([str(tmp_path / "ckpt"), "--output", str(tmp_path / "diffusers"),
+                  "--format", "diffusers"])  # fmt: skip
+    pipe = torch_pipeline(tmp_path / "diffusers")
+    assert type(pipe.scheduler) is PNDMScheduler
+    with pytest.raises(SystemExit, match="not empty"):
+        convert.main([str(sd_dirs["sd1"]), "--output", str(tmp_path / "ckpt")])
+
+
+# ----------------------------------------------------------------------------- single files
+
+
+def original_file(pretrained, path, *, extras=True):
+    """`pretrained` written in the original single-file layout, with what real files carry
+    beside the modules (EMA copies, schedule buffers, OpenCLIP's last block and projection)."""
+    from safetensors.numpy import save_file
+
+    maps = single_file.key_map(pretrained.unet, pretrained.autoencoder, pretrained.text_encoder,
+                               openclip=pretrained.text_encoder.hidden_act == "gelu")  # fmt: skip
+    states = {k: convert.to_diffusers(v) for k, v in pretrained.params.items()}
+    state = single_file.from_diffusers_state(states, maps)
+    if extras:
+        state["alphas_cumprod"] = np.ones(1000, np.float32)
+        state["model_ema.decay"] = np.ones((), np.float32)
+        if pretrained.text_encoder.hidden_act == "gelu":
+            p = single_file.OPENCLIP
+            last = f"{p}transformer.resblocks.2."
+            for k in [k for k in state if k.startswith(f"{p}transformer.resblocks.1.")]:
+                state[last + k.split("resblocks.1.")[1]] = state[k]
+            state[p + "text_projection"] = np.eye(64, dtype=np.float32)
+            state[p + "logit_scale"] = np.ones((), np.float32)
+    save_file(state, path)
+    return state
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_single_file_layout_matches_diffusers_converter(loaded, version, tmp_path):
+    """Our original-layout table against diffusers' own single-file converters: the file jdiff
+    writes converts, by diffusers, back to exactly the tensors of the diffusers directory."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    p = loaded[version]
+    state = original_file(p, tmp_path / "model.safetensors")
+    checkpoint = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    unet_config = convert.unet_config_to_diffusers(p.unet, p.sample_size)
+    vae_config = convert.vae_config_to_diffusers(p.autoencoder, p.image_size)
+    got = {"unet": sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config),
+           "autoencoder": sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config)}  # fmt: skip
+    if version == "sd1":
+        got["text_encoder"] = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    else:
+        config = transformers.CLIPTextConfig(
+            **convert.text_encoder_config_to_transformers(p.text_encoder)
+        )
+        text = transformers.CLIPTextModel(config)
+        got["text_encoder"] = sfu.convert_open_clip_checkpoint(text, checkpoint)
+    for module, tree in p.params.items():
+        expected = convert.to_diffusers(tree)
+        theirs = {k if k.startswith("text_model.") or module != "text_encoder"
+                  else f"text_model.{k}": v for k, v in got[module].items()}  # fmt: skip
+        theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
+        if module == "text_encoder" and version == "sd2":  # diffusers keeps every block
+            theirs = {k: v for k, v in theirs.items() if "layers.2." not in k
+                      and "projection" not in k}  # fmt: skip
+        assert set(theirs) == set(expected), (module, set(theirs) ^ set(expected))
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(theirs[key], np.float32).reshape(value.shape),
+                                          value, err_msg=f"{module} {key}")  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_single_file_loads_like_the_directory(loaded, version, tmp_path):
+    p = loaded[version]
+    original_file(p, tmp_path / "model.safetensors")
+    q = convert.load_pretrained(tmp_path / "model.safetensors", image_size=16)
+    for field in (
+        "block_out_channels",
+        "num_attention_heads",
+        "use_linear_projection",
+        "cross_attention_dim",
+        "in_channels",
+        "down_block_types",
+        "up_block_types",
+    ):
+        assert tuple(np.ravel(getattr(q.unet, field))) == tuple(np.ravel(getattr(p.unet, field)))
+    assert q.text_encoder.num_hidden_layers == 2 and q.image_size == 16
+    assert q.scheduler.method == p.scheduler.method
+    method = p.scheduler.method
+    assert samplers.resolve_options(method, q.scheduler.options_for()) == (
+        samplers.resolve_options(method, p.scheduler.options_for())
+    )
+    assert q.tokenizer(PROMPTS).tolist() == p.tokenizer(PROMPTS).tolist()
+    for a, b in zip(jax.tree.leaves(p.params), jax.tree.leaves(q.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_single_file_defaults_overrides_and_errors(loaded, tmp_path):
+    original_file(loaded["sd2"], tmp_path / "sd2.safetensors")
+    sd2 = convert.load_pretrained(tmp_path / "sd2.safetensors")
+    assert sd2.image_size == 768 and sd2.scheduler.options["prediction_type"] == "v_prediction"
+    base = convert.load_pretrained(tmp_path / "sd2.safetensors", prediction_type="epsilon")
+    assert base.image_size == 512 and base.scheduler.options["prediction_type"] == "epsilon"
+    state = original_file(loaded["sd1"], tmp_path / "sd1.safetensors", extras=False)
+    assert convert.load_pretrained(tmp_path / "sd1.safetensors").image_size == 512
+
+    from safetensors.numpy import save_file
+
+    for key in ("first_stage_model.encoder.conv_in.weight",  # read for the config
+                "first_stage_model.decoder.mid.attn_1.q.bias"):  # fmt: skip
+        save_file({k: v for k, v in state.items() if k != key}, tmp_path / "missing.safetensors")
+        with pytest.raises(ValueError, match=f"missing {key}"):
+            convert.load_pretrained(tmp_path / "missing.safetensors")
+    save_file(state | {"model.diffusion_model.extra.weight": np.ones(2, np.float32)},
+              tmp_path / "extra.safetensors")  # fmt: skip
+    with pytest.raises(ValueError, match=r"unexpected model\.diffusion_model\.extra\.weight"):
+        convert.load_pretrained(tmp_path / "extra.safetensors")
+    (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
+    with pytest.raises(ValueError, match=r"pickle-based.*allow_pickle"):
+        convert.load_pretrained(tmp_path / "model.ckpt")
+
+
+# ----------------------------------------------------------------------------- errors, DDPM
+
+
+def test_directory_errors_name_the_problem(sd_dirs, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sd_dirs["sd1"], bad)
+    weights = bad / "vae" / "diffusion_pytorch_model.safetensors"
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(weights)
+    state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"][:, :2]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"(?s)vae: .*decoder.conv_in.weight: shape .* expected"):
+        convert.load_pretrained(bad)
+    weights.unlink()
+    (bad / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="pickle-based"):
+        convert.load_pretrained(bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="text_encoder_2"):
+        convert.load_pretrained(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert.load_pretrained(tmp_path / "nowhere")
+
+
+def test_scheduler_configs_map_to_samplers():
+    s = convert.scheduler_from_diffusers({"_class_name": "DDIMScheduler",
+                                          "beta_schedule": "squaredcos_cap_v2"})  # fmt: skip
+    assert s.method == "ddim" and s.options["clip_sample"] is True  # diffusers' default
+    assert s.schedule == {"name": "cosine", "num_timesteps": 1000,
+                          "rescale_zero_terminal_snr": False}  # fmt: skip
+    s = convert.scheduler_from_diffusers({"_class_name": "EulerDiscreteScheduler",
+                                          "rescale_betas_zero_snr": True,
+                                          "beta_schedule": "scaled_linear",
+                                          "beta_start": 0.00085, "beta_end": 0.012})  # fmt: skip
+    assert s.method == "euler" and float(s.make_schedule().alphas_cumprod[-1]) == 0.0
+    with pytest.warns(UserWarning, match="LMSDiscreteScheduler has no jdiff sampler"):
+        s = convert.scheduler_from_diffusers({"_class_name": "LMSDiscreteScheduler"})
+    assert s.method == "ddim"
+    with pytest.warns(UserWarning, match="thresholding"):
+        convert.scheduler_from_diffusers({"_class_name": "DDPMScheduler", "thresholding": True})
+    with pytest.raises(ValueError, match="beta_schedule 'exp'"):
+        convert.scheduler_from_diffusers({"beta_schedule": "exp"})
+
+
+def test_pixel_space_ddpm_directory(tmp_path):
+    """A DDPM-paper-shaped UNet2DModel directory (google/ddpm-cifar10-32's layout) loads and
+    its U-Net matches diffusers'; make_generate samples from it."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    unet = perturbed(UNet2DModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    ))  # fmt: skip
+    DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path)
+    p = convert.load_pretrained(tmp_path)
+    assert not p.is_latent and p.image_size == 8 and p.scheduler.method == "ddpm"
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    t = np.array([10.0, 900.0], np.float32)
+    ours = p.unet.apply({"params": p.params["unet"]}, jnp.asarray(x), jnp.asarray(t))
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t)).sample
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * np.abs(ref).max()
+    generate = pipelines.make_generate(p.unet, p.scheduler.make_schedule(), shape=(1, 8, 8, 3),
+                                       method="ddim", num_steps=2,
+                                       **p.scheduler.options_for("ddim"))  # fmt: skip
+    assert np.isfinite(np.asarray(jax.jit(generate)(p.params["unet"], jax.random.key(0)))).all()
+
+
+def test_sample_py_pretrained(sd_dirs, tmp_path):
+    """`python sample.py --pretrained DIR --prompt ...` writes one image per prompt with the
+    directory's scheduler (PNDM); a bad path is a one-line error."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, str(ROOT / "sample.py"), f"--pretrained={sd_dirs['sd1']}",
+               "--prompt=a red circle", "--prompt=a blue square", "--num_steps=4",
+               f"--output_dir={tmp_path}", "--negative_prompt=green"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    npz = tmp_path / "txt2img_pndm4_cfg7.5_seed0.npz"
+    assert f"arrays: {npz}" in done.stdout
+    saved = np.load(npz)
+    assert saved["images"].shape == (2, 16, 16, 3) and saved["images"].dtype == np.uint8
+    assert list(saved["prompts"]) == ["a red circle", "a blue square"]
+    assert (tmp_path / "txt2img_pndm4_cfg7.5_seed0.png").exists()
+    bad = subprocess.run([*command[:2], f"--pretrained={tmp_path / 'nowhere'}", "--prompt=x"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 1 and "error:" in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_train_py_fine_tunes_pretrained_weights(sd_dirs, loaded, tmp_path):
+    """configs/sd_finetune.py:tiny on the SD 1.x-shaped directory: the U-Net trains from the
+    converted weights, the autoencoder and text encoder stay as loaded; the workdir samples."""
+    import importlib
+
+    import train
+
+    config = importlib.import_module("configs.sd_finetune").get_config("tiny")
+    config.latent.pretrained = str(sd_dirs["sd1"])
+    config.mesh.data = 1
+    grid = train.train(config, tmp_path)
+    assert grid.exists()
+    model, params, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
+    before = loaded["sd1"].params
+    for name in ("text_encoder", "autoencoder"):
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(params[name]),
+                        strict=True):  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(before["unet"]), jax.tree.leaves(params["unet"]),
+                             strict=True)]  # fmt: skip
+    assert min(moved) > 0  # every U-Net tensor took the two steps
+    assert model.method == "pndm" and model.image_size == 16  # sample.py --workdir samples it
+    assert np.load(tmp_path / "latents.npz")["latent_mean"].shape == (64, 8, 8, 4)
