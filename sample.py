@@ -8,6 +8,7 @@
     python sample.py --pretrained /path/to/stable-diffusion-v1-5 --prompt "a photo of a cat"
                      [--guidance_scale 7.5] [--method dpmpp_2m] [--num_steps 25]
                      [--init_image IMAGE.png --strength 0.6] [--dtype bfloat16] [--output_dir D]
+                     [--init_image IMAGE.png --mask MASK.png]   (inpainting models)
 
 A text-conditional latent model (train.py's task "latent_diffusion") takes prompts (cycled to
 --num_samples images; none: the prompts of its config) and, with --init_image, re-imagines
@@ -69,7 +70,12 @@ _TRAJECTORY = flags.DEFINE_bool("trajectory", False, "Also write the forward/rev
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt(s) (latent text models).")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (latent text models).")
 _INIT_IMAGE = flags.DEFINE_string("init_image", None, "Image to re-imagine (img2img).")
-_STRENGTH = flags.DEFINE_float("strength", 0.8, "img2img: how far to noise the image (0..1).")
+_STRENGTH = flags.DEFINE_float(
+    "strength", None, "img2img / inpainting: how far to noise the image (0..1; 0.8 / 1)."
+)
+_MASK = flags.DEFINE_string(
+    "mask", None, "Inpainting models: a mask image (white = repaint), with --init_image."
+)
 _PREDICTION = flags.DEFINE_enum(
     "prediction_type",
     None,
@@ -194,6 +200,22 @@ def load_image(path: str, size: int) -> np.ndarray:
     return data.preprocess(image, image_size=size)
 
 
+def load_mask(path: str, size: int) -> np.ndarray:
+    """A mask image as float32 [size, size, 1] in [0, 1] (white = 1 = repaint), centre-cropped
+    as `load_image` crops the image, resized with nearest neighbours."""
+    from PIL import Image
+
+    try:
+        mask = Image.open(path).convert("L")
+    except (FileNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"--mask {path}: {e}") from None
+    w, h = mask.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    mask = mask.crop(box).resize((size, size), Image.Resampling.NEAREST)
+    return (np.asarray(mask, np.float32) / 255.0)[..., None]
+
+
 def sample_text(workdir: pathlib.Path) -> None:
     """txt2img (or img2img with --init_image) from a latent text-conditional run."""
     model, params, config = pipelines.load_latent_diffusion(workdir, _STEP.value, ema=_EMA.value)
@@ -219,11 +241,20 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
     key = jax.random.key(_SEED.value)
     print(f"sampling {n} image(s) with {method} x {_NUM_STEPS.value} steps, guidance "
           f"{guidance:g} (the first call compiles)", flush=True)  # fmt: skip
-    if _INIT_IMAGE.value:
+    if _MASK.value and not _INIT_IMAGE.value:
+        raise ValueError("--mask needs --init_image (the image to inpaint)")
+    if _MASK.value:
+        init = np.repeat(load_image(_INIT_IMAGE.value, size)[None], n, 0)
+        mask = np.repeat(load_mask(_MASK.value, size)[None], n, 0)
+        strength = 1.0 if _STRENGTH.value is None else _STRENGTH.value
+        x = model.inpaint(params, init, mask, prompts, key, strength=strength, **common)
+        stem = f"inpaint_s{strength:g}"
+    elif _INIT_IMAGE.value:
         init = load_image(_INIT_IMAGE.value, size)
+        strength = 0.8 if _STRENGTH.value is None else _STRENGTH.value
         x = model.img2img(params, np.repeat(init[None], n, 0), prompts, key,
-                          strength=_STRENGTH.value, **common)  # fmt: skip
-        stem = f"img2img_s{_STRENGTH.value:g}"
+                          strength=strength, **common)  # fmt: skip
+        stem = f"img2img_s{strength:g}"
     else:
         x = model.txt2img(params, prompts, key, **common)
         stem = "txt2img"

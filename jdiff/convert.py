@@ -330,9 +330,10 @@ _SCHEDULER_UNSUPPORTED = {
     "use_flow_sigmas": (False,), "use_lu_lambdas": (False,), "euler_at_final": (False,),
     "timestep_type": ("discrete",), "interpolation_type": ("linear",),
     "algorithm_type": ("dpmsolver++",), "solver_order": (2,), "solver_type": ("midpoint",),
-    "sigma_min": (None,), "sigma_max": (None,), "prediction_type": ("epsilon", "v_prediction",
-                                                                     "sample"),
+    "sigma_min": (None,), "sigma_max": (None,),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
 }  # fmt: skip
+_DPM_ONLY = ("algorithm_type", "solver_order", "solver_type")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -400,20 +401,14 @@ def scheduler_from_diffusers(config: Mapping[str, Any]) -> SchedulerSettings:
             schedule |= {"beta_start": float(config.get("beta_start", 1e-4)),
                          "beta_end": float(config.get("beta_end", 0.02))}  # fmt: skip
     schedule["rescale_zero_terminal_snr"] = bool(config.get("rescale_betas_zero_snr", False))
+    ignored = []
     for key, off in _SCHEDULER_UNSUPPORTED.items():
-        applies = key not in ("algorithm_type", "solver_order", "solver_type") or (
-            method == "dpmpp_2m"
-        )
-        if applies and key in config and config[key] not in off:
+        if (method == "dpmpp_2m" or key not in _DPM_ONLY) and config.get(key, off[0]) not in off:
             warnings.warn(f"{cls} setting {key}={config[key]!r} is not supported by jdiff's "
                           f"{method} sampler; ignored", stacklevel=2)  # fmt: skip
+            ignored.append(key)
     options = {k: config[k] for k in _OPTION_NAMES
-               if k in config and config[k] is not None}  # fmt: skip
-    if (
-        "prediction_type" in options
-        and options["prediction_type"] not in (_SCHEDULER_UNSUPPORTED["prediction_type"])
-    ):
-        del options["prediction_type"]
+               if k in config and config[k] is not None and k not in ignored}  # fmt: skip
     if method in ("ddpm", "ddim"):  # diffusers' default is True, jdiff's False
         options.setdefault("clip_sample", True)
     if method != "ddpm" or options.get("variance_type") not in samplers.DDPM_VARIANCES:

@@ -169,11 +169,85 @@ def make_img2img(
     return generate
 
 
-def _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale, rescale):
+def inpainting_inputs(masks, images, f: int):
+    """(mask at latent size [N, H/f, W/f, 1], masked image [N, H, W, 3]) as Stable Diffusion's
+    inpainting pipeline forms them: the mask binarized at 0.5 (1 = repaint), the image zeroed
+    where it is repainted, the mask taken at every f-th pixel (torch's `interpolate`, nearest)."""
+    masks = (masks >= 0.5).astype(jnp.float32)
+    return masks[:, ::f, ::f], images * (1.0 - masks)
+
+
+def make_inpaint(
+    unet: UNet,
+    text_encoder: CLIPTextModel,
+    autoencoder: AutoencoderKL,
+    schedule: Schedule,
+    *,
+    latent_shape: tuple[int, int, int, int],
+    scaling_factor: float,
+    strength: float = 1.0,
+    method: str = "ddim",
+    num_steps: int = 50,
+    guidance_rescale: float = 0.0,
+    **options,
+) -> Callable[..., jax.Array]:
+    """Inpainting with a model trained for it (Stable Diffusion's inpainting U-Net: latents,
+    mask and masked-image latents concatenated, 2c + 1 input channels), classifier-free guided.
+
+    The masked image's latents are the autoencoder posterior's mode (diffusers samples it).
+    With strength 1 the latents start from noise; below 1, from the image's latents noised to
+    `img2img_start_step(num_steps, strength)`. The result is the decoded sample, unpasted.
+
+    Returns:
+      generate(params, vae_params, images [N, H, W, 3] in [-1, 1], masks [N, H, W, 1] in
+      [0, 1] (1 = repaint), ids, uncond_ids, key, guidance_scale=7.5, latents=None) ->
+      images [N, H, W, 3] in [-1, 1].
+    """
+    if unet.in_channels != 2 * latent_shape[-1] + 1:
+        raise ValueError(
+            f"this U-Net takes {unet.in_channels} input channels; inpainting models take "
+            f"{2 * latent_shape[-1] + 1} (latents, mask, masked-image latents)"
+        )
+    start = img2img_start_step(num_steps, strength)
+    if start == num_steps:
+        raise ValueError("strength=0 leaves nothing to inpaint; use 0 < strength <= 1")
+
+    def generate(params, vae_params, init_images, masks, ids, uncond_ids, key,
+                 guidance_scale=7.5, latents=None):  # fmt: skip
+        k_encode, k_noise, k_sample = jax.random.split(key, 3)
+        vae = {"params": vae_params}
+        mask, masked = inpainting_inputs(masks, init_images, autoencoder.downsample_factor)
+        masked_latents = scaling_factor * autoencoder.apply(vae, masked, method="encode").mode()
+        extra = jnp.concatenate([mask, masked_latents], axis=-1)
+        noise = jax.random.normal(k_noise, latent_shape) if latents is None else latents
+        x_T = noise
+        if start > 0:
+            posterior = autoencoder.apply(vae, init_images, method="encode")
+            z = scaling_factor * posterior.sample(k_encode)
+            x_T = samplers.add_noise(schedule, z, noise, method=method, num_steps=num_steps,
+                                     start_step=start, **options)  # fmt: skip
+        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
+                           guidance_rescale, extra=extra)  # fmt: skip
+        z = samplers.sample(fn, schedule, k_sample, latent_shape, method=method, x_T=x_T,
+                            num_steps=num_steps, start_step=start, **options)  # fmt: skip
+        images = autoencoder.apply(vae, z / scaling_factor, method="decode")
+        return jnp.clip(images, -1.0, 1.0)
+
+    return generate
+
+
+def _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale, rescale,
+                  extra=None):  # fmt: skip
+    """The classifier-free guided model function; `extra` [N, h, w, k] is concatenated to the
+    U-Net's input channels (repeated for the batched conditional and unconditional halves)."""
+
     def encode(tokens):
         return text_encoder.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
 
     def model_fn(x, t, context):
+        if extra is not None:
+            reps = x.shape[0] // extra.shape[0]
+            x = jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1))], axis=-1)
         return unet.apply({"params": params["unet"]}, x, t, context=context)
 
     return guidance.classifier_free(model_fn, encode(ids), encode(uncond_ids), guidance_scale,
@@ -210,17 +284,25 @@ class LatentDiffusion:
         if not pretrained.is_latent or pretrained.text_encoder is None:
             raise ValueError(f"{pretrained.source} is not a latent text-to-image model; use "
                              "pipelines.make_generate for a pixel-space U-Net")  # fmt: skip
-        if pretrained.unet.in_channels != pretrained.autoencoder.latent_channels:
-            raise ValueError(
-                f"this U-Net takes {pretrained.unet.in_channels} input channels (an inpainting "
-                f"model's layout), not the {pretrained.autoencoder.latent_channels} latent "
-                "channels txt2img and img2img give it"
-            )
         s = pretrained.scheduler
         return cls(pretrained.unet, pretrained.text_encoder, pretrained.autoencoder,
                    s.make_schedule(), pretrained.tokenizer,
                    pretrained.autoencoder.scaling_factor, image_size=pretrained.image_size,
                    sampler_options=tuple(sorted(s.options.items())), method=s.method)  # fmt: skip
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the U-Net takes mask and masked-image latents beside the latents."""
+        return self.unet.in_channels == 2 * self.autoencoder.latent_channels + 1
+
+    def _check_kind(self, inpainting: bool):
+        if self.is_inpainting != inpainting:
+            raise ValueError(
+                "this is an inpainting model (latents, mask and masked image in): use inpaint"
+                if self.is_inpainting
+                else f"this U-Net takes {self.unet.in_channels} input channels, not an "
+                "inpainting model's 2c + 1: inpaint needs a model trained for it"
+            )
 
     def _options(self, method, options):
         if method not in samplers.DEFAULTS:
@@ -263,6 +345,7 @@ class LatentDiffusion:
     ) -> jax.Array:  # fmt: skip
         """Images [N, H, W, 3] in [-1, 1] for N prompts (`latents`: optional initial noise
         [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler)."""
+        self._check_kind(False)
         ids, uncond = self._tokens(prompts, negative_prompts)
         shape = self._latent_shape(len(ids), height, width)
         method = method or self.method
@@ -285,13 +368,9 @@ class LatentDiffusion:
         guidance_scale=7.5, num_steps=50, method=None, **options,
     ) -> jax.Array:  # fmt: skip
         """`init_images` [N, H, W, 3] in [-1, 1] re-imagined with N prompts."""
+        self._check_kind(False)
         method = method or self.method
-        init_images = jnp.asarray(init_images, jnp.float32)
-        if init_images.ndim != 4 or init_images.shape[-1] != 3:
-            raise ValueError(f"init images must be [N, H, W, 3]; got shape {init_images.shape}")
-        ids, uncond = self._tokens(prompts, negative_prompts)
-        if len(ids) != len(init_images):
-            raise ValueError(f"{len(init_images)} init images for {len(ids)} prompts")
+        init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
         shape = self._latent_shape(len(ids), *init_images.shape[1:3])
         start = img2img_start_step(num_steps, strength)  # validates strength
         options = self._options(method, options)
@@ -304,6 +383,46 @@ class LatentDiffusion:
         )  # fmt: skip
         return generate(params, params["autoencoder"], init_images, ids, uncond, key,
                         jnp.float32(guidance_scale))  # fmt: skip
+
+    def _images(self, init_images, prompts, negative_prompts):
+        init_images = jnp.asarray(init_images, jnp.float32)
+        if init_images.ndim != 4 or init_images.shape[-1] != 3:
+            raise ValueError(f"init images must be [N, H, W, 3]; got shape {init_images.shape}")
+        ids, uncond = self._tokens(prompts, negative_prompts)
+        if len(ids) != len(init_images):
+            raise ValueError(f"{len(init_images)} init images for {len(ids)} prompts")
+        return init_images, ids, uncond
+
+    def inpaint(
+        self, params, init_images, masks, prompts, key, *, strength=1.0, negative_prompts=None,
+        guidance_scale=7.5, num_steps=50, method=None, latents=None, **options,
+    ) -> jax.Array:  # fmt: skip
+        """Repaint `init_images` [N, H, W, 3] in [-1, 1] where `masks` [N, H, W, 1] (or
+        [N, H, W]) in [0, 1] are >= 0.5, following N prompts (an inpainting model's)."""
+        self._check_kind(True)
+        method = method or self.method
+        init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
+        masks = jnp.asarray(masks, jnp.float32)
+        masks = masks[..., None] if masks.ndim == 3 else masks
+        expected = (*init_images.shape[:3], 1)
+        if masks.shape != expected:
+            raise ValueError(f"masks have shape {masks.shape}; expected {expected} (one per "
+                             "image, its size)")  # fmt: skip
+        if float(masks.min()) < 0 or float(masks.max()) > 1:
+            raise ValueError("mask values must lie in [0, 1] (1 = repaint)")
+        shape = self._latent_shape(len(ids), *init_images.shape[1:3])
+        options = self._options(method, options)
+        generate = self._jit(
+            ("inpaint", shape, method, num_steps, strength, tuple(sorted(options.items()))),
+            lambda: make_inpaint(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 strength=strength, method=method, num_steps=num_steps,
+                                 **options),
+        )  # fmt: skip
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+        return generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
+                        jnp.float32(guidance_scale), latents)  # fmt: skip
 
 
 def load_latent_diffusion(

@@ -33,14 +33,14 @@ PROMPTS = ["a red circle at the top left", "a blue square"]
 NEGATIVE = ["", "green"]
 
 
-def tiny_pipeline(version: str):
+def tiny_pipeline(version: str, in_channels: int = 4):
     """The parts of an SD 1.x- or 2.x-shaped pipeline (random weights): U-Net 32/64 channels
     (SD 2.x: 64/128, 64-channel heads, linear projections, upcast attention), an f=2 VAE, a
     2-layer CLIP text encoder with the real 49,408-token vocabulary."""
     sd2 = version == "sd2"
     width = 64
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(64, 128) if sd2 else (32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -137,6 +137,53 @@ def test_txt2img_matches_stable_diffusion_pipeline(sd_dirs, loaded, version, met
     assert ours.shape == ref.shape == (2, 16, 16, 3)
     assert ref.std() > 0.05  # not a flat image
     np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_inpainting_matches_stable_diffusion_inpaint_pipeline(tmp_path, monkeypatch):
+    """A 9-channel inpainting U-Net (latents, mask, masked-image latents): jdiff's inpaint gives
+    diffusers' StableDiffusionInpaintPipeline's images (the masked image's latents taken at
+    the posterior mode on both sides; diffusers samples them with torch's generator)."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
+
+    unet, vae, text, tokenizer = tiny_pipeline("sd1", in_channels=9)
+    tokenizer.save_pretrained(tmp_path / "tokenizer_files")
+    pipe = StableDiffusionInpaintPipeline(
+        vae=perturbed(vae), text_encoder=perturbed(text), unet=perturbed(unet),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path / "tokenizer_files"),
+        scheduler=DDIMScheduler.from_config(SD1_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(tmp_path / "inpaint")
+    p = convert.load_pretrained(tmp_path / "inpaint")
+    model = pipelines.LatentDiffusion.from_pretrained(p)
+    assert p.unet.in_channels == 9 and model.is_inpainting
+    rng = np.random.default_rng(1)
+    image = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    mask = np.zeros((2, 16, 16, 1), np.float32)
+    mask[:, 4:12, 2:10] = 1.0
+    ours = model.inpaint(p.params, image, mask, PROMPTS, jax.random.key(0), num_steps=10,
+                         negative_prompts=NEGATIVE, latents=_latents())  # fmt: skip
+    ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
+
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample":
+                        original(out, generator, "argmax"))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, image=torch.from_numpy(image).permute(0, 3, 1, 2),
+                   mask_image=torch.from_numpy(mask).permute(0, 3, 1, 2),
+                   negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5,
+                   height=16, width=16, latents=torch.from_numpy(_latents()).permute(0, 3, 1, 2),
+                   output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+    with pytest.raises(ValueError, match="use inpaint"):
+        model.txt2img(p.params, PROMPTS, jax.random.key(0))
+    with pytest.raises(ValueError, match="masks have shape"):
+        model.inpaint(p.params, image, mask[:1], PROMPTS, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"mask values must lie in \[0, 1\]"):
+        model.inpaint(p.params, image, mask * 255, PROMPTS, jax.random.key(0))
 
 
 def test_export_round_trips_through_diffusers(sd_dirs, loaded, tmp_path):
