@@ -95,7 +95,7 @@ def two_processes(workdir, *flags):
             for i in range(2)]  # fmt: skip
 
 
-def finish(processes, timeout=300):
+def finish(processes, timeout=600):
     """Outputs of all processes; every one is killed if any hangs or fails."""
     try:
         outputs = [p.communicate(timeout=timeout)[0] for p in processes]
@@ -126,7 +126,7 @@ def test_two_processes_train_in_lockstep_with_one(tmp_path):
 def test_sigterm_on_one_host_checkpoints_all(tmp_path):
     processes = two_processes(tmp_path, "--config.train.num_steps=100000",
                               "--config.train.checkpoint_every=20")  # fmt: skip
-    wait_for_checkpoint(processes, tmp_path, 20, timeout=400)
+    wait_for_checkpoint(processes, tmp_path, 20, timeout=600)
     processes[1].send_signal(signal.SIGTERM)
     outputs = finish(processes)
     assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs[0][-2000:]
