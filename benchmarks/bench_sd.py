@@ -70,6 +70,16 @@ def make_weights(directory: str) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
+    # diffusers 0.39's Flax loader converts only pickled PyTorch files, and transformers 4.57's
+    # tokenizer wants vocab.json + merges.txt: write those beside the safetensors
+    import torch
+
+    pipe.unet.save_pretrained(path / "unet", safe_serialization=False)
+    pipe.vae.save_pretrained(path / "vae", safe_serialization=False)
+    state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v
+             for k, v in pipe.text_encoder.state_dict().items()}  # fmt: skip
+    torch.save(state, path / "text_encoder" / "pytorch_model.bin")
+    CLIPTokenizer.default().save_pretrained(path / "tokenizer")
     print(f"random SD 1.5-config weights: {path}")
 
 
@@ -147,7 +157,7 @@ def _flax(directory, size, batch, dtype):
 
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     pipe, params = FlaxStableDiffusionPipeline.from_pretrained(
-        directory, from_pt=True, dtype=jdtype, safety_checker=None
+        directory, from_pt=True, dtype=jdtype, safety_checker=None, feature_extractor=None
     )
     scheduler, state = FlaxDDIMScheduler.from_pretrained(directory, subfolder="scheduler")
     pipe.scheduler = scheduler
