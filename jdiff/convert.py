@@ -115,6 +115,28 @@ def from_diffusers(state_dict: Mapping[str, Any], template: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+# the defaults of diffusers' classes for the fields jdiff reads: a config.json written by an
+# older diffusers lacks the fields added since (SD 1.5's has no `use_linear_projection`, ...)
+_UNET_DEFAULTS = {
+    "UNet2DConditionModel": {
+        "in_channels": 4, "out_channels": 4, "block_out_channels": (320, 640, 1280, 1280),
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "layers_per_block": 2,
+        "downsample_padding": 1, "norm_num_groups": 32, "norm_eps": 1e-5,
+        "flip_sin_to_cos": True, "freq_shift": 0, "resnet_time_scale_shift": "default",
+        "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+        "use_linear_projection": False, "upcast_attention": False,
+    },
+    "UNet2DModel": {
+        "in_channels": 3, "out_channels": 3, "block_out_channels": (224, 448, 672, 896),
+        "down_block_types": ("DownBlock2D",) + ("AttnDownBlock2D",) * 3,
+        "up_block_types": ("AttnUpBlock2D",) * 3 + ("UpBlock2D",), "layers_per_block": 2,
+        "downsample_padding": 1, "norm_num_groups": 32, "norm_eps": 1e-5,
+        "flip_sin_to_cos": True, "freq_shift": 0, "resnet_time_scale_shift": "default",
+    },
+}  # fmt: skip
+
+
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """`UNet` fields from a diffusers `UNet2DModel` / `UNet2DConditionModel` config dict.
 
@@ -123,19 +145,18 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     head (None: one head per block).
 
     Args:
-      config: the full config (a `config.json` as diffusers saves it, or `model.config`).
+      config: a `config.json` as diffusers saves it, or `model.config`; absent fields take
+        the diffusers class's defaults, as diffusers does.
 
     Raises:
-      ValueError: a field is missing, or an option jdiff's U-Net lacks is switched on.
+      ValueError: another class, or an option jdiff's U-Net lacks is switched on.
     """
     default = "UNet2DConditionModel" if "cross_attention_dim" in config else "UNet2DModel"
     cls = config.get("_class_name", default)  # `model.config` has no _class_name
     if cls not in ("UNet2DModel", "UNet2DConditionModel"):
         raise ValueError(f"_class_name {cls!r}: expected UNet2DModel or UNet2DConditionModel")
     names = _UNET_FIELDS + (_CROSS_FIELDS if cls == "UNet2DConditionModel" else ())
-    missing = [k for k in names if k not in config]
-    if missing:
-        raise ValueError(f"{cls} config lacks {missing}; pass the full config.json")
+    config = _UNET_DEFAULTS[cls] | dict(config)  # older config.json files omit defaults
     for key, off in _UNSUPPORTED.items():
         if config.get(key, off) != off:
             raise ValueError(f"{cls} option {key}={config[key]!r} is not supported by jdiff")
@@ -182,15 +203,20 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """`jdiff.nn.vae.AutoencoderKL` fields from a diffusers `AutoencoderKL` config dict.
 
     Raises:
-      ValueError: another class, a missing field, or an option jdiff lacks (SD3's
+      ValueError: another class, or an option jdiff lacks (SD3's
         `shift_factor`, other activations or block types).
     """
     cls = config.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise ValueError(f"_class_name {cls!r}: expected AutoencoderKL")
-    missing = [k for k in _VAE_FIELDS if k not in config]
-    if missing:
-        raise ValueError(f"AutoencoderKL config lacks {missing}; pass the full config.json")
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (64,),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+    } | dict(config)
     for key, off in _VAE_UNSUPPORTED.items():
         if config.get(key, off) != off:
             raise ValueError(f"AutoencoderKL option {key}={config[key]!r} is not supported")
@@ -216,14 +242,20 @@ def text_encoder_config_from_transformers(config: Mapping[str, Any]) -> dict[str
     dict (a `text_encoder/config.json` of a diffusers-format Stable Diffusion directory).
 
     Raises:
-      ValueError: another architecture, a missing field, or an activation jdiff lacks.
+      ValueError: another architecture, or an activation jdiff lacks.
     """
     architectures = config.get("architectures") or ["CLIPTextModel"]
     if not set(architectures) & {"CLIPTextModel", "CLIPTextModelWithProjection"}:
         raise ValueError(f"architectures {architectures}: expected CLIPTextModel")
-    missing = [k for k in _TEXT_FIELDS if k not in config]
-    if missing:
-        raise ValueError(f"CLIPTextModel config lacks {missing}; pass the full config.json")
+    config = {
+        "vocab_size": 49408,
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+    } | dict(config)  # transformers' CLIPTextConfig defaults
     if config["hidden_act"] not in ("quick_gelu", "gelu"):
         raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported")
     fields = {k: config[k] for k in _TEXT_FIELDS}

@@ -341,6 +341,73 @@ def test_single_file_defaults_overrides_and_errors(loaded, tmp_path):
         convert.load_pretrained(tmp_path / "model.ckpt")
 
 
+# ----------------------------------------------------------------------------- real configs
+
+# the config.json files of the released directories, as they are on the hub (written by older
+# diffusers versions: fields added since are absent and take the class defaults)
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+}  # fmt: skip
+SD21_UNET = SD15_UNET | {
+    "_diffusers_version": "0.10.0.dev0", "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024, "dual_cross_attention": False, "num_class_embeds": None,
+    "only_cross_attention": False, "sample_size": 96, "use_linear_projection": True,
+    "upcast_attention": True,
+}  # fmt: skip
+SD15_VAE = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}  # fmt: skip
+DDPM_CIFAR10_UNET = {
+    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu",
+    "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+    "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}  # fmt: skip
+
+
+def test_released_configs_build_the_released_networks():
+    """The released directories' own config files give exactly the networks whose parameter
+    counts test_unet / test_vae check (SD 1.5 859,520,964; SD 2.1 865,910,724; VAE 83,653,863;
+    DDPM CIFAR-10 35,746,307)."""
+    from jdiff.nn import VARIANTS, UNet
+    from jdiff.nn import vae as jvae
+
+    def architecture(unet):  # every field that shapes the network (dropout does not)
+        per_block = ("transformer_layers_per_block",)
+        n = len(unet.block_out_channels)
+        fields = {f: getattr(unet, f) for f in convert._UNET_FIELDS + convert._CROSS_FIELDS
+                  if f not in per_block}  # fmt: skip
+        fields["layers"] = np.broadcast_to(unet.transformer_layers_per_block, n).tolist()
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+        return fields | {"heads": unet.heads_per_block(), "mid": unet.mid_block_type,
+                         "classes": unet.num_class_embeds}  # fmt: skip
+
+    for config, variant in ((SD15_UNET, "sd_v1"), (SD21_UNET, "sd_v2_1"),
+                            (DDPM_CIFAR10_UNET, "ddpm_cifar10")):  # fmt: skip
+        ours = UNet(**convert.unet_config_from_diffusers(config))
+        assert architecture(ours) == architecture(UNet(**VARIANTS[variant])), variant
+    vae = jvae.AutoencoderKL(**convert.vae_config_from_diffusers(SD15_VAE))
+    for field in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                  "in_channels", "scaling_factor", "use_quant_conv"):  # fmt: skip
+        assert getattr(vae, field) == getattr(jvae.AutoencoderKL(), field), field
+
+
 # ----------------------------------------------------------------------------- errors, DDPM
 
 

@@ -151,8 +151,9 @@ def test_config_from_diffusers_rejects_what_jdiff_lacks():
     base = dict(UNet2DConditionModel(**DIFFUSERS_TINY["sd1"][1]).config)
     with pytest.raises(ValueError, match="addition_embed_type"):
         convert.unet_config_from_diffusers({**base, "addition_embed_type": "text_time"})
-    with pytest.raises(ValueError, match="lacks"):
-        convert.unet_config_from_diffusers({"_class_name": "UNet2DModel"})
+    # absent fields take the diffusers class's defaults, as diffusers does
+    plain = convert.unet_config_from_diffusers({"_class_name": "UNet2DModel"})
+    assert plain["block_out_channels"] == (224, 448, 672, 896) and plain["in_channels"] == 3
     fields = convert.unet_config_from_diffusers(base)
     assert fields["num_attention_heads"] == 2 and "attention_head_dim" not in fields
 
