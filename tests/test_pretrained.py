@@ -336,9 +336,14 @@ def test_single_file_defaults_overrides_and_errors(loaded, tmp_path):
               tmp_path / "extra.safetensors")  # fmt: skip
     with pytest.raises(ValueError, match=r"unexpected model\.diffusion_model\.extra\.weight"):
         convert.load_pretrained(tmp_path / "extra.safetensors")
-    (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}},
+               tmp_path / "model.ckpt")  # fmt: skip
     with pytest.raises(ValueError, match=r"pickle-based.*allow_pickle"):
         convert.load_pretrained(tmp_path / "model.ckpt")
+    pickled = convert.load_pretrained(tmp_path / "model.ckpt", allow_pickle=True)
+    for a, b in zip(jax.tree.leaves(loaded["sd1"].params), jax.tree.leaves(pickled.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ----------------------------------------------------------------------------- real configs
