@@ -268,9 +268,8 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
 
 
 def sample_pretrained(path: pathlib.Path) -> None:
-    """Generate from converted Stable Diffusion (txt2img, img2img) or DDPM weights."""
-    import dataclasses
-
+    """Generate from converted Stable Diffusion (txt2img, img2img, inpainting) or DDPM
+    weights."""
     from jdiff import convert
 
     print(f"loading {path}", flush=True)
@@ -279,14 +278,10 @@ def sample_pretrained(path: pathlib.Path) -> None:
         prediction_type=_PREDICTION.value,
         image_size=_IMAGE_SIZE.value,
         allow_pickle=_ALLOW_PICKLE.value,
+        dtype=jnp.dtype(_DTYPE.value),  # U-Net and text encoder; the VAE stays float32
     )
     out = pathlib.Path(_OUTPUT_DIR.value or "samples").absolute()
     method = _METHOD.value or p.scheduler.method
-    if _DTYPE.value == "bfloat16":
-        parts = {"unet": p.unet.clone(dtype=jnp.bfloat16)}
-        if p.text_encoder is not None:
-            parts["text_encoder"] = p.text_encoder.clone(dtype=jnp.bfloat16)
-        p = dataclasses.replace(p, **parts)
     if p.is_latent:
         model = pipelines.LatentDiffusion.from_pretrained(p)
         guidance = 7.5 if _GUIDANCE.value is None else _GUIDANCE.value

@@ -90,15 +90,7 @@ def _jdiff(directory, size, batch, dtype):
 
     from jdiff import convert, pipelines
 
-    p = convert.load_pretrained(directory)
-    if dtype == "bfloat16":
-        p = p.__class__(
-            **{
-                **p.__dict__,
-                "unet": p.unet.clone(dtype=jnp.bfloat16),
-                "text_encoder": p.text_encoder.clone(dtype=jnp.bfloat16),
-            }
-        )
+    p = convert.load_pretrained(directory, dtype=jnp.dtype(dtype))  # the VAE stays float32
     model = pipelines.LatentDiffusion.from_pretrained(p)
 
     def run(steps):

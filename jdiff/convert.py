@@ -626,7 +626,9 @@ def load_pretrained(
         SD 2.x 768).
       allow_pickle: read pickle-based weights (`.ckpt`, `.bin`) with torch's `weights_only`
         loader; refused otherwise.
-      dtype: the modules' compute dtype (parameters stay float32).
+      dtype: the U-Net's and text encoder's compute dtype (parameters stay float32; the
+        autoencoder computes in float32, where reduced-precision decodes overflow: `clone` it
+        to change that).
 
     Raises:
       FileNotFoundError: a missing file, named.
@@ -688,8 +690,7 @@ def _load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretr
     size = unet_config.get("sample_size") or 64
     parts = {"sample_size": int(size[0] if isinstance(size, list) else size)}
     if (root / "vae").is_dir():
-        vae = AutoencoderKL(**vae_config_from_diffusers(_read_json(root / "vae" / "config.json")),
-                            dtype=dtype)  # fmt: skip
+        vae = AutoencoderKL(**vae_config_from_diffusers(_read_json(root / "vae" / "config.json")))
         params["autoencoder"] = convert("vae", weights("vae"), vae_shapes(vae))
         parts["autoencoder"] = vae
     if (root / "text_encoder").is_dir():
@@ -792,8 +793,7 @@ def _load_converted(root: pathlib.Path, dtype: Any) -> Pretrained:
     unet = UNet(**unet_config_from_diffusers(configs["unet"]), dtype=dtype)
     shapes, parts = {"unet": unet_shapes(unet)}, {}
     if "vae" in configs:
-        parts["autoencoder"] = AutoencoderKL(**vae_config_from_diffusers(configs["vae"]),
-                                             dtype=dtype)  # fmt: skip
+        parts["autoencoder"] = AutoencoderKL(**vae_config_from_diffusers(configs["vae"]))
         shapes["autoencoder"] = vae_shapes(parts["autoencoder"])
     if "text_encoder" in configs:
         fields = text_encoder_config_from_transformers(configs["text_encoder"])

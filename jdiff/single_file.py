@@ -333,7 +333,7 @@ def load(
                          "checkpoint") from None  # fmt: skip
     dtype = dtype or jnp.float32
     unet = UNet(**configs["unet"], dtype=dtype)
-    vae = AutoencoderKL(**configs["vae"], dtype=dtype)
+    vae = AutoencoderKL(**configs["vae"])  # float32: see convert.load_pretrained
     text = CLIPTextModel(**configs["text_encoder"], dtype=dtype)
     maps = key_map(unet, vae, text, openclip=configs["version"] == "sd2")
     try:

@@ -18,6 +18,8 @@ jax.config.update(
     "jax_compilation_cache_dir", os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache"))
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# parity tolerances are float32's: on a GPU, JAX's default matmul precision is TF32
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

@@ -189,14 +189,12 @@ def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tmp_path)
     train.train(config, tmp_path)
     _, trained, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
 
+    # make_latent_init's text-encoder initialisation (its key's second half), alone: cheaper
+    # than the whole init (the U-Net's training is checked by the tests above)
     text = training.make_text_encoder(config)
-    unet = training.make_model(config, channels=4, context_dim=text.hidden_size)
     k_init = jax.random.split(jax.random.key(config.seed), 3)[0]
-    init = training.make_latent_init(unet, text, optax.sgd(0.0), k_init, latent_shape=(16, 16, 4))
-    initial = init().params
-    for a, b in zip(jax.tree.leaves(trained["text_encoder"]),
-                    jax.tree.leaves(initial["text_encoder"]), strict=True):  # fmt: skip
+    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+    initial = text.init(jax.random.split(k_init)[1], ids)["params"]
+    for a, b in zip(jax.tree.leaves(trained["text_encoder"]), jax.tree.leaves(initial),
+                    strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
-    pairs = zip(jax.tree.leaves(trained["unet"]), jax.tree.leaves(initial["unet"]), strict=True)
-    moved = [not np.array_equal(a, b) for a, b in pairs]
-    assert any(moved)

@@ -93,8 +93,11 @@ def torch_pipeline(path, scheduler=None):
     return pipe
 
 
-def test_directory_loads_with_its_configs_and_scheduler(loaded):
+def test_directory_loads_with_its_configs_and_scheduler(sd_dirs, loaded):
     sd1, sd2 = loaded["sd1"], loaded["sd2"]
+    half = convert.load_pretrained(sd_dirs["sd1"], dtype=jnp.bfloat16)
+    assert half.unet.dtype == half.text_encoder.dtype == jnp.bfloat16
+    assert half.autoencoder.dtype == jnp.float32  # reduced-precision decodes overflow
     assert sd1.unet.heads_per_block() == (8, 8) and not sd1.unet.use_linear_projection
     assert sd2.unet.heads_per_block() == (1, 2) and sd2.unet.use_linear_projection
     assert sd2.unet.upcast_attention and sd2.text_encoder.hidden_act == "gelu"
