@@ -14,8 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jdiff import guidance, samplers
+from jdiff import guidance, inpainting, samplers
 from jdiff.nn import UNet
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
@@ -53,19 +54,9 @@ def make_generate(
         options = {"variance_type": "learned_range", **options}
 
     def generate(params, key, labels=None, guidance_scale=1.0):
-        def model_fn(x, t, **kwargs):
-            out = model.apply({"params": params}, x, t, **kwargs)
-            keep_variance = learned_variance and method == "ddpm"
-            return out if keep_variance else out[..., : shape[-1]]
-
-        fn = model_fn
-        if null_class is not None:
-            if labels is None:
-                raise ValueError("a class-conditional model needs labels [N]")
-            uncond = jnp.full_like(labels, null_class)
-            fn = guidance.classifier_free(
-                model_fn, labels, uncond, guidance_scale, cond_kwarg="class_labels"
-            )
+        keep_variance = learned_variance and method == "ddpm"
+        fn = _pixel_model(model, params, shape[-1], null_class, labels, guidance_scale,
+                          keep_variance)  # fmt: skip
         out = samplers.sample(fn, schedule, key, shape, method=method, num_steps=num_steps,
                               return_trajectory=return_trajectory, **options)  # fmt: skip
         if return_trajectory:
@@ -73,6 +64,70 @@ def make_generate(
         return jnp.clip(out, -1.0, 1.0)
 
     return generate
+
+
+def _pixel_model(model, params, channels, null_class, labels, guidance_scale,
+                 keep_variance=False):  # fmt: skip
+    """The pixel-space model function: the prediction's `channels` (all of them with
+    `keep_variance`), classifier-free guided on `labels` for a class-conditional model."""
+
+    def model_fn(x, t, **kwargs):
+        out = model.apply({"params": params}, x, t, **kwargs)
+        return out if keep_variance else out[..., :channels]
+
+    if null_class is None:
+        return model_fn
+    if labels is None:
+        raise ValueError("a class-conditional model needs labels [N]")
+    uncond = jnp.full_like(labels, null_class)
+    return guidance.classifier_free(model_fn, labels, uncond, guidance_scale,
+                                    cond_kwarg="class_labels")  # fmt: skip
+
+
+def make_repaint(
+    model: UNet,
+    schedule: Schedule,
+    *,
+    shape: tuple[int, ...],
+    num_steps: int = 50,
+    null_class: int | None = None,
+    return_unpasted: bool = False,
+    **options,
+) -> Callable[..., jax.Array]:
+    """Inpainting with any pixel-space model, unconditional or class-conditional: RePaint
+    (`samplers.repaint`) in one `lax.scan`.
+
+    Args:
+      shape: [N, H, W, C] of the images (a multiple of `model.downsample_factor` in H and W).
+      options: `samplers.REPAINT_DEFAULTS` (eta, jump_length, jump_n_sample, prediction_type,
+        clip_sample).
+
+    Returns:
+      inpaint(params, images [N, H, W, C] in [-1, 1], masks [N, H, W, 1] in {0, 1} (1 =
+      repaint; see `inpainting.check_masks`), key, labels=None, guidance_scale=1.0) -> images
+      in [-1, 1], the original exactly where the mask is 0 (and, with return_unpasted, the
+      last step's prediction everywhere, before the known region is put back).
+    """
+    _check_repaint(schedule, num_steps, options)
+
+    def inpaint(params, images, masks, key, labels=None, guidance_scale=1.0):
+        fn = _pixel_model(model, params, shape[-1], null_class, labels, guidance_scale)
+        out = samplers.repaint(fn, schedule, key, images, masks, num_steps=num_steps,
+                               return_unpasted=True, **options)  # fmt: skip
+        x, unpasted = (jnp.clip(o, -1.0, 1.0) for o in out)
+        return (x, unpasted) if return_unpasted else x
+
+    return inpaint
+
+
+def _check_repaint(schedule, num_steps, options):
+    """Raise ValueError at build time for bad RePaint settings (not at the first call)."""
+    jumps = {k: options[k] for k in ("jump_length", "jump_n_sample") if k in options}
+    samplers.repaint_timesteps(schedule.num_timesteps, num_steps, **jumps)
+    unknown = set(options) - set(samplers.REPAINT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"RePaint takes no option(s) {sorted(unknown)}; its options are "
+                         f"{sorted(samplers.REPAINT_DEFAULTS)}")  # fmt: skip
 
 
 def make_txt2img(
@@ -236,6 +291,54 @@ def make_inpaint(
     return generate
 
 
+def make_latent_repaint(
+    unet: UNet,
+    text_encoder: CLIPTextModel,
+    autoencoder: AutoencoderKL,
+    schedule: Schedule,
+    *,
+    latent_shape: tuple[int, int, int, int],
+    scaling_factor: float,
+    num_steps: int = 50,
+    guidance_rescale: float = 0.0,
+    return_unpasted: bool = False,
+    **options,
+) -> Callable[..., jax.Array]:
+    """Inpainting with any text-conditional latent model (one not trained for it): RePaint on
+    the latents, classifier-free guided.
+
+    The known latents are the autoencoder posterior's mode of the whole image; a latent cell
+    is repainted where any of its pixels is (`inpainting.latent_masks`). The decoded sample is
+    pasted into the original with the pixel mask, so the known pixels are the original exactly;
+    before that paste they are the autoencoder's reconstruction of them, within its error.
+
+    Returns:
+      inpaint(params, vae_params, images [N, H, W, 3] in [-1, 1], masks [N, H, W, 1] in
+      {0, 1} (1 = repaint), ids, uncond_ids, key, guidance_scale=7.5) -> images [N, H, W, 3]
+      (with return_unpasted, also the decoded last-step prediction of the whole image).
+    """
+    _check_repaint(schedule, num_steps, options)
+    f = autoencoder.downsample_factor
+
+    def inpaint(params, vae_params, images, masks, ids, uncond_ids, key, guidance_scale=7.5):
+        vae = {"params": vae_params}
+        z0 = scaling_factor * autoencoder.apply(vae, images, method="encode").mode()
+        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
+                           guidance_rescale)  # fmt: skip
+        z, z_unpasted = samplers.repaint(fn, schedule, key, z0, inpainting.latent_masks(masks, f),
+                                         num_steps=num_steps, return_unpasted=True,
+                                         **options)  # fmt: skip
+
+        def decode(z):
+            x = autoencoder.apply(vae, z / scaling_factor, method="decode")
+            return jnp.clip(x, -1.0, 1.0)
+
+        x = masks * decode(z) + (1.0 - masks) * images
+        return (x, decode(z_unpasted)) if return_unpasted else x
+
+    return inpaint
+
+
 def _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale, rescale,
                   extra=None):  # fmt: skip
     """The classifier-free guided model function; `extra` [N, h, w, k] is concatenated to the
@@ -395,22 +498,44 @@ class LatentDiffusion:
 
     def inpaint(
         self, params, init_images, masks, prompts, key, *, strength=1.0, negative_prompts=None,
-        guidance_scale=7.5, num_steps=50, method=None, latents=None, **options,
+        guidance_scale=7.5, num_steps=50, method=None, latents=None, return_unpasted=False,
+        **options,
     ) -> jax.Array:  # fmt: skip
-        """Repaint `init_images` [N, H, W, 3] in [-1, 1] where `masks` [N, H, W, 1] (or
-        [N, H, W]) in [0, 1] are >= 0.5, following N prompts (an inpainting model's)."""
-        self._check_kind(True)
-        method = method or self.method
+        """Repaint `init_images` [N, H, W, 3] in [-1, 1] where `masks` (see
+        `inpainting.check_masks`: [N, H, W, 1], [H, W], ...; values in [0, 1]) are >= 0.5,
+        following N prompts.
+
+        An inpainting model (latents, mask and masked image in) samples with `method`, from
+        `strength` and `latents`. Any other model repaints with RePaint (`make_latent_repaint`;
+        options eta, jump_length, jump_n_sample, as diffusers' `RePaintPipeline`), which starts
+        from noise, steps as DDIM does and returns the original exactly where the mask is 0
+        (`return_unpasted`: also the decoded prediction before that paste).
+        """
         init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
-        masks = jnp.asarray(masks, jnp.float32)
-        masks = masks[..., None] if masks.ndim == 3 else masks
-        expected = (*init_images.shape[:3], 1)
-        if masks.shape != expected:
-            raise ValueError(f"masks have shape {masks.shape}; expected {expected} (one per "
-                             "image, its size)")  # fmt: skip
-        if float(masks.min()) < 0 or float(masks.max()) > 1:
-            raise ValueError("mask values must lie in [0, 1] (1 = repaint)")
+        masks = jnp.asarray(inpainting.check_masks(masks, init_images))
         shape = self._latent_shape(len(ids), *init_images.shape[1:3])
+        if not self.is_inpainting:
+            if method not in (None, "ddim") or strength != 1.0 or latents is not None:
+                raise ValueError(
+                    "this model was not trained for inpainting: it repaints with RePaint, "
+                    "which runs DDIM steps from noise (no method, strength or latents; "
+                    "options eta, jump_length, jump_n_sample)"
+                )
+            own = {k: v for k, v in self.sampler_options if k in samplers.REPAINT_DEFAULTS}
+            options = own | options
+            generate = self._jit(
+                ("repaint", shape, num_steps, return_unpasted, tuple(sorted(options.items()))),
+                lambda: make_latent_repaint(
+                    self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                    latent_shape=shape, scaling_factor=self.scaling_factor,
+                    num_steps=num_steps, return_unpasted=return_unpasted, **options),
+            )  # fmt: skip
+            return generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
+                            jnp.float32(guidance_scale))  # fmt: skip
+        if return_unpasted:
+            raise ValueError("return_unpasted is RePaint's; an inpainting model's result is "
+                             "not pasted")  # fmt: skip
+        method = method or self.method
         options = self._options(method, options)
         generate = self._jit(
             ("inpaint", shape, method, num_steps, strength, tuple(sorted(options.items()))),
@@ -423,6 +548,20 @@ class LatentDiffusion:
             latents = jnp.asarray(latents, jnp.float32)
         return generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
                         jnp.float32(guidance_scale), latents)  # fmt: skip
+
+    def outpaint(self, params, init_images, prompts, key, *, left=0, right=0, top=0, bottom=0,
+                 width=None, height=None, overlap=4, **kwargs) -> np.ndarray:  # fmt: skip
+        """Extend `init_images` [N, H, W, 3] by the given pixels per side (or to a target width
+        / height), generating the new area with `inpaint` (kwargs: its options) and blending
+        `overlap` pixels of the original back with a linear ramp (`inpainting.Canvas`).
+        Returns [N, H', W', 3] in [-1, 1]: the original exactly where the overlap band ends."""
+        canvas = inpainting.outpaint_canvas(
+            init_images, left=left, right=right, top=top, bottom=bottom, width=width,
+            height=height, overlap=overlap,
+            multiple=self.autoencoder.downsample_factor * self.unet.downsample_factor,
+        )  # fmt: skip
+        x = self.inpaint(params, canvas.image, canvas.masks, prompts, key, **kwargs)
+        return canvas.finish(x)
 
 
 def load_latent_diffusion(

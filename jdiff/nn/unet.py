@@ -290,6 +290,11 @@ class UNet(nn.Module):
             self.remat,
         )
 
+    @property
+    def downsample_factor(self) -> int:
+        """How many times smaller the innermost level is: H and W must be multiples of it."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def heads_per_block(self) -> tuple[int, ...]:
         """The number of attention heads at each level."""
         n = len(self.block_out_channels)
@@ -344,7 +349,7 @@ class UNet(nn.Module):
             )
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"x must be [B, H, W, {self.in_channels}], got {x.shape}")
-        factor = 2 ** (n - 1)
+        factor = self.downsample_factor
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"H, W = {x.shape[1:3]} must be divisible by 2^(levels-1) = {factor}")
 
