@@ -5,10 +5,12 @@
     python sample.py --workdir LDM_DIR --prompt "a red circle at the top left" [--prompt ...]
                      [--negative_prompt TEXT] [--guidance_scale 3] [--num_samples 8]
                      [--init_image IMAGE.png --strength 0.6]
+    python sample.py --workdir DIR --init_image IMAGE.png --mask MASK.png   (or --outpaint
+                     left=8,right=8 [--overlap 4]) [--jump_length 10 --jump_n_sample 10] [--eta 0]
     python sample.py --pretrained /path/to/stable-diffusion-v1-5 --prompt "a photo of a cat"
                      [--guidance_scale 7.5] [--method dpmpp_2m] [--num_steps 25]
                      [--init_image IMAGE.png --strength 0.6] [--dtype bfloat16] [--output_dir D]
-                     [--init_image IMAGE.png --mask MASK.png]   (inpainting models)
+                     [--init_image IMAGE.png --mask MASK.png]   (any model)
 
 A text-conditional latent model (train.py's task "latent_diffusion") takes prompts (cycled to
 --num_samples images; none: the prompts of its config) and, with --init_image, re-imagines
@@ -19,6 +21,14 @@ and its EMA weights sample (--noema for the raw ones). Writes a PNG grid and an 
 samples (uint8 [N, H, W, C] and labels) to DIR/samples/ and prints their paths. --trajectory
 also writes a strip: one data image noised step by step (forward process) above one sample
 denoised step by step (reverse process).
+
+--mask repaints --init_image where the mask image is white; --outpaint extends it by the given
+pixels per side (or to width=/height=), repainting --overlap pixels of it at each new side and
+blending them back with a linear ramp. Any model does both with RePaint (DDIM steps from noise,
+the known region replaced by the forward-noised original after each step, jumps back up
+--jump_length levels --jump_n_sample times); a Stable Diffusion inpainting model (9-channel
+U-Net) inpaints with its own sampler instead. Each writes the results, a side-by-side
+comparison (input with the repainted area grey | result) and an .npz with inputs and masks.
 
 --pretrained takes a diffusers-format directory, an original single-file .safetensors
 (--prediction_type / --image_size where the SD 1.x / 2.x defaults do not fit) or a directory
@@ -39,7 +49,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from jdiff import checkpoints, data, diffusion, images, pipelines, samplers, sharding, training
+from jdiff import (
+    checkpoints,
+    data,
+    diffusion,
+    images,
+    inpainting,
+    pipelines,
+    samplers,
+    sharding,
+    training,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.")
 _PRETRAINED = flags.DEFINE_string(
@@ -74,7 +94,21 @@ _STRENGTH = flags.DEFINE_float(
     "strength", None, "img2img / inpainting: how far to noise the image (0..1; 0.8 / 1)."
 )
 _MASK = flags.DEFINE_string(
-    "mask", None, "Inpainting models: a mask image (white = repaint), with --init_image."
+    "mask", None, "Inpaint --init_image where this mask image is white (any model)."
+)
+_OUTPAINT = flags.DEFINE_string(
+    "outpaint",
+    None,
+    "Extend --init_image: comma-separated left=,right=,top=,bottom= pixels (or width=,height=).",
+)
+_OVERLAP = flags.DEFINE_integer(
+    "overlap", 4, "--outpaint: pixels of the original repainted and blended at each new side."
+)
+_JUMP_LENGTH = flags.DEFINE_integer(
+    "jump_length", None, "RePaint (--mask/--outpaint, any model): levels per jump (10)."
+)
+_JUMP_N_SAMPLE = flags.DEFINE_integer(
+    "jump_n_sample", None, "RePaint: times each jump is taken (10; 1 = no resampling)."
 )
 _PREDICTION = flags.DEFINE_enum(
     "prediction_type",
@@ -160,6 +194,14 @@ def main(argv) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     params = state.ema_params if _EMA.value else state.params
+    if _MASK.value or _OUTPAINT.value:
+        try:
+            return repaint_pixels(model, schedule, params, config.data.image_size,
+                                  config.data.channels, num_classes,
+                                  {"prediction_type": config.diffusion.prediction_type},
+                                  workdir / "samples", f"_step{int(state.step)}")  # fmt: skip
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
     size, channels, n = config.data.image_size, config.data.channels, _NUM_SAMPLES.value or 64
     method = _METHOD.value or "ddim"
     generate = pipelines.make_generate(
@@ -189,15 +231,16 @@ def main(argv) -> None:
         print(f"trajectory: {path}")
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """An image file as float32 [size, size, 3] in [-1, 1] (centre-cropped, resized)."""
+def load_image(path: str, size: int, channels: int = 3) -> np.ndarray:
+    """An image file as float32 [size, size, channels] in [-1, 1] (centre-cropped, resized;
+    one channel: greyscale)."""
     from PIL import Image
 
     try:
-        image = np.asarray(Image.open(path).convert("RGB"))
+        image = np.asarray(Image.open(path).convert("RGB" if channels == 3 else "L"))
     except (FileNotFoundError, OSError) as e:
         raise FileNotFoundError(f"--init_image {path}: {e}") from None
-    return data.preprocess(image, image_size=size)
+    return data.preprocess(image.reshape(*image.shape[:2], -1), image_size=size)
 
 
 def load_mask(path: str, size: int) -> np.ndarray:
@@ -214,6 +257,85 @@ def load_mask(path: str, size: int) -> np.ndarray:
     box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
     mask = mask.crop(box).resize((size, size), Image.Resampling.NEAREST)
     return (np.asarray(mask, np.float32) / 255.0)[..., None]
+
+
+def image_task(size: int, channels: int, n: int, multiple: int):
+    """The inputs of --mask / --outpaint: (images [n, H, W, C], masks [n, H, W, 1], canvas or
+    None), the image repeated n times; outpainting grows the canvas (to `multiple`)."""
+    if _MASK.value and _OUTPAINT.value:
+        raise ValueError("pass --mask (inpainting) or --outpaint, not both")
+    if not _INIT_IMAGE.value:
+        flag = "--mask" if _MASK.value else "--outpaint"
+        raise ValueError(f"{flag} needs --init_image (the image to repaint or extend)")
+    init = np.repeat(load_image(_INIT_IMAGE.value, size, channels)[None], n, 0)
+    if _MASK.value:
+        return init, inpainting.check_masks(load_mask(_MASK.value, size), init), None
+    canvas = inpainting.outpaint_canvas(init, **inpainting.parse_sides(_OUTPAINT.value),
+                                        overlap=_OVERLAP.value, multiple=multiple)  # fmt: skip
+    return canvas.image, canvas.masks, canvas
+
+
+def check_repaint_flags() -> None:
+    if _METHOD.value not in (None, "ddim") or _STRENGTH.value is not None:
+        raise ValueError(
+            "--mask/--outpaint repaint with RePaint's DDIM steps from noise: no --method or "
+            "--strength (use --eta, --jump_length, --jump_n_sample)"
+        )
+
+
+def repaint_options() -> dict:
+    """The RePaint settings given on the command line."""
+    given = {"eta": _ETA.value, "jump_length": _JUMP_LENGTH.value,
+             "jump_n_sample": _JUMP_N_SAMPLE.value}  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def repaint_stem(options: dict, guidance: float | None) -> str:
+    o = samplers.REPAINT_DEFAULTS | options
+    mode = "outpaint" if _OUTPAINT.value else "repaint"
+    cfg = "" if guidance is None else f"_cfg{guidance:g}"
+    return (f"{mode}_{_NUM_STEPS.value}x{o['jump_length']}x{o['jump_n_sample']}_eta{o['eta']:g}"
+            f"{cfg}_seed{_SEED.value}")  # fmt: skip
+
+
+def save_image_task(out: pathlib.Path, stem: str, x, inputs, masks, canvas, **arrays) -> None:
+    """Write the results (grid PNG), a side-by-side comparison (input with the repainted area
+    grey | result, one pair per row) and an .npz of results, inputs and masks; print paths."""
+    x = np.asarray(x)
+    if canvas is not None:  # blend the overlap band, crop the padding
+        x = canvas.finish(x)
+        inputs, masks = inputs[:, : x.shape[1], : x.shape[2]], masks[:, : x.shape[1], : x.shape[2]]
+    shown = np.where(masks >= 0.5, 0.0, inputs)
+    grid = images.save_grid(out / f"{stem}.png", x)
+    pairs = np.stack([shown, x], 1).reshape(-1, *x.shape[1:])
+    comparison = images.save_grid(out / f"{stem}_comparison.png", pairs, ncols=2)
+    npz = out / f"{stem}.npz"
+    np.savez(npz, images=images.to_uint8(x), inputs=images.to_uint8(inputs),
+             masks=masks[..., 0].astype(np.uint8), **arrays)  # fmt: skip
+    print(f"results: {grid}\ncomparison: {comparison}\narrays: {npz}")
+
+
+def repaint_pixels(model, schedule, params, size, channels, num_classes, settings, out,
+                   suffix="") -> None:  # fmt: skip
+    """--mask / --outpaint with a pixel-space model: RePaint, classifier-free guided for a
+    class-conditional model (labels cycling 0..K-1); `settings`: the model's sampler settings
+    (prediction_type, ...) that RePaint takes."""
+    check_repaint_flags()
+    n = _NUM_SAMPLES.value or 8
+    inputs, masks, canvas = image_task(size, channels, n, model.downsample_factor)
+    settings = {k: v for k, v in settings.items() if k in samplers.REPAINT_DEFAULTS}
+    options = settings | repaint_options()
+    inpaint = pipelines.make_repaint(model, schedule, shape=inputs.shape,
+                                     num_steps=_NUM_STEPS.value, null_class=num_classes,
+                                     **options)  # fmt: skip
+    labels = None if num_classes is None else jnp.arange(n) % num_classes
+    scale = 1.0 if _GUIDANCE.value is None else _GUIDANCE.value
+    print(f"repainting {n} image(s) of {inputs.shape[1]}x{inputs.shape[2]} with RePaint, "
+          f"{_NUM_STEPS.value} steps (the first call compiles)", flush=True)  # fmt: skip
+    x = jax.jit(inpaint)(params, inputs, masks, jax.random.key(_SEED.value), labels, scale)
+    stem = repaint_stem(options, scale if num_classes is not None else None) + suffix
+    save_image_task(out, stem, x, inputs, masks, canvas,
+                    labels=np.asarray(labels if labels is not None else []))  # fmt: skip
 
 
 def sample_text(workdir: pathlib.Path) -> None:
@@ -241,11 +363,13 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
     key = jax.random.key(_SEED.value)
     print(f"sampling {n} image(s) with {method} x {_NUM_STEPS.value} steps, guidance "
           f"{guidance:g} (the first call compiles)", flush=True)  # fmt: skip
-    if _MASK.value and not _INIT_IMAGE.value:
-        raise ValueError("--mask needs --init_image (the image to inpaint)")
+    if (_MASK.value or _OUTPAINT.value) and not model.is_inpainting:
+        return repaint_text(model, params, prompts, n, guidance, options, size, out)
+    if _OUTPAINT.value:
+        raise ValueError("--outpaint with an inpainting model is not supported yet; it works "
+                         "with any other model (RePaint)")  # fmt: skip
     if _MASK.value:
-        init = np.repeat(load_image(_INIT_IMAGE.value, size)[None], n, 0)
-        mask = np.repeat(load_mask(_MASK.value, size)[None], n, 0)
+        init, mask, _ = image_task(size, 3, n, 1)
         strength = 1.0 if _STRENGTH.value is None else _STRENGTH.value
         x = model.inpaint(params, init, mask, prompts, key, strength=strength, **common)
         stem = f"inpaint_s{strength:g}"
@@ -265,6 +389,24 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
     npz = out / f"{stem}.npz"
     np.savez(npz, images=images.to_uint8(x), prompts=np.asarray(prompts))
     print(f"samples: {grid}\narrays: {npz}")
+
+
+def repaint_text(model, params, prompts, n, guidance, options, size, out) -> None:
+    """--mask / --outpaint with a text-conditional latent model not trained for inpainting:
+    RePaint on its latents, one prompt per image."""
+    check_repaint_flags()
+    multiple = model.autoencoder.downsample_factor * model.unet.downsample_factor
+    inputs, masks, canvas = image_task(size, 3, n, multiple)
+    repaint = {k: v for k, v in options.items() if k in samplers.REPAINT_DEFAULTS}
+    repaint |= repaint_options()
+    print(f"repainting {n} image(s) of {inputs.shape[1]}x{inputs.shape[2]} with RePaint, "
+          f"{_NUM_STEPS.value} steps, guidance {guidance:g} (the first call compiles)",
+          flush=True)  # fmt: skip
+    x = model.inpaint(params, inputs, masks, prompts, jax.random.key(_SEED.value),
+                      negative_prompts=_NEGATIVE.value, guidance_scale=guidance,
+                      num_steps=_NUM_STEPS.value, **repaint)  # fmt: skip
+    save_image_task(out, repaint_stem(repaint, guidance), x, inputs, masks, canvas,
+                    prompts=np.asarray(prompts))  # fmt: skip
 
 
 def sample_pretrained(path: pathlib.Path) -> None:
@@ -288,11 +430,15 @@ def sample_pretrained(path: pathlib.Path) -> None:
         prompts = _PROMPT.value or []
         n = _NUM_SAMPLES.value or len(prompts)
         return generate_text(model, p.params, prompts, n, method, guidance, {}, p.image_size, out)
-    if _PROMPT.value or _INIT_IMAGE.value:
-        raise ValueError(f"{path} is a pixel-space U-Net without a text encoder: it takes no "
-                         "--prompt or --init_image")  # fmt: skip
     if p.unet.num_class_embeds is not None:
         raise ValueError("class-conditional pretrained U-Nets are not supported by sample.py")
+    if _MASK.value or _OUTPAINT.value:
+        return repaint_pixels(p.unet, p.scheduler.make_schedule(), p.params["unet"],
+                              p.image_size, p.unet.in_channels, None, p.scheduler.options,
+                              out)  # fmt: skip
+    if _PROMPT.value or _INIT_IMAGE.value:
+        raise ValueError(f"{path} is a pixel-space U-Net without a text encoder: it takes no "
+                         "--prompt, and --init_image only with --mask or --outpaint")  # fmt: skip
     n, size = _NUM_SAMPLES.value or 64, p.image_size
     options = p.scheduler.options_for(method)
     if _ETA.value is not None:

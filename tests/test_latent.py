@@ -176,6 +176,56 @@ def test_sample_py_prompts_and_evaluation(tiny_ldm):
     img2img = np.load(workdir / "samples" / "img2img_s0.5_ddim4_eta0_cfg3_seed0.npz")
     assert img2img["images"].shape == (2, 32, 32, 3)
 
+    # outpainting: 8 pixels on the left (the canvas padded to 40, a multiple of 4, and back)
+    process = launch(workdir, f"--init_image={workdir / 'init.png'}", "--outpaint=left=8",
+                     "--prompt=a red square at the bottom left", "--num_samples=2",
+                     "--num_steps=3", "--jump_n_sample=1", script="sample.py")  # fmt: skip
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, out[-3000:]
+    stem = workdir / "samples" / "outpaint_3x10x1_eta1_cfg3_seed0"  # the config's η = 1
+    wide = np.load(stem.with_suffix(".npz"))
+    assert wide["images"].shape == (2, 32, 40, 3) and (wide["masks"][:, :, :12] == 1).all()
+    np.testing.assert_array_equal(wide["images"][:, :, 12:], stored["images"][[0, 0], :, 4:])
+    assert (stem.parent / f"{stem.name}_comparison.png").exists()
+
+
+def test_repaint_and_outpaint_with_a_text_model(tiny_ldm):
+    """A latent text model not trained for inpainting repaints with RePaint on its latents:
+    the known pixels are the original exactly after the paste and its reconstruction before
+    it; new seeds, images, masks and prompts reuse the compiled program."""
+    from jdiff import inpainting
+
+    model, params, _ = pipelines.load_latent_diffusion(tiny_ldm[0])
+    rng = np.random.default_rng(0)
+    init = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    masks = inpainting.random_masks(rng, 2, 32, kind="box", min_cover=0.3, max_cover=0.4)
+    prompts = ["a red circle at the top left", "a blue square at the bottom right"]
+    options = {"num_steps": 4, "jump_length": 2, "jump_n_sample": 2, "guidance_scale": 3.0}
+    x, unpasted = model.inpaint(params, init, masks, prompts, jax.random.key(0),
+                                return_unpasted=True, **options)  # fmt: skip
+    known = masks[..., 0] == 0
+    np.testing.assert_array_equal(np.asarray(x)[known], init[known])
+    # the same sample: the fill differs only where the decoder sees the pasted known latents
+    assert np.abs(np.asarray(x) - np.asarray(unpasted))[~known].max() < 0.05
+    assert inpainting.border_mismatch(unpasted, init, masks) > 0.01  # the 3-step VAE's error
+    y = model.inpaint(params, init[::-1], masks[0, ..., 0], prompts[::-1], jax.random.key(1),
+                      return_unpasted=True, **options)[0]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(y)[:, ~known[0]] != 0, True)
+    assert len(model._compiled) == 1
+    assert next(iter(model._compiled.values()))._cache_size() == 1
+
+    wide = model.outpaint(params, init, prompts, jax.random.key(2), right=6, overlap=4,
+                          num_steps=2, jump_n_sample=1)  # fmt: skip
+    assert wide.shape == (2, 32, 38, 3)
+    np.testing.assert_array_equal(wide[:, :, :28], init[:, :, :28])  # beyond the overlap band
+    for kwargs, match in (({"strength": 0.5}, "not trained for inpainting"),
+                          ({"method": "euler"}, "not trained for inpainting"),
+                          ({"use_karras_sigmas": True}, "no option")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            model.inpaint(params, init, masks, prompts, jax.random.key(0), **kwargs)
+    with pytest.raises(ValueError, match="mask values must lie in"):
+        model.inpaint(params, init, masks * 2, prompts, jax.random.key(0))
+
 
 def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tmp_path):
     """text.frozen: the captions are encoded once, the encoder keeps its initial parameters."""

@@ -163,6 +163,37 @@ def test_sample_py_rebuilds_the_model_from_the_workdir(uninterrupted):
     assert str(workdir / "samples" / "dpmpp_2m3_seed0_step4.png") in out
 
 
+def test_sample_py_inpaints_a_pixel_model(uninterrupted):
+    """--init_image + --mask with the class-conditional digits model (RePaint): the result, a
+    comparison image and an .npz whose known pixels are the input's exactly."""
+    from PIL import Image
+
+    workdir = uninterrupted[0]
+    digit = np.zeros((8, 8), np.uint8)
+    digit[1:7, 3:5] = 255  # a "1"
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4:, :] = 255  # repaint the bottom half
+    Image.fromarray(digit).save(workdir / "digit.png")
+    Image.fromarray(mask).save(workdir / "mask.png")
+    process = launch(workdir, f"--init_image={workdir / 'digit.png'}",
+                     f"--mask={workdir / 'mask.png'}", "--num_samples=3", "--num_steps=5",
+                     "--jump_length=2", "--jump_n_sample=2", "--guidance_scale=2",
+                     script="sample.py")  # fmt: skip
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, out[-3000:]
+    stem = workdir / "samples" / "repaint_5x2x2_eta0_cfg2_seed0_step4"
+    assert f"comparison: {stem}_comparison.png" in out and stem.with_suffix(".png").exists()
+    arrays = np.load(stem.with_suffix(".npz"))
+    assert arrays["images"].shape == (3, 8, 8, 1) and arrays["labels"].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(arrays["masks"][0], mask // 255)
+    np.testing.assert_array_equal(arrays["images"][:, :4], arrays["inputs"][:, :4])
+    np.testing.assert_array_equal(arrays["inputs"][0, ..., 0], digit)
+
+    process = launch(workdir, f"--mask={workdir / 'mask.png'}", script="sample.py")
+    assert "--mask needs --init_image" in process.communicate(timeout=300)[0]
+    assert process.returncode == 1
+
+
 def test_a_workdir_without_a_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is .* a train\.py workdir"):
         checkpoints.read_run_info(tmp_path)
