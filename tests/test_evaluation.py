@@ -1,6 +1,7 @@
 """Evaluation: Fréchet distance, nearest neighbours, and the digits classifier's verdicts."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -65,3 +66,57 @@ def test_prompt_adherence_of_real_renders():
     assert all(g["all"] == 0.0 and g["colour"] == 0.0 and g["shape"] == 1.0 for g in groups)
     with pytest.raises(ValueError, match="48 images for 1 prompts"):
         evaluation.prompt_adherence(pixels, captions[:1])
+
+
+def seeded_inception_state(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random FID-Inception weights in pytorch-fid's layout, a pure function of the seed
+    (He-scaled convolutions, batch-norm statistics away from the identity)."""
+    from jdiff.nn import inception
+
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in sorted(inception.torch_shapes().items()):
+        if name.endswith("conv.weight"):
+            fan_in = int(np.prod(shape[1:]))
+            value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+        elif name.endswith(("running_var", "bn.weight")):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:  # bias, running_mean
+            value = rng.normal(0.0, 0.1, shape)
+        state[name] = value.astype(np.float32)
+    return state
+
+
+def reference_inputs() -> dict[str, np.ndarray]:
+    """Images in [-1, 1] to upsample (48 px) and downsample (310 px) to Inception's 299."""
+    rng = np.random.default_rng(1)
+    small = np.cumsum(rng.uniform(-0.2, 0.2, (2, 48, 48, 3)), axis=1)
+    large = np.cumsum(rng.uniform(-0.05, 0.05, (1, 310, 310, 3)), axis=2)
+    return {k: np.clip(v, -1, 1).astype(np.float32) for k, v in (("small", small),
+                                                                  ("large", large))}  # fmt: skip
+
+
+def test_fid_inception_equals_pytorch_fid():
+    """pool3 features of seeded random weights equal those of pytorch-fid's own InceptionV3
+    (`tests/data/fid_inception_reference.npz`, written once by running pytorch-fid 0.3.0 on
+    the same weights and images: torchvision cannot be installed beside the CPU torch here)."""
+    import jax
+
+    from jdiff.nn import inception
+
+    params = inception.from_torch_state(seeded_inception_state())
+    reference = np.load(pathlib.Path(__file__).parent / "data" / "fid_inception_reference.npz")
+    apply = jax.jit(inception.FIDInception().apply)
+    for name, x in reference_inputs().items():
+        ours = np.asarray(apply({"params": params}, x))
+        assert ours.shape == (len(x), 2048)
+        scale = np.abs(reference[name]).max()
+        np.testing.assert_allclose(ours, reference[name], atol=1e-4 * scale, rtol=0)
+
+    state = seeded_inception_state()
+    with pytest.raises(ValueError, match="1 missing"):
+        missing = "Mixed_7c.branch_pool.bn.weight"
+        inception.from_torch_state({k: v for k, v in state.items() if k != missing})
+    state["Mixed_5b.branch1x1.conv.weight"] = state["Mixed_5b.branch1x1.conv.weight"][:1]
+    with pytest.raises(ValueError, match=r"Mixed_5b.branch1x1.conv.weight has shape \(1,"):
+        inception.from_torch_state(state)
