@@ -275,6 +275,44 @@ def text_encoder_from_transformers(state_dict: Mapping[str, Any], template: Any)
     return from_diffusers(kept, template)
 
 
+_CLIP_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "eos_token_id": 49407,
+}
+_CLIP_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
+                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}  # fmt: skip
+
+
+def clip_config_from_transformers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`jdiff.nn.clip.CLIPModel` fields from a transformers `CLIPModel` config.json (its
+    defaults for the fields a file leaves out)."""
+    if "CLIPModel" not in (config.get("architectures") or ["CLIPModel"]):
+        raise ValueError(f"architectures {config.get('architectures')}: expected CLIPModel")
+    text = {k: (config.get("text_config") or {}).get(k, v) for k, v in _CLIP_TEXT.items()}
+    vision = {k: (config.get("vision_config") or {}).get(k, v) for k, v in _CLIP_VISION.items()}
+    for tower in (text, vision):
+        if tower["hidden_act"] not in ("quick_gelu", "gelu"):
+            raise ValueError(f"hidden_act={tower['hidden_act']!r} is not supported")
+    return {"text": text, "vision": vision, "projection_dim": config.get("projection_dim", 512)}
+
+
+def clip_from_transformers(state_dict: Mapping[str, Any], template: Any) -> Any:
+    """A transformers `CLIPModel` state dict -> jdiff parameters shaped like `template`; its
+    bare parameters (`class_embedding`, `logit_scale`) are read as `<name>.weight`, the
+    `position_ids` buffers dropped."""
+    bare = ("vision_model.embeddings.class_embedding", "logit_scale")
+    return from_diffusers({(f"{k}.weight" if k in bare else k): v for k, v in state_dict.items()
+                           if not k.endswith("position_ids")}, template)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -2,20 +2,29 @@
 and nearest-training-neighbour distances (memorisation is not success).
 
     python -m jdiff.evaluation SAMPLES.npz [--data digits]
+    python -m jdiff.evaluation SAMPLES(.npz|/) --reference REAL(.npz|/) --inception pt_inception.pth
+    python -m jdiff.evaluation SAMPLES.npz --clip CLIP_DIR
 
 trains the small classifier on the data set's train split (seeded, seconds on a CPU), then
 prints and stores next to the samples (`.eval.json`) the figures for the samples beside the
 same figures for the held-out split, which are the ceiling. Samples written with prompts (a
 text-to-image model of the embedded shapes) are judged instead by the shapes' rule checker:
 the share that shows what its prompt asks for, seen and held-out combinations apart.
+
+With --reference: FID (the TF-FID Inception-v3 of `jdiff.nn.inception`, weights from a path
+you give) and KID between the samples and a reference set; with --clip: the CLIP score of the
+samples against their prompts (a transformers CLIPModel directory). Any other feature space:
+`frechet_distance` and `kernel_inception_distance` take feature rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +95,30 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     root_a = sqrtm(cov_a)
     cross = np.trace(sqrtm(root_a @ cov_b @ root_a))
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def kernel_inception_distance(
+    a: np.ndarray, b: np.ndarray, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): the unbiased MMD² between feature rows a [N, F] and b [M, F]
+    under the cubic polynomial kernel k(x, y) = (x·y / F + 1)³, averaged over `subsets` random
+    subsets of min(subset_size, N, M) rows of each; returns (mean, standard deviation). Unlike
+    FID it is unbiased: near 0 (and possibly negative) for two samples of one distribution."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    m, d = min(subset_size, len(a), len(b)), a.shape[1]
+    if m < 2 or b.shape[1] != d:
+        raise ValueError(
+            f"KID needs >= 2 rows of equal width in each set; got {a.shape}, {b.shape}"
+        )
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((p @ q.T / d + 1.0) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(within - 2.0 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
 
 
 def nearest_distances(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -173,28 +206,202 @@ def prompt_adherence(images: np.ndarray, prompts: list[str]) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("samples", type=pathlib.Path, help="an .npz written by sample.py")
-    parser.add_argument("--data", default="digits", help="the data set the model learned")
-    parser.add_argument("--image_size", type=int, default=8)
-    args = parser.parse_args(argv)
-    stored = np.load(args.samples)
-    if "prompts" in stored:  # text-to-image samples of the embedded shapes: the rule checker
-        result = prompt_adherence(stored["images"], [str(p) for p in stored["prompts"]])
-        out = args.samples.with_suffix(".eval.json")
-        out.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-        print(f"written to {out}")
-        return result
-    images = stored["images"].astype(np.float32) / 127.5 - 1.0
-    labels = stored["labels"] if "labels" in stored and stored["labels"].size else None
-    result = evaluate(images, name=args.data, image_size=args.image_size, labels=labels)
-    out = args.samples.with_suffix(".eval.json")
+# ----------------------------------------------------------------------------- reference networks
+
+
+def load_images(path) -> np.ndarray:
+    """uint8 [N, H, W, 3] from an `.npz` (its "images") or a folder of image files (sorted by
+    name; all of one size). Greyscale becomes RGB."""
+    from PIL import Image
+
+    path = pathlib.Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as stored:
+            if "images" not in stored:
+                raise ValueError(f"{path} holds no 'images' array (has {sorted(stored)})")
+            x = stored["images"]
+    elif path.is_dir():
+        suffixes = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+        if not files:
+            raise ValueError(f"{path} holds no image files")
+        x = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({a.shape for a in x}) > 1:
+            raise ValueError(f"the images in {path} differ in size; resize them to one size")
+        x = np.stack(x)
+    else:
+        raise FileNotFoundError(f"{path}: expected an .npz of images or a folder of images")
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: images must be uint8 [N, H, W, 1 or 3]; got {x.dtype} "
+                         f"{x.shape}")  # fmt: skip
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """fn over x in batches of batch_size (the last padded, so fn compiles once), concatenated."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        pad = batch_size - len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+        out.append(np.asarray(fn(padded))[: len(chunk)])
+    return np.concatenate(out)
+
+
+@jax.jit
+def _inception(params, images):
+    from jdiff.nn.inception import FIDInception
+
+    return FIDInception().apply({"params": params}, images.astype(jnp.float32) / 127.5 - 1.0)
+
+
+def inception_features(params, images: np.ndarray, *, batch_size: int = 50) -> np.ndarray:
+    """FID Inception pool3 features float64 [N, 2048] of uint8 images [N, H, W, 3] (compiled
+    once per batch shape)."""
+    return batched(functools.partial(_inception, params), images, batch_size).astype(np.float64)
+
+
+def fid_kid(params, samples: np.ndarray, reference: np.ndarray, *, batch_size: int = 50,
+            kid_subset_size: int = 1000) -> dict:  # fmt: skip
+    """FID and KID (mean, std) between uint8 image sets, in FID-Inception features."""
+    a = inception_features(params, samples, batch_size=batch_size)
+    b = inception_features(params, reference, batch_size=batch_size)
+    kid, kid_std = kernel_inception_distance(a, b, subset_size=kid_subset_size)
+    return {"fid": frechet_distance(a, b), "kid": kid, "kid_std": kid_std,
+            "num_samples": len(a), "num_reference": len(b)}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIP:
+    """A CLIP model for scoring: module, parameters, tokenizer and image processing."""
+
+    model: Any
+    params: Any
+    tokenizer: Any
+    processing: Any
+
+    def score(self, images: np.ndarray, prompts, *, batch_size: int = 32) -> np.ndarray:
+        """CLIP score of each uint8 image [N, H, W, 3] against its prompt: [N] (torchmetrics'
+        `CLIPScore` per pair: max(100 · cos, 0))."""
+        from jdiff.nn import clip
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        ids = self.tokenizer(list(prompts))
+        v = {"params": self.params}
+        text = batched(jax.jit(lambda t: self.model.apply(v, t, method="encode_text")), ids,
+                       batch_size)  # fmt: skip
+        pixels = self.processing(np.asarray(images))
+        image = batched(jax.jit(lambda p: self.model.apply(v, p, method="encode_image")),
+                        pixels, batch_size)  # fmt: skip
+        return clip.clip_score(text, image)
+
+
+def load_clip(directory) -> CLIP:
+    """A transformers `CLIPModel` directory (config.json, model.safetensors, the tokenizer's
+    vocab.json + merges.txt or tokenizer.json, preprocessor_config.json), e.g. a local copy of
+    openai/clip-vit-large-patch14."""
+    from jdiff import convert
+    from jdiff.nn import clip
+    from jdiff.tokenizer import CLIPTokenizer
+
+    directory = pathlib.Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory} is not a CLIP model directory (no config.json)")
+    fields = convert.clip_config_from_transformers(json.loads((directory / "config.json")
+                                                              .read_text()))  # fmt: skip
+    model = clip.CLIPModel(**fields)
+    size = fields["vision"]["image_size"]
+    ids = jnp.zeros((1, fields["text"]["max_position_embeddings"]), jnp.int32)
+    template = jax.eval_shape(model.init, jax.random.key(0), ids, jnp.zeros((1, size, size, 3)))
+    weights = directory / "model.safetensors"
+    if not weights.exists():
+        weights = directory / "model.safetensors.index.json"
+    params = convert.clip_from_transformers(convert.read_weights(weights), template["params"])
+    processing = clip.ImageProcessing(shortest_edge=size, crop_size=size)
+    if (directory / "preprocessor_config.json").exists():
+        pre = json.loads((directory / "preprocessor_config.json").read_text())
+        edge = pre.get("size", {})
+        crop = pre.get("crop_size", size)
+        processing = clip.ImageProcessing(
+            shortest_edge=edge.get("shortest_edge", size) if isinstance(edge, dict) else edge,
+            crop_size=crop.get("height", size) if isinstance(crop, dict) else crop,
+            image_mean=tuple(pre.get("image_mean", clip.OPENAI_MEAN)),
+            image_std=tuple(pre.get("image_std", clip.OPENAI_STD)),
+        )
+    length = fields["text"]["max_position_embeddings"]
+    tokenizer = CLIPTokenizer.from_pretrained(directory, max_length=length)
+    return CLIP(model, jax.tree.map(jnp.asarray, params), tokenizer, processing)
+
+
+def _write(result: dict, out: pathlib.Path) -> dict:
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"written to {out}")
     return result
+
+
+def reference_metrics(args) -> dict:
+    """FID / KID against --reference and CLIP score against the samples' prompts."""
+    samples = load_images(args.samples)
+    result: dict = {}
+    if args.reference:
+        from jdiff.nn import inception
+
+        params = inception.load(args.inception, allow_pickle=args.allow_pickle)
+        reference = load_images(args.reference)
+        result |= fid_kid(params, samples, reference, batch_size=args.batch_size)
+    if args.clip:
+        if args.samples.suffix != ".npz" or "prompts" not in np.load(args.samples):
+            raise ValueError("--clip scores samples against their prompts: pass an .npz that "
+                             "sample.py wrote for a text model (it stores 'prompts')")  # fmt: skip
+        prompts = [str(p) for p in np.load(args.samples)["prompts"]]
+        scores = load_clip(args.clip).score(samples, prompts)
+        result |= {"clip_score": float(scores.mean()), "clip_score_std": float(scores.std())}
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "samples", type=pathlib.Path, help="a sample.py .npz (with --reference: or a folder)"
+    )
+    parser.add_argument("--data", default="digits", help="the data set the model learned")
+    parser.add_argument("--image_size", type=int, default=8)
+    parser.add_argument("--reference", type=pathlib.Path,
+                        help="FID and KID against these images (.npz or folder); needs "
+                        "--inception")  # fmt: skip
+    parser.add_argument("--inception", type=pathlib.Path,
+                        help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a "
+                        ".safetensors / .npz of its state dict)")  # fmt: skip
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="read a .pth (pickle) Inception file: only one you trust")  # fmt: skip
+    parser.add_argument("--clip", type=pathlib.Path,
+                        help="a transformers CLIPModel directory: CLIP score of the samples "
+                        "against their prompts")  # fmt: skip
+    parser.add_argument("--batch_size", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.reference and not args.inception:
+        parser.error("--reference needs --inception PATH (FID's Inception weights; see "
+                     "jdiff/nn/inception.py for where to get them)")  # fmt: skip
+    folder = args.samples.is_dir()
+    out = args.samples / "eval.json" if folder else args.samples.with_suffix(".eval.json")
+    if args.reference or args.clip:
+        try:
+            return _write(reference_metrics(args), out)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+    if folder:
+        parser.error("a folder of samples needs --reference or --clip")
+    stored = np.load(args.samples)
+    if "prompts" in stored:  # text-to-image samples of the embedded shapes: the rule checker
+        result = prompt_adherence(stored["images"], [str(p) for p in stored["prompts"]])
+        return _write(result, out)
+    images = stored["images"].astype(np.float32) / 127.5 - 1.0
+    labels = stored["labels"] if "labels" in stored and stored["labels"].size else None
+    result = evaluate(images, name=args.data, image_size=args.image_size, labels=labels)
+    return _write(result, out)
 
 
 if __name__ == "__main__":

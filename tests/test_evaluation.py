@@ -120,3 +120,94 @@ def test_fid_inception_equals_pytorch_fid():
     state["Mixed_5b.branch1x1.conv.weight"] = state["Mixed_5b.branch1x1.conv.weight"][:1]
     with pytest.raises(ValueError, match=r"Mixed_5b.branch1x1.conv.weight has shape \(1,"):
         inception.from_torch_state(state)
+
+
+def test_kernel_inception_distance_is_the_unbiased_mmd():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 5))
+    b = rng.standard_normal((30, 5)) + 0.3
+    # one subset of every row: the U-statistic written out pair by pair
+    k = lambda x, y: (x @ y / 5 + 1) ** 3  # noqa: E731
+    m = 30
+    kid, std = evaluation.kernel_inception_distance(a[:m], b, subsets=1, subset_size=m)
+    xx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / m**2
+    assert kid == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std == 0.0
+    x, y, z = (rng.standard_normal((500, 5)) for _ in range(3))
+    same = evaluation.kernel_inception_distance(x, y, subset_size=200)
+    shifted = evaluation.kernel_inception_distance(x, z + 0.3, subset_size=200)
+    assert abs(same[0]) < 3 * same[1] + 1e-3 and shifted[0] > 10 * abs(same[0])
+
+
+def test_clip_score_equals_transformers_clip(tmp_path):
+    """A random-weight transformers CLIPModel saved with its image processor: jdiff's CLIP reads
+    it, preprocesses images as CLIPImageProcessor does, and scores as its embeddings give."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from jdiff.tokenizer import CLIPTokenizer
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4},
+        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+                       "hidden_act": "gelu"},
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = CLIPModel(config).eval()
+    reference.save_pretrained(tmp_path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32},
+                                   crop_size={"height": 32, "width": 32})  # fmt: skip
+    processor.save_pretrained(tmp_path)
+    CLIPTokenizer.default().save_pretrained(tmp_path)
+
+    clip = evaluation.load_clip(tmp_path)
+    rng = np.random.default_rng(0)
+    images = np.cumsum(rng.integers(-20, 21, (3, 40, 56, 3)), axis=2) % 256
+    images = images.astype(np.uint8)
+    prompts = ["a red circle", "a photo of a cat on a mat", ""]
+    expected_pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(clip.processing(images),
+                               expected_pixels.permute(0, 2, 3, 1).numpy(), atol=1e-5)  # fmt: skip
+    with torch.no_grad():
+        out = reference(input_ids=torch.from_numpy(clip.tokenizer(prompts)).long(),
+                        pixel_values=expected_pixels)  # fmt: skip
+    cos = torch.nn.functional.cosine_similarity(out.text_embeds, out.image_embeds).numpy()
+    scores = clip.score(images, prompts)
+    np.testing.assert_allclose(scores, np.maximum(100 * cos, 0), atol=1e-3)
+    assert scores.shape == (3,) and (scores > 0).sum() >= 2, scores  # not all floored
+    with pytest.raises(ValueError, match="3 images for 2 prompts"):
+        clip.score(images, prompts[:2])
+
+
+def test_fid_and_kid_from_the_command_line(tmp_path, capsys):
+    """python -m jdiff.evaluation SAMPLES --reference REF --inception W: an .npz against a
+    folder, the Inception weights from a safetensors file (seeded random weights here)."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    save_file(seeded_inception_state(), tmp_path / "inception.safetensors")
+    rng = np.random.default_rng(0)
+    real = (np.cumsum(rng.integers(-30, 31, (12, 32, 32, 3)), axis=1) % 256).astype(np.uint8)
+    (tmp_path / "real").mkdir()
+    for i, image in enumerate(real):
+        Image.fromarray(image).save(tmp_path / "real" / f"{i:02d}.png")
+    np.savez(tmp_path / "same.npz", images=real)
+    np.savez(tmp_path / "noise.npz", images=rng.integers(0, 256, (10, 32, 32, 3), np.uint8))
+    args = ["--reference", str(tmp_path / "real"), "--inception",
+            str(tmp_path / "inception.safetensors"), "--batch_size", "8"]  # fmt: skip
+    same = evaluation.main([str(tmp_path / "same.npz"), *args])
+    noise = evaluation.main([str(tmp_path / "noise.npz"), *args])
+    assert abs(same["fid"]) < 1e-3 and same["num_reference"] == 12 == same["num_samples"]
+    assert noise["fid"] > 1.0 and noise["kid"] > same["kid"] + 1e-3
+    assert json.loads((tmp_path / "noise.eval.json").read_text())["fid"] == noise["fid"]
+    with pytest.raises(SystemExit, match="2"):
+        evaluation.main([str(tmp_path / "same.npz"), "--reference", str(tmp_path / "real")])
+    assert "--reference needs --inception" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="pickle-based checkpoint"):
+        (tmp_path / "w.pth").write_bytes(b"")
+        evaluation.main([str(tmp_path / "same.npz"), *args[:2], "--inception",
+                         str(tmp_path / "w.pth")])  # fmt: skip
