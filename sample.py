@@ -7,6 +7,7 @@
                      [--init_image IMAGE.png --strength 0.6]
     python sample.py --workdir DIR --init_image IMAGE.png --mask MASK.png   (or --outpaint
                      left=8,right=8 [--overlap 4]) [--jump_length 10 --jump_n_sample 10] [--eta 0]
+    python sample.py --workdir SR_DIR --upscale LOW_RES.png [--noise_level 20] [--prompt ...]
     python sample.py --pretrained /path/to/stable-diffusion-v1-5 --prompt "a photo of a cat"
                      [--guidance_scale 7.5] [--method dpmpp_2m] [--num_steps 25]
                      [--init_image IMAGE.png --strength 0.6] [--dtype bfloat16] [--output_dir D]
@@ -29,6 +30,9 @@ the known region replaced by the forward-noised original after each step, jumps 
 --jump_length levels --jump_n_sample times); a Stable Diffusion inpainting model (9-channel
 U-Net) inpaints with its own sampler instead. Each writes the results, a side-by-side
 comparison (input with the repainted area grey | result) and an .npz with inputs and masks.
+A model trained for inpainting (configs/inpaint_shapes.py) does both with its own sampler.
+--upscale super-resolves an image with a super-resolution run (configs/sr_shapes.py): the
+image is taken to the model's low resolution, and the comparison is bicubic | result.
 
 --pretrained takes a diffusers-format directory, an original single-file .safetensors
 (--prediction_type / --image_size where the SD 1.x / 2.x defaults do not fit) or a directory
@@ -58,6 +62,7 @@ from jdiff import (
     pipelines,
     samplers,
     sharding,
+    superres,
     training,
 )
 
@@ -103,6 +108,12 @@ _OUTPAINT = flags.DEFINE_string(
 )
 _OVERLAP = flags.DEFINE_integer(
     "overlap", 4, "--outpaint: pixels of the original repainted and blended at each new side."
+)
+_UPSCALE = flags.DEFINE_string(
+    "upscale", None, "Super-resolve this image (a super-resolution run, configs/sr_shapes.py)."
+)
+_NOISE_LEVEL = flags.DEFINE_integer(
+    "noise_level", 20, "--upscale: noise augmentation of the low-resolution input (0..350)."
 )
 _JUMP_LENGTH = flags.DEFINE_integer(
     "jump_length", None, "RePaint (--mask/--outpaint, any model): levels per jump (10)."
@@ -194,6 +205,9 @@ def main(argv) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     params = state.ema_params if _EMA.value else state.params
+    if _UPSCALE.value:
+        sys.exit("error: --upscale needs a super-resolution run (configs/sr_shapes.py); "
+                 f"{workdir} holds a pixel-space model")  # fmt: skip
     if _MASK.value or _OUTPAINT.value:
         try:
             return repaint_pixels(model, schedule, params, config.data.image_size,
@@ -306,12 +320,17 @@ def save_image_task(out: pathlib.Path, stem: str, x, inputs, masks, canvas, **ar
         x = canvas.finish(x)
         inputs, masks = inputs[:, : x.shape[1], : x.shape[2]], masks[:, : x.shape[1], : x.shape[2]]
     shown = np.where(masks >= 0.5, 0.0, inputs)
+    save_results(out, stem, x, shown, inputs=images.to_uint8(inputs),
+                 masks=masks[..., 0].astype(np.uint8), **arrays)  # fmt: skip
+
+
+def save_results(out: pathlib.Path, stem: str, x, shown, **arrays) -> None:
+    """Results (grid PNG), the comparison (`shown` | result, a pair per row) and an .npz."""
     grid = images.save_grid(out / f"{stem}.png", x)
     pairs = np.stack([shown, x], 1).reshape(-1, *x.shape[1:])
     comparison = images.save_grid(out / f"{stem}_comparison.png", pairs, ncols=2)
     npz = out / f"{stem}.npz"
-    np.savez(npz, images=images.to_uint8(x), inputs=images.to_uint8(inputs),
-             masks=masks[..., 0].astype(np.uint8), **arrays)  # fmt: skip
+    np.savez(npz, images=images.to_uint8(x), **arrays)
     print(f"results: {grid}\ncomparison: {comparison}\narrays: {npz}")
 
 
@@ -351,29 +370,34 @@ def sample_text(workdir: pathlib.Path) -> None:
 
 
 def generate_text(model, params, prompts, n, method, guidance, options, size, out) -> None:
-    """txt2img (img2img with --init_image) for `prompts` cycled to n images; writes a grid and
-    an .npz to `out`."""
+    """txt2img, img2img (--init_image), inpainting / outpainting (--mask / --outpaint) or
+    super-resolution (--upscale) for `prompts` cycled to n images; writes a grid (and for the
+    image tasks a comparison) and an .npz to `out`."""
+    if _ETA.value is not None:
+        options["eta"] = _ETA.value
+    if _UPSCALE.value:
+        return upscale_text(model, params, _PROMPT.value, n, method, guidance, options, size, out)
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable)")
     prompts = (prompts * n)[:n]
-    if _ETA.value is not None:
-        options["eta"] = _ETA.value
+    if (_MASK.value or _OUTPAINT.value) and not model.is_inpainting:
+        return repaint_text(model, params, prompts, n, guidance, options, size, out)
     common = {"negative_prompts": _NEGATIVE.value, "guidance_scale": guidance,
               "num_steps": _NUM_STEPS.value, "method": method, **options}  # fmt: skip
     key = jax.random.key(_SEED.value)
     print(f"sampling {n} image(s) with {method} x {_NUM_STEPS.value} steps, guidance "
           f"{guidance:g} (the first call compiles)", flush=True)  # fmt: skip
-    if (_MASK.value or _OUTPAINT.value) and not model.is_inpainting:
-        return repaint_text(model, params, prompts, n, guidance, options, size, out)
-    if _OUTPAINT.value:
-        raise ValueError("--outpaint with an inpainting model is not supported yet; it works "
-                         "with any other model (RePaint)")  # fmt: skip
-    if _MASK.value:
-        init, mask, _ = image_task(size, 3, n, 1)
+    eta = f"_eta{options['eta']:g}" if "eta" in options else ""
+    suffix = f"_{method}{_NUM_STEPS.value}{eta}_cfg{guidance:g}_seed{_SEED.value}"
+    if _MASK.value or _OUTPAINT.value:  # a model trained for inpainting
+        multiple = model.autoencoder.downsample_factor * model.unet.downsample_factor
+        inputs, masks, canvas = image_task(size, 3, n, multiple)
         strength = 1.0 if _STRENGTH.value is None else _STRENGTH.value
-        x = model.inpaint(params, init, mask, prompts, key, strength=strength, **common)
-        stem = f"inpaint_s{strength:g}"
-    elif _INIT_IMAGE.value:
+        x = model.inpaint(params, inputs, masks, prompts, key, strength=strength, paste=True,
+                          **common)  # fmt: skip
+        stem = f"{'outpaint' if canvas else 'inpaint'}_s{strength:g}{suffix}"
+        return save_image_task(out, stem, x, inputs, masks, canvas, prompts=np.asarray(prompts))
+    if _INIT_IMAGE.value:
         init = load_image(_INIT_IMAGE.value, size)
         strength = 0.8 if _STRENGTH.value is None else _STRENGTH.value
         x = model.img2img(params, np.repeat(init[None], n, 0), prompts, key,
@@ -382,13 +406,36 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
     else:
         x = model.txt2img(params, prompts, key, **common)
         stem = "txt2img"
-    eta = f"_eta{options['eta']:g}" if "eta" in options else ""
-    stem += f"_{method}{_NUM_STEPS.value}{eta}_cfg{guidance:g}_seed{_SEED.value}"
     x = np.asarray(x)
-    grid = images.save_grid(out / f"{stem}.png", x)
-    npz = out / f"{stem}.npz"
+    grid = images.save_grid(out / f"{stem}{suffix}.png", x)
+    npz = out / f"{stem}{suffix}.npz"
     np.savez(npz, images=images.to_uint8(x), prompts=np.asarray(prompts))
     print(f"samples: {grid}\narrays: {npz}")
+
+
+def upscale_text(model, params, prompts, n, method, guidance, options, size, out) -> None:
+    """--upscale with a super-resolution latent model: the image, centre-cropped and resized
+    to the model's low resolution (its image size / the autoencoder's factor), repeated n
+    times, upscaled with the prompts (default: the empty prompt)."""
+    if not model.is_upscaler:
+        raise ValueError("--upscale needs a super-resolution model (train configs/sr_shapes.py)")
+    if _INIT_IMAGE.value or _MASK.value or _OUTPAINT.value:
+        raise ValueError("--upscale takes its image itself: no --init_image, --mask, --outpaint")
+    low = load_image(_UPSCALE.value, size // model.autoencoder.downsample_factor, 3)
+    low = np.repeat(low[None], n, 0)
+    prompts = ((prompts or [""]) * n)[:n]
+    level = _NOISE_LEVEL.value
+    print(f"upscaling {n} time(s) {low.shape[1]}x{low.shape[2]} -> {size}x{size} with {method} "
+          f"x {_NUM_STEPS.value} steps, noise level {level} (the first call compiles)",
+          flush=True)  # fmt: skip
+    x = model.upscale(params, low, jax.random.key(_SEED.value), prompts,
+                      negative_prompts=_NEGATIVE.value, guidance_scale=guidance,
+                      noise_level=level, num_steps=_NUM_STEPS.value, method=method,
+                      **options)  # fmt: skip
+    x = np.asarray(x)
+    bicubic = np.asarray(superres.upsample(low, x.shape[1:3]))
+    stem = f"upscale_{method}{_NUM_STEPS.value}_noise{level}_cfg{guidance:g}_seed{_SEED.value}"
+    save_results(out, stem, x, bicubic, inputs=images.to_uint8(low), prompts=np.asarray(prompts))
 
 
 def repaint_text(model, params, prompts, n, guidance, options, size, out) -> None:
@@ -432,6 +479,9 @@ def sample_pretrained(path: pathlib.Path) -> None:
         return generate_text(model, p.params, prompts, n, method, guidance, {}, p.image_size, out)
     if p.unet.num_class_embeds is not None:
         raise ValueError("class-conditional pretrained U-Nets are not supported by sample.py")
+    if _UPSCALE.value:
+        raise ValueError(f"--upscale needs a super-resolution model; {path} is a pixel-space "
+                         "U-Net")  # fmt: skip
     if _MASK.value or _OUTPAINT.value:
         return repaint_pixels(p.unet, p.scheduler.make_schedule(), p.params["unet"],
                               p.image_size, p.unet.in_channels, None, p.scheduler.options,

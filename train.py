@@ -31,8 +31,10 @@ from jdiff import (
     checkpoints,
     data,
     images,
+    inpainting,
     pipelines,
     sharding,
+    superres,
     tokenizer,
     training,
 )
@@ -223,13 +225,20 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
     cache = latent_cache(workdir, source, vae_model, vae_params, cache_key, tok,
                          config.data.image_size)  # fmt: skip
     latent_shape = cache["latent_mean"].shape[1:]
+    kind = config.latent.get("conditioning") or None
+    if kind and path:
+        raise ValueError("latent.conditioning trains a new U-Net; it cannot fine-tune "
+                         "latent.pretrained weights yet")  # fmt: skip
+    if kind:
+        cache = conditioning_cache(workdir, kind, source, cache, vae_model, vae_params, scaling,
+                                   cache_key, config)  # fmt: skip
     if frozen:
         optimizer = training.freeze_text_encoder(optimizer)
     if path:
         weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
         init, init_args = lambda params: training.init_state(params, optimizer), (weights,)
     else:
-        unet = training.make_model(config, channels=latent_shape[-1], context_dim=text.hidden_size)
+        unet = training.make_latent_unet(config, latent_shape[-1], text.hidden_size)
         init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
         init_args = ()
     empty_ids, empty_context = tok([""])[0], None
@@ -242,19 +251,28 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         unet, text, schedule, optimizer, empty_ids=empty_ids, empty_context=empty_context,
         scaling_factor=scaling, caption_dropout=config.train.caption_dropout,
         prediction_type=sampler.get("prediction_type", "epsilon"),
-        snr_gamma=config.diffusion.snr_gamma or None, **common,
+        snr_gamma=config.diffusion.snr_gamma or None,
+        noise_augmentation=superres.low_res_schedule() if kind == "upscale" else None,
+        max_noise_level=superres.MAX_NOISE_LEVEL, **common,
     )  # fmt: skip
     prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
     prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
-    generate = pipelines.make_txt2img(
+    make = {None: pipelines.make_txt2img, "inpaint": pipelines.make_inpaint,
+            "upscale": pipelines.make_upscale}[kind]  # fmt: skip
+    generate = make(
         unet, text, vae_model, schedule, latent_shape=(len(prompts), *latent_shape),
         scaling_factor=scaling, method=config.sample.method, num_steps=config.sample.num_steps,
         **(sampler | dict(config.sample.get("options", {}))),
     )  # fmt: skip
     ids, uncond = tok(prompts), tok([""] * len(prompts))
     guidance = config.sample.guidance_scale
+    inputs = sample_inputs(kind, config, len(prompts), vae_model.downsample_factor)
 
     def sample(params):
+        if kind == "inpaint":  # the grid's own images, boxes repainted
+            return generate(params, vae_params, *inputs, ids, uncond, k_sample, guidance)
+        if kind == "upscale":  # the grid's images, downsampled, upscaled
+            return generate(params, vae_params, inputs, ids, uncond, k_sample, guidance)
         return generate(params, vae_params, ids, uncond, k_sample, guidance)
 
     batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
@@ -262,6 +280,57 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
                                 process_count=jax.process_count())  # fmt: skip
     return {"init": init, "init_args": init_args, "step": step, "sample": sample, "model": unet,
             "batches": batches, "prompts": prompts}  # fmt: skip
+
+
+def conditioning_cache(workdir, kind: str, source, cache: dict, vae_model, vae_params,
+                       scaling: float, key: str, config: ConfigDict) -> dict:  # fmt: skip
+    """The cache with the "extra" input channels of an image-conditioned latent model.
+
+    "upscale": the low-resolution image of every record (box-downsampled to the latent grid).
+    "inpaint": `latent.mask_variants` random masks per record (`inpainting.training_masks`,
+    seeded) and the mask + masked-image latents they give (`pipelines.inpaint_extra`); the
+    cache's rows become (record, mask) pairs, the record's latents and ids repeated. Stored in
+    workdir/<kind>.npz, reused while the autoencoder and settings are the same.
+    """
+    variants = config.latent.get("mask_variants", 4) if kind == "inpaint" else 1
+    size = config.data.image_size
+    tag = f"{key}|{kind}|{variants}|{config.seed}|{size}"
+    path = workdir / f"{kind}.npz"
+    if path.exists() and str(np.load(path)["key"]) == tag:
+        extra = np.load(path)["extra"]
+    else:
+        pixels = np.stack([data.preprocess(source[i]["image"], image_size=size)
+                           for i in range(len(source))])  # fmt: skip
+        if kind == "upscale":
+            extra = superres.downsample(pixels, vae_model.downsample_factor)
+        else:
+            rng = np.random.default_rng(config.seed)
+            masks = inpainting.training_masks(rng, len(pixels) * variants, size)
+            both = np.concatenate([np.repeat(pixels, variants, 0), masks], axis=-1)
+            form = jax.jit(lambda x: pipelines.inpaint_extra(vae_model, vae_params, x[..., :3],
+                                                             x[..., 3:], scaling))  # fmt: skip
+            extra = autoencoder.in_chunks(form, both, 256)
+        if jax.process_index() == 0:
+            tmp = workdir / f"{kind}.tmp.npz"
+            np.savez(tmp, key=tag, extra=extra)
+            tmp.rename(path)
+    if variants > 1:
+        cache = {k: np.repeat(v, variants, 0) for k, v in cache.items()}
+    return cache | {"extra": extra.astype(np.float32)}
+
+
+def sample_inputs(kind, config: ConfigDict, n: int, f: int):
+    """The images a sample grid of an image-conditioned model starts from: n images of the
+    test split (boxes masked, or downsampled by the autoencoder's factor f to the latent
+    grid)."""
+    if kind is None:
+        return None
+    x = _eval_images(config, config.sample.get("split", "test"), n, seed=0)
+    if kind == "upscale":
+        return superres.downsample(x, f)
+    masks = inpainting.random_masks(np.random.default_rng(0), len(x), x.shape[1], kind="box",
+                                    min_cover=0.3, max_cover=0.5)  # fmt: skip
+    return x, masks
 
 
 def captions(source) -> list[str]:

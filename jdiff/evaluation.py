@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from jdiff import data
+from jdiff.autoencoder import in_chunks
 from jdiff.data import shapes
 from jdiff.nn.classifier import SmallClassifier
 
@@ -238,17 +239,6 @@ def load_images(path) -> np.ndarray:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """fn over x in batches of batch_size (the last padded, so fn compiles once), concatenated."""
-    out = []
-    for i in range(0, len(x), batch_size):
-        chunk = x[i : i + batch_size]
-        pad = batch_size - len(chunk)
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
-        out.append(np.asarray(fn(padded))[: len(chunk)])
-    return np.concatenate(out)
-
-
 @jax.jit
 def _inception(params, images):
     from jdiff.nn.inception import FIDInception
@@ -259,7 +249,7 @@ def _inception(params, images):
 def inception_features(params, images: np.ndarray, *, batch_size: int = 50) -> np.ndarray:
     """FID Inception pool3 features float64 [N, 2048] of uint8 images [N, H, W, 3] (compiled
     once per batch shape)."""
-    return batched(functools.partial(_inception, params), images, batch_size).astype(np.float64)
+    return in_chunks(functools.partial(_inception, params), images, batch_size).astype(np.float64)
 
 
 def fid_kid(params, samples: np.ndarray, reference: np.ndarray, *, batch_size: int = 50,
@@ -290,11 +280,11 @@ class CLIP:
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         ids = self.tokenizer(list(prompts))
         v = {"params": self.params}
-        text = batched(jax.jit(lambda t: self.model.apply(v, t, method="encode_text")), ids,
-                       batch_size)  # fmt: skip
+        text = in_chunks(jax.jit(lambda t: self.model.apply(v, t, method="encode_text")), ids,
+                         batch_size)  # fmt: skip
         pixels = self.processing(np.asarray(images))
-        image = batched(jax.jit(lambda p: self.model.apply(v, p, method="encode_image")),
-                        pixels, batch_size)  # fmt: skip
+        image = in_chunks(jax.jit(lambda p: self.model.apply(v, p, method="encode_image")),
+                          pixels, batch_size)  # fmt: skip
         return clip.clip_score(text, image)
 
 

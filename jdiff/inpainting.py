@@ -92,6 +92,16 @@ def random_masks(rng: np.random.Generator, n: int, size: int, *, kind: str = "mi
     return out
 
 
+def training_masks(rng: np.random.Generator, n: int, size: int, *, full: float = 0.1,
+                   min_cover: float = 0.1, max_cover: float = 0.6) -> np.ndarray:  # fmt: skip
+    """Masks for training an inpainting model: `random_masks` of either kind, a `full` share
+    all-ones (the model then generates from the prompt alone, as SD's inpainting model was
+    also trained to)."""
+    masks = random_masks(rng, n, size, kind="mixed", min_cover=min_cover, max_cover=max_cover)
+    masks[rng.random(n) < full] = 1.0
+    return masks
+
+
 def border_band(masks: np.ndarray, width: int) -> np.ndarray:
     """The known pixels within `width` pixels (Chebyshev distance) of the repainted region,
     bool [N, H, W, 1]: where a model's fill must meet the kept image."""

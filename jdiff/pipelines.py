@@ -120,6 +120,58 @@ def make_repaint(
     return inpaint
 
 
+def make_upscale(
+    unet: UNet,
+    text_encoder: CLIPTextModel,
+    autoencoder: AutoencoderKL,
+    schedule: Schedule,
+    *,
+    latent_shape: tuple[int, int, int, int],
+    scaling_factor: float,
+    method: str = "ddim",
+    num_steps: int = 50,
+    guidance_rescale: float = 0.0,
+    **options,
+) -> Callable[..., jax.Array]:
+    """Super-resolution with a latent model conditioned on the low-resolution image (its U-Net
+    takes c + 3 input channels and noise-level class labels; SD's x4 upscaler's design): the
+    low-resolution image, resized (bicubic) to the latent grid, is noise-augmented to
+    `noise_level` on `superres.low_res_schedule()` and concatenated to the latents at every
+    step; classifier-free guided on the prompts; decoded.
+
+    Returns:
+      upscale(params, vae_params, low_res [N, h', w', 3] in [-1, 1], ids, uncond_ids, key,
+      guidance_scale=1.0, noise_level=20) -> images [N, H, W, 3] in [-1, 1], H = h · f.
+    """
+    from jdiff import diffusion, superres
+
+    if unet.in_channels != latent_shape[-1] + 3 or unet.num_class_embeds is None:
+        raise ValueError(
+            f"this U-Net takes {unet.in_channels} input channels and "
+            f"{unet.num_class_embeds} class embeddings; a super-resolution model takes "
+            f"{latent_shape[-1] + 3} (latents and the low-resolution image) and noise levels"
+        )
+    low_schedule = superres.low_res_schedule()
+
+    def upscale(params, vae_params, low_res, ids, uncond_ids, key, guidance_scale=1.0,
+                noise_level=superres.DEFAULT_NOISE_LEVEL):  # fmt: skip
+        k_aug, k_sample = jax.random.split(key)
+        n, h, w, _ = latent_shape
+        low = jnp.asarray(low_res, jnp.float32)
+        if low.shape[1:3] != (h, w):
+            low = superres.upsample(low, (h, w))
+        level = jnp.full((n,), noise_level, jnp.int32)
+        low = diffusion.q_sample(low_schedule, low, level, jax.random.normal(k_aug, low.shape))
+        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
+                           guidance_rescale, extra=low, class_labels=level)  # fmt: skip
+        z = samplers.sample(fn, schedule, k_sample, latent_shape, method=method,
+                            num_steps=num_steps, **options)  # fmt: skip
+        images = autoencoder.apply({"params": vae_params}, z / scaling_factor, method="decode")
+        return jnp.clip(images, -1.0, 1.0)
+
+    return upscale
+
+
 def _check_repaint(schedule, num_steps, options):
     """Raise ValueError at build time for bad RePaint settings (not at the first call)."""
     jumps = {k: options[k] for k in ("jump_length", "jump_n_sample") if k in options}
@@ -224,6 +276,15 @@ def make_img2img(
     return generate
 
 
+def inpaint_extra(autoencoder, vae_params, images, masks, scaling_factor):
+    """The conditioning channels of an inpainting U-Net (SD's layout): the mask at latent size
+    and the scaled latents (posterior mode) of the masked image, [N, h, w, 1 + c]. Training
+    caches (`train.py`) and sampling (`make_inpaint`) both form them here."""
+    mask, masked = inpainting_inputs(masks, images, autoencoder.downsample_factor)
+    latents = autoencoder.apply({"params": vae_params}, masked, method="encode").mode()
+    return jnp.concatenate([mask, scaling_factor * latents], axis=-1)
+
+
 def inpainting_inputs(masks, images, f: int):
     """(mask at latent size [N, H/f, W/f, 1], masked image [N, H, W, 3]) as Stable Diffusion's
     inpainting pipeline forms them: the mask binarized at 0.5 (1 = repaint), the image zeroed
@@ -271,9 +332,7 @@ def make_inpaint(
                  guidance_scale=7.5, latents=None):  # fmt: skip
         k_encode, k_noise, k_sample = jax.random.split(key, 3)
         vae = {"params": vae_params}
-        mask, masked = inpainting_inputs(masks, init_images, autoencoder.downsample_factor)
-        masked_latents = scaling_factor * autoencoder.apply(vae, masked, method="encode").mode()
-        extra = jnp.concatenate([mask, masked_latents], axis=-1)
+        extra = inpaint_extra(autoencoder, vae_params, init_images, masks, scaling_factor)
         noise = jax.random.normal(k_noise, latent_shape) if latents is None else latents
         x_T = noise
         if start > 0:
@@ -340,18 +399,20 @@ def make_latent_repaint(
 
 
 def _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale, rescale,
-                  extra=None):  # fmt: skip
+                  extra=None, class_labels=None):  # fmt: skip
     """The classifier-free guided model function; `extra` [N, h, w, k] is concatenated to the
-    U-Net's input channels (repeated for the batched conditional and unconditional halves)."""
+    U-Net's input channels and `class_labels` [N] passed to it (both repeated for the batched
+    conditional and unconditional halves)."""
 
     def encode(tokens):
         return text_encoder.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
 
     def model_fn(x, t, context):
+        reps = x.shape[0] // ids.shape[0]
         if extra is not None:
-            reps = x.shape[0] // extra.shape[0]
             x = jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1))], axis=-1)
-        return unet.apply({"params": params["unet"]}, x, t, context=context)
+        labels = {} if class_labels is None else {"class_labels": jnp.tile(class_labels, reps)}
+        return unet.apply({"params": params["unet"]}, x, t, context=context, **labels)
 
     return guidance.classifier_free(model_fn, encode(ids), encode(uncond_ids), guidance_scale,
                                     guidance_rescale=rescale, cond_kwarg="context")  # fmt: skip
@@ -398,7 +459,17 @@ class LatentDiffusion:
         """Whether the U-Net takes mask and masked-image latents beside the latents."""
         return self.unet.in_channels == 2 * self.autoencoder.latent_channels + 1
 
+    @property
+    def is_upscaler(self) -> bool:
+        """Whether the U-Net takes a low-resolution image (and its noise level) beside the
+        latents: a super-resolution model (`upscale`)."""
+        c = self.autoencoder.latent_channels
+        return self.unet.in_channels == c + 3 and self.unet.num_class_embeds is not None
+
     def _check_kind(self, inpainting: bool):
+        if self.is_upscaler:
+            raise ValueError("this is a super-resolution model (low-resolution image in): use "
+                             "upscale")  # fmt: skip
         if self.is_inpainting != inpainting:
             raise ValueError(
                 "this is an inpainting model (latents, mask and masked image in): use inpaint"
@@ -499,14 +570,15 @@ class LatentDiffusion:
     def inpaint(
         self, params, init_images, masks, prompts, key, *, strength=1.0, negative_prompts=None,
         guidance_scale=7.5, num_steps=50, method=None, latents=None, return_unpasted=False,
-        **options,
+        paste=False, **options,
     ) -> jax.Array:  # fmt: skip
         """Repaint `init_images` [N, H, W, 3] in [-1, 1] where `masks` (see
         `inpainting.check_masks`: [N, H, W, 1], [H, W], ...; values in [0, 1]) are >= 0.5,
         following N prompts.
 
         An inpainting model (latents, mask and masked image in) samples with `method`, from
-        `strength` and `latents`. Any other model repaints with RePaint (`make_latent_repaint`;
+        `strength` and `latents`, and returns the decoded sample as diffusers' pipeline does
+        (`paste=True`: with the known pixels put back). Any other model repaints with RePaint (`make_latent_repaint`;
         options eta, jump_length, jump_n_sample, as diffusers' `RePaintPipeline`), which starts
         from noise, steps as DDIM does and returns the original exactly where the mask is 0
         (`return_unpasted`: also the decoded prediction before that paste).
@@ -546,8 +618,47 @@ class LatentDiffusion:
         )  # fmt: skip
         if latents is not None:
             latents = jnp.asarray(latents, jnp.float32)
-        return generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
-                        jnp.float32(guidance_scale), latents)  # fmt: skip
+        x = generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
+                     jnp.float32(guidance_scale), latents)  # fmt: skip
+        return masks * x + (1.0 - masks) * init_images if paste else x
+
+    def upscale(
+        self, params, low_res, key, prompts=None, *, negative_prompts=None, guidance_scale=1.0,
+        noise_level=None, num_steps=50, method=None, **options,
+    ) -> jax.Array:  # fmt: skip
+        """Super-resolve `low_res` [N, h, w, 3] in [-1, 1] (a super-resolution model's):
+        [N, h·f, w·f, 3] for the autoencoder's factor f. `prompts` default to the empty prompt
+        (unconditional); `noise_level` (0..350, default 20) is the augmentation the low-
+        resolution input is given, as SD's x4 upscaler's pipeline takes it."""
+        from jdiff import superres
+
+        if not self.is_upscaler:
+            raise ValueError(f"this U-Net takes {self.unet.in_channels} input channels and no "
+                             "noise level: upscale needs a super-resolution model")  # fmt: skip
+        low_res = jnp.asarray(low_res, jnp.float32)
+        if low_res.ndim != 4 or low_res.shape[-1] != 3:
+            raise ValueError(f"low_res must be [N, h, w, 3]; got shape {low_res.shape}")
+        n, h, w, _ = low_res.shape
+        prompts = [""] * n if prompts is None else prompts
+        ids, uncond = self._tokens(prompts, negative_prompts)
+        if len(ids) != n:
+            raise ValueError(f"{n} low-resolution images for {len(ids)} prompts")
+        f = self.autoencoder.downsample_factor
+        shape = self._latent_shape(n, h * f, w * f)
+        noise_level = superres.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+        if not 0 <= noise_level < self.unet.num_class_embeds:
+            raise ValueError(f"noise_level={noise_level}; expected 0 .. "
+                             f"{self.unet.num_class_embeds - 1}")  # fmt: skip
+        method = method or self.method
+        options = self._options(method, options)
+        generate = self._jit(
+            ("upscale", shape, method, num_steps, tuple(sorted(options.items()))),
+            lambda: make_upscale(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 method=method, num_steps=num_steps, **options),
+        )  # fmt: skip
+        return generate(params, params["autoencoder"], low_res, ids, uncond, key,
+                        jnp.float32(guidance_scale), jnp.int32(noise_level))  # fmt: skip
 
     def outpaint(self, params, init_images, prompts, key, *, left=0, right=0, top=0, bottom=0,
                  width=None, height=None, overlap=4, **kwargs) -> np.ndarray:  # fmt: skip
@@ -594,7 +705,7 @@ def load_latent_diffusion(
     vae_model, vae_params, info = autoencoders.load(config.latent.autoencoder_workdir)
     text = training.make_text_encoder(config)
     latent = tuple(info["latent_shape"])
-    unet = training.make_model(config, channels=latent[-1], context_dim=text.hidden_size)
+    unet = training.make_latent_unet(config, latent[-1], text.hidden_size)
     optimizer = training.make_optimizer(config.optim)
     if config.text.get("frozen", False):  # the checkpoint's optimizer state has that shape
         optimizer = training.freeze_text_encoder(optimizer)

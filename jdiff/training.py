@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff import losses, schedules
+from jdiff import diffusion, losses, schedules
 from jdiff.nn import VARIANTS, UNet, text_encoder, vae
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
@@ -233,8 +233,9 @@ def make_latent_init(
         ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
         text_params = text.init(k_text, ids)["params"]
         context = jnp.zeros((1, text.max_position_embeddings, text.hidden_size))
-        x = jnp.zeros((1, *latent_shape))
-        unet_params = unet.init(k_unet, x, jnp.zeros(1), context=context)["params"]
+        x = jnp.zeros((1, *latent_shape[:-1], unet.in_channels))  # latents + any conditioning
+        labels = {} if unet.num_class_embeds is None else {"class_labels": jnp.zeros(1, int)}
+        unet_params = unet.init(k_unet, x, jnp.zeros(1), context=context, **labels)["params"]
         return init_state({"unet": unet_params, "text_encoder": text_params}, optimizer)
 
     return init
@@ -254,6 +255,8 @@ def make_latent_train_step(
     snr_gamma: float | None = None,
     ema_max_decay: float = 0.9999,
     accumulate_steps: int = 1,
+    noise_augmentation: Schedule | None = None,
+    max_noise_level: int = 0,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """The pure train step of a text-conditional latent diffusion model (LDM, Rombach et al.
     2022, with the text transformer trained jointly).
@@ -267,6 +270,13 @@ def make_latent_train_step(
     A frozen text encoder's contexts are computed once: a batch with "context" [B, L, D] (the
     cached encodings) uses them, and the empty prompt's `empty_context` [L, D], instead of
     running the encoder (freeze its parameters with `freeze_text_encoder`).
+
+    Image conditioning by concatenation: a batch with "extra" [B, h, w, k] (an inpainting
+    model's mask and masked-image latents, a super-resolution model's low-resolution image)
+    has it concatenated to the U-Net's input channels. With `noise_augmentation` (a schedule;
+    SD's x4 upscaler's is linear), "extra" is first noised to a level drawn uniformly from
+    0..max_noise_level per example, and the level is the U-Net's class label, so that sampling
+    can choose how far to trust the low-resolution input.
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
@@ -285,9 +295,20 @@ def make_latent_train_step(
             ids = jnp.where(drop, empty_ids[None], batch["ids"])
             context = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
+        extra, labels = batch.get("extra"), {}
+        if noise_augmentation is not None:
+            k_level, k_aug = jax.random.split(k_drop)
+            level = jax.random.randint(k_level, (mean.shape[0],), 0, max_noise_level + 1)
+            noise = jax.random.normal(k_aug, extra.shape)
+            extra = diffusion.q_sample(noise_augmentation, extra, level, noise)
+            labels = {"class_labels": level}
+
         def model_fn(x, t):
+            if extra is not None:
+                x = jnp.concatenate([x, extra.astype(x.dtype)], axis=-1)
             return unet.apply({"params": params["unet"]}, x, t, context=context,
-                              deterministic=False, rngs={"dropout": k_dropout})  # fmt: skip
+                              deterministic=False, rngs={"dropout": k_dropout},
+                              **labels)  # fmt: skip
 
         value = losses.diffusion_loss(
             model_fn, schedule, z, k_loss, prediction_type=prediction_type, snr_gamma=snr_gamma
@@ -353,11 +374,15 @@ def make_model(
     *,
     channels: int | None = None,
     context_dim: int | None = None,
+    extra_channels: int = 0,
+    class_embeds: int | None = None,
 ) -> UNet:
     """The U-Net of `config.model` (a `VARIANTS` name plus field overrides) for the data's
     channels (or `channels`, e.g. an autoencoder's latent channels): 2 x channels out for a
     learned variance, a null class added to `num_classes`, cross-attention on a `context` of
-    width `context_dim` (a text encoder's)."""
+    width `context_dim` (a text encoder's), `extra_channels` more input channels (image
+    conditioning by concatenation: masks, masked-image latents, low-resolution images) and
+    `class_embeds` class embeddings (a super-resolution model's noise levels)."""
     model = config.model
     if model.variant not in VARIANTS:
         raise ValueError(f"model.variant={model.variant!r}; expected one of {sorted(VARIANTS)}")
@@ -365,14 +390,36 @@ def make_model(
     fields = {**VARIANTS[model.variant], **overrides}
     channels = channels or config.data.channels
     learned = config.diffusion.loss == "hybrid"
-    fields.update(in_channels=channels, out_channels=channels * (2 if learned else 1))
+    fields.update(in_channels=channels + extra_channels,
+                  out_channels=channels * (2 if learned else 1))  # fmt: skip
     if context_dim is not None:
         fields["cross_attention_dim"] = context_dim
     if model.get("class_conditional", False):
         if num_classes is None:
             raise ValueError("model.class_conditional needs a data set with class labels")
         fields["num_class_embeds"] = num_classes + 1  # the last is the null class
+    if class_embeds is not None:
+        fields["num_class_embeds"] = class_embeds
     return UNet(**fields, dtype=_dtype(model.dtype), remat=model.remat)
+
+
+CONDITIONINGS = ("inpaint", "upscale")
+
+
+def make_latent_unet(config: Any, channels: int, context_dim: int) -> UNet:
+    """The U-Net of a latent text-conditional config, with the input channels and class
+    embeddings its `latent.conditioning` needs: "inpaint" (mask + masked-image latents, SD's
+    9-channel layout at c = 4), "upscale" (the low-resolution RGB image + 351 noise levels,
+    SD x4's design), or none."""
+    from jdiff import superres
+
+    kind = config.latent.get("conditioning") or None
+    if kind is not None and kind not in CONDITIONINGS:
+        raise ValueError(f"latent.conditioning={kind!r}; expected one of {CONDITIONINGS} or None")
+    extra = {"inpaint": channels + 1, "upscale": 3}.get(kind, 0)
+    levels = superres.MAX_NOISE_LEVEL + 1 if kind == "upscale" else None
+    return make_model(config, channels=channels, context_dim=context_dim, extra_channels=extra,
+                      class_embeds=levels)  # fmt: skip
 
 
 def make_text_encoder(config: Any) -> CLIPTextModel:

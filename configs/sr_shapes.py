@@ -1,0 +1,21 @@
+"""A latent 4x super-resolution model of the embedded shapes: 8x8 -> 32x32 (offline, CPU).
+
+    python train.py --config configs/vae_shapes.py --workdir outputs/vae_shapes   # first
+    python train.py --config configs/sr_shapes.py --workdir outputs/sr_shapes
+
+`ldm_shapes` with SD x4 upscaler's design: the U-Net takes the noisy 8x8x4 latents of the
+32x32 image and the 8x8 low-resolution image (box-downsampled, 3 more channels), noise-
+augmented on a linear schedule to a random level 0..350 that is its class label; the caption
+is dropped half of the time, so the model also super-resolves without one (the empty prompt).
+`python sample.py --workdir outputs/sr_shapes --upscale LOW_RES.png` upscales an image.
+"""
+
+from configs import ldm_shapes
+
+
+def get_config(arg: str | None = None):
+    c = ldm_shapes.get_config(arg)
+    c.latent.conditioning = "upscale"
+    c.train.caption_dropout = 0.5
+    c.sample.guidance_scale = 1.0
+    return c
