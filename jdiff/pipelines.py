@@ -578,10 +578,11 @@ class LatentDiffusion:
 
         An inpainting model (latents, mask and masked image in) samples with `method`, from
         `strength` and `latents`, and returns the decoded sample as diffusers' pipeline does
-        (`paste=True`: with the known pixels put back). Any other model repaints with RePaint (`make_latent_repaint`;
-        options eta, jump_length, jump_n_sample, as diffusers' `RePaintPipeline`), which starts
-        from noise, steps as DDIM does and returns the original exactly where the mask is 0
-        (`return_unpasted`: also the decoded prediction before that paste).
+        (`paste=True`: with the known pixels put back). Any other model repaints with RePaint
+        (`make_latent_repaint`; options eta, jump_length, jump_n_sample, as diffusers'
+        `RePaintPipeline`), which starts from noise, steps as DDIM does and returns the
+        original exactly where the mask is 0 (`return_unpasted`: also the decoded prediction
+        before that paste).
         """
         init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
         masks = jnp.asarray(inpainting.check_masks(masks, init_images))
