@@ -293,9 +293,13 @@ def test_image_conditioned_models_train_and_sample(kind, tiny_vae_workdir, tmp_p
     assert (tmp_path / "samples" / f"{stem}_comparison.png").exists()
 
 
-def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tmp_path):
+def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tiny_ldm, tmp_path):
     """text.frozen: the captions are encoded once, the encoder keeps its initial parameters."""
+    import shutil
+
     import train
+
+    shutil.copy(tiny_ldm[0] / "latents.npz", tmp_path)  # the same autoencoder's: reused
 
     config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
     config.latent.autoencoder_workdir = str(tiny_vae_workdir)
