@@ -237,6 +237,17 @@ _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 _TEXT_OPTIONAL = {"layer_norm_eps": 1e-5, "eos_token_id": 2}
 
 
+_CLIP_TEXT_DEFAULTS = {  # transformers' CLIPTextConfig defaults
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+
+
 def text_encoder_config_from_transformers(config: Mapping[str, Any]) -> dict[str, Any]:
     """`jdiff.nn.text_encoder.CLIPTextModel` fields from a transformers `CLIPTextModel` config
     dict (a `text_encoder/config.json` of a diffusers-format Stable Diffusion directory).
@@ -247,15 +258,7 @@ def text_encoder_config_from_transformers(config: Mapping[str, Any]) -> dict[str
     architectures = config.get("architectures") or ["CLIPTextModel"]
     if not set(architectures) & {"CLIPTextModel", "CLIPTextModelWithProjection"}:
         raise ValueError(f"architectures {architectures}: expected CLIPTextModel")
-    config = {
-        "vocab_size": 49408,
-        "hidden_size": 512,
-        "intermediate_size": 2048,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 8,
-        "max_position_embeddings": 77,
-        "hidden_act": "quick_gelu",
-    } | dict(config)  # transformers' CLIPTextConfig defaults
+    config = _CLIP_TEXT_DEFAULTS | dict(config)
     if config["hidden_act"] not in ("quick_gelu", "gelu"):
         raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported")
     fields = {k: config[k] for k in _TEXT_FIELDS}
@@ -275,17 +278,7 @@ def text_encoder_from_transformers(state_dict: Mapping[str, Any], template: Any)
     return from_diffusers(kept, template)
 
 
-_CLIP_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 512,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 8,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "eos_token_id": 49407,
-}
+_CLIP_TEXT = _CLIP_TEXT_DEFAULTS | {"layer_norm_eps": 1e-5, "eos_token_id": 49407}
 _CLIP_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}  # fmt: skip
