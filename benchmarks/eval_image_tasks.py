@@ -77,9 +77,21 @@ def checker(x_uint8, captions) -> dict:
 
 def features_fn(seed: int = 0):
     """A classifier of the 48 scenes trained on the train split: its 64-d features."""
+    import flax.serialization
+
+    from jdiff.nn.classifier import SmallClassifier
+
     train_x, train_y = evaluation.load_split("shapes", "train", image_size=32)
-    params = evaluation.train_classifier(jax.numpy.asarray(train_x), jax.numpy.asarray(train_y),
-                                         jax.random.key(seed), num_classes=48)  # fmt: skip
+    cached = ROOT / "outputs" / f"shapes_classifier_seed{seed}.msgpack"
+    template = SmallClassifier(48).init(jax.random.key(0), train_x[:1])["params"]
+    if cached.exists():  # trained by an earlier run of this script
+        params = flax.serialization.from_bytes(template, cached.read_bytes())
+    else:
+        params = evaluation.train_classifier(jax.numpy.asarray(train_x),
+                                             jax.numpy.asarray(train_y), jax.random.key(seed),
+                                             num_classes=48)  # fmt: skip
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(flax.serialization.to_bytes(params))
     test_x, test_y = evaluation.load_split("shapes", "test", image_size=32)
     probs, _ = evaluation.classify(params, test_x, num_classes=48)
     print(f"scene classifier: held-out accuracy {(probs.argmax(1) == test_y).mean():.3f}")

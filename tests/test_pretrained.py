@@ -183,8 +183,8 @@ def test_inpainting_matches_stable_diffusion_inpaint_pipeline(tmp_path, monkeypa
     np.testing.assert_allclose(ours, ref, atol=1e-3)
     with pytest.raises(ValueError, match="use inpaint"):
         model.txt2img(p.params, PROMPTS, jax.random.key(0))
-    with pytest.raises(ValueError, match="masks have shape"):
-        model.inpaint(p.params, image, mask[:1], PROMPTS, jax.random.key(0))
+    with pytest.raises(ValueError, match="do not fit images of shape"):
+        model.inpaint(p.params, image, mask[:, :8], PROMPTS, jax.random.key(0))
     with pytest.raises(ValueError, match=r"mask values must lie in \[0, 1\]"):
         model.inpaint(p.params, image, mask * 255, PROMPTS, jax.random.key(0))
 
