@@ -7,6 +7,7 @@
 32x32 image and the 8x8 low-resolution image (box-downsampled, 3 more channels), noise-
 augmented on a linear schedule to a random level 0..350 that is its class label; the caption
 is dropped half of the time, so the model also super-resolves without one (the empty prompt).
+2,000 steps (the low-resolution input leaves less to learn than text-to-image).
 `python sample.py --workdir outputs/sr_shapes --upscale LOW_RES.png` upscales an image.
 """
 
@@ -18,4 +19,7 @@ def get_config(arg: str | None = None):
     c.latent.conditioning = "upscale"
     c.train.caption_dropout = 0.5
     c.sample.guidance_scale = 1.0
+    if arg != "tiny":
+        c.train.num_steps = 2000
+        c.optim.cosine_decay_steps = 2000
     return c
