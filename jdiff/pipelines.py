@@ -174,12 +174,7 @@ def make_upscale(
 
 def _check_repaint(schedule, num_steps, options):
     """Raise ValueError at build time for bad RePaint settings (not at the first call)."""
-    jumps = {k: options[k] for k in ("jump_length", "jump_n_sample") if k in options}
-    samplers.repaint_timesteps(schedule.num_timesteps, num_steps, **jumps)
-    unknown = set(options) - set(samplers.REPAINT_DEFAULTS)
-    if unknown:
-        raise ValueError(f"RePaint takes no option(s) {sorted(unknown)}; its options are "
-                         f"{sorted(samplers.REPAINT_DEFAULTS)}")  # fmt: skip
+    samplers.resolve_repaint_options(schedule.num_timesteps, num_steps, options)
 
 
 def make_txt2img(

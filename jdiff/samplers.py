@@ -518,6 +518,20 @@ def repaint_timesteps(num_train_timesteps: int, num_steps: int, *, jump_length: 
     return np.asarray(levels, np.int64) * (num_train_timesteps // num_steps)
 
 
+def resolve_repaint_options(num_train_timesteps: int, num_steps: int, options: dict):
+    """(`REPAINT_DEFAULTS` updated with options, the time sequence); ValueError naming an
+    unknown option, a bad prediction type, step count or jump setting."""
+    unknown = set(options) - set(REPAINT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"repaint takes no option(s) {sorted(unknown)}; its options are "
+                         f"{sorted(REPAINT_DEFAULTS)}")  # fmt: skip
+    opts = {**REPAINT_DEFAULTS, **options}
+    diffusion.check_prediction_type(opts["prediction_type"])
+    seq = repaint_timesteps(num_train_timesteps, num_steps, jump_length=opts["jump_length"],
+                            jump_n_sample=opts["jump_n_sample"])  # fmt: skip
+    return opts, seq
+
+
 def repaint(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -556,15 +570,8 @@ def repaint(
       x_0 [B, ...] float32 (and the unpasted prediction with return_unpasted). One `lax.scan`
       over the whole sequence (model calls only on its denoising steps).
     """
-    unknown = set(options) - set(REPAINT_DEFAULTS)
-    if unknown:
-        raise ValueError(f"repaint takes no option(s) {sorted(unknown)}; its options are "
-                         f"{sorted(REPAINT_DEFAULTS)}")  # fmt: skip
-    opts = {**REPAINT_DEFAULTS, **options}
-    diffusion.check_prediction_type(opts["prediction_type"])
+    opts, seq = resolve_repaint_options(schedule.num_timesteps, num_steps, options)
     T = schedule.num_timesteps
-    seq = repaint_timesteps(T, num_steps, jump_length=opts["jump_length"],
-                            jump_n_sample=opts["jump_n_sample"])  # fmt: skip
     s = T // num_steps
     before = np.concatenate([[seq[0] + s], seq[:-1]])  # the state is at level before - s
     grid = {
