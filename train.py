@@ -253,7 +253,8 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         prediction_type=sampler.get("prediction_type", "epsilon"),
         snr_gamma=config.diffusion.snr_gamma or None,
         noise_augmentation=superres.low_res_schedule() if kind == "upscale" else None,
-        max_noise_level=superres.MAX_NOISE_LEVEL, **common,
+        max_noise_level=superres.MAX_NOISE_LEVEL,
+        noise_level_power=config.train.get("noise_level_power", 1.0), **common,
     )  # fmt: skip
     prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
     prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]

@@ -356,15 +356,23 @@ def make_latent_repaint(
     num_steps: int = 50,
     guidance_rescale: float = 0.0,
     return_unpasted: bool = False,
+    project_known_pixels: float = 0.6,
     **options,
 ) -> Callable[..., jax.Array]:
     """Inpainting with any text-conditional latent model (one not trained for it): RePaint on
     the latents, classifier-free guided.
 
     The known latents are the autoencoder posterior's mode of the whole image; a latent cell
-    is repainted where any of its pixels is (`inpainting.latent_masks`). The decoded sample is
-    pasted into the original with the pixel mask, so the known pixels are the original exactly;
-    before that paste they are the autoencoder's reconstruction of them, within its error.
+    is repainted where any of its pixels is (`inpainting.latent_masks`), so a cell the mask
+    only partly covers loses its known pixels. Over the noisiest `project_known_pixels` share
+    of the schedule (t >= (1 - share) T; 0: never) every prediction x̂_0 is therefore decoded,
+    its known pixels set to the original's and re-encoded (`samplers.repaint`'s `project`; a
+    decode and an encode per step), so the model completes what it sees at the mask's edge
+    instead of drawing beside it; the later steps, which draw the details, go without it
+    (every encode-decode round blurs). The decoded sample is pasted
+    into the original with the pixel mask, so the known pixels are the original exactly;
+    before that paste (return_unpasted: the model's last x̂_0, unprojected) they are its
+    reconstruction of them, within the autoencoder's error.
 
     Returns:
       inpaint(params, vae_params, images [N, H, W, 3] in [-1, 1], masks [N, H, W, 1] in
@@ -372,6 +380,10 @@ def make_latent_repaint(
       (with return_unpasted, also the decoded last-step prediction of the whole image).
     """
     _check_repaint(schedule, num_steps, options)
+    if not 0.0 <= project_known_pixels <= 1.0:
+        raise ValueError(f"project_known_pixels={project_known_pixels}; expected a share of "
+                         "the schedule in [0, 1]")  # fmt: skip
+    project_from = (1.0 - project_known_pixels) * schedule.num_timesteps
     f = autoencoder.downsample_factor
 
     def inpaint(params, vae_params, images, masks, ids, uncond_ids, key, guidance_scale=7.5):
@@ -379,13 +391,22 @@ def make_latent_repaint(
         z0 = scaling_factor * autoencoder.apply(vae, images, method="encode").mode()
         fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
                            guidance_rescale)  # fmt: skip
-        z, z_unpasted = samplers.repaint(fn, schedule, key, z0, inpainting.latent_masks(masks, f),
-                                         num_steps=num_steps, return_unpasted=True,
-                                         **options)  # fmt: skip
 
         def decode(z):
             x = autoencoder.apply(vae, z / scaling_factor, method="decode")
             return jnp.clip(x, -1.0, 1.0)
+
+        def project(z, t):
+            def through_pixels(z):
+                known = masks * decode(z) + (1.0 - masks) * images
+                return scaling_factor * autoencoder.apply(vae, known, method="encode").mode()
+
+            return jax.lax.cond(t >= project_from, through_pixels, lambda z: z, z)
+
+        z, z_unpasted = samplers.repaint(
+            fn, schedule, key, z0, inpainting.latent_masks(masks, f), num_steps=num_steps,
+            return_unpasted=True, project=project if project_known_pixels > 0 else None, **options,
+        )  # fmt: skip
 
         x = masks * decode(z) + (1.0 - masks) * images
         return (x, decode(z_unpasted)) if return_unpasted else x
@@ -575,9 +596,9 @@ class LatentDiffusion:
         `strength` and `latents`, and returns the decoded sample as diffusers' pipeline does
         (`paste=True`: with the known pixels put back). Any other model repaints with RePaint
         (`make_latent_repaint`; options eta, jump_length, jump_n_sample, as diffusers'
-        `RePaintPipeline`), which starts from noise, steps as DDIM does and returns the
-        original exactly where the mask is 0 (`return_unpasted`: also the decoded prediction
-        before that paste).
+        `RePaintPipeline`; `project_known_pixels`, default 0.6, see `make_latent_repaint`),
+        which starts from noise, steps as DDIM does and returns the original exactly where the
+        mask is 0 (`return_unpasted`: also the decoded prediction before that paste).
         """
         init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
         masks = jnp.asarray(inpainting.check_masks(masks, init_images))

@@ -257,6 +257,7 @@ def make_latent_train_step(
     accumulate_steps: int = 1,
     noise_augmentation: Schedule | None = None,
     max_noise_level: int = 0,
+    noise_level_power: float = 1.0,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """The pure train step of a text-conditional latent diffusion model (LDM, Rombach et al.
     2022, with the text transformer trained jointly).
@@ -274,12 +275,15 @@ def make_latent_train_step(
     Image conditioning by concatenation: a batch with "extra" [B, h, w, k] (an inpainting
     model's mask and masked-image latents, a super-resolution model's low-resolution image)
     has it concatenated to the U-Net's input channels. With `noise_augmentation` (a schedule;
-    SD's x4 upscaler's is linear), "extra" is first noised to a level drawn uniformly from
-    0..max_noise_level per example, and the level is the U-Net's class label, so that sampling
-    can choose how far to trust the low-resolution input.
+    SD's x4 upscaler's is linear), "extra" is first noised to a level ⌊(max_noise_level + 1) ·
+    u^noise_level_power⌋, u ~ U[0, 1), per example (power 1: uniform, as SD's; above 1: more
+    of the low levels that sampling uses), and the level is the U-Net's class label, so that
+    sampling can choose how far to trust the low-resolution input.
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
+    if noise_level_power <= 0:
+        raise ValueError(f"noise_level_power={noise_level_power}; expected > 0")
     empty_ids = jnp.asarray(empty_ids, jnp.int32)
 
     def loss_fn(params, batch, key):
@@ -298,7 +302,9 @@ def make_latent_train_step(
         extra, labels = batch.get("extra"), {}
         if noise_augmentation is not None:
             k_level, k_aug = jax.random.split(k_drop)
-            level = jax.random.randint(k_level, (mean.shape[0],), 0, max_noise_level + 1)
+            u = jax.random.uniform(k_level, (mean.shape[0],))
+            level = jnp.floor((max_noise_level + 1) * u**noise_level_power).astype(jnp.int32)
+            level = jnp.minimum(level, max_noise_level)
             noise = jax.random.normal(k_aug, extra.shape)
             extra = diffusion.q_sample(noise_augmentation, extra, level, noise)
             labels = {"class_labels": level}

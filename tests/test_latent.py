@@ -215,6 +215,14 @@ def test_repaint_and_outpaint_with_a_text_model(tiny_ldm):
     assert not np.allclose(np.asarray(y)[~kept], init[::-1][~kept], atol=0.05)
     assert len(model._compiled) == 1
     assert next(iter(model._compiled.values()))._cache_size() == 1
+    # without the known pixels projected through the autoencoder: another sample, same paste
+    z = model.inpaint(params, init, masks, prompts, jax.random.key(0), project_known_pixels=0.0,
+                      **options)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(z)[known], init[known])
+    assert np.abs(np.asarray(z) - np.asarray(x))[~known].mean() > 1e-3
+    with pytest.raises(ValueError, match="share of the schedule"):
+        model.inpaint(params, init, masks, prompts, jax.random.key(0), project_known_pixels=1.5,
+                      **options)  # fmt: skip
 
     wide = model.outpaint(params, init, prompts, jax.random.key(2), right=6, overlap=4,
                           num_steps=2, jump_n_sample=1)  # fmt: skip
