@@ -26,6 +26,18 @@ def low_res_schedule() -> schedules.Schedule:
     return schedules.get_schedule("linear", 1000)
 
 
+def draw_noise_levels(key: jax.Array, n: int, max_noise_level: int = MAX_NOISE_LEVEL,
+                      power: float = 1.0) -> jax.Array:  # fmt: skip
+    """n training noise levels ⌊(max_noise_level + 1) · u^power⌋, u ~ U[0, 1): int32 in
+    0..max_noise_level, uniform for power 1 (SD's), more of the low levels sampling uses for
+    power > 1 (P(level <= k) = ((k + 1) / (max + 1))^(1 / power))."""
+    if power <= 0:
+        raise ValueError(f"noise_level_power={power}; expected > 0")
+    u = jax.random.uniform(key, (n,))
+    level = jnp.floor((max_noise_level + 1) * u**power).astype(jnp.int32)
+    return jnp.minimum(level, max_noise_level)
+
+
 def downsample(x, factor: int):
     """Box (area) downsampling of [N, H, W, C] by an integer factor: each output pixel the mean
     of its factor x factor block. The degradation the models learn to invert and the one

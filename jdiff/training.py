@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff import diffusion, losses, schedules
+from jdiff import diffusion, losses, schedules, superres
 from jdiff.nn import VARIANTS, UNet, text_encoder, vae
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
@@ -282,7 +282,7 @@ def make_latent_train_step(
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
-    if noise_level_power <= 0:
+    if noise_level_power <= 0:  # checked here, at build time, not at the first step
         raise ValueError(f"noise_level_power={noise_level_power}; expected > 0")
     empty_ids = jnp.asarray(empty_ids, jnp.int32)
 
@@ -302,9 +302,8 @@ def make_latent_train_step(
         extra, labels = batch.get("extra"), {}
         if noise_augmentation is not None:
             k_level, k_aug = jax.random.split(k_drop)
-            u = jax.random.uniform(k_level, (mean.shape[0],))
-            level = jnp.floor((max_noise_level + 1) * u**noise_level_power).astype(jnp.int32)
-            level = jnp.minimum(level, max_noise_level)
+            level = superres.draw_noise_levels(k_level, mean.shape[0], max_noise_level,
+                                               noise_level_power)  # fmt: skip
             noise = jax.random.normal(k_aug, extra.shape)
             extra = diffusion.q_sample(noise_augmentation, extra, level, noise)
             labels = {"class_labels": level}
@@ -417,8 +416,6 @@ def make_latent_unet(config: Any, channels: int, context_dim: int) -> UNet:
     embeddings its `latent.conditioning` needs: "inpaint" (mask + masked-image latents, SD's
     9-channel layout at c = 4), "upscale" (the low-resolution RGB image + 351 noise levels,
     SD x4's design), or none."""
-    from jdiff import superres
-
     kind = config.latent.get("conditioning") or None
     if kind is not None and kind not in CONDITIONINGS:
         raise ValueError(f"latent.conditioning={kind!r}; expected one of {CONDITIONINGS} or None")
