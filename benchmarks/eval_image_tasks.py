@@ -11,7 +11,8 @@ trained on); "real" rows are the same images untouched, the ceiling.
   side); the completed image (known pixels pasted) judged by the rule checker against its
   caption, and the mismatch at the mask border before any paste (mean |Δ| in [-1, 1] units
   over the known pixels within 2 px of the mask). Methods: RePaint with the text-to-image
-  model (any model), and the model trained for inpainting. The caption is the prompt.
+  model (any model), and the model trained for inpainting. The caption is the prompt. The
+  autoencoder's own reconstruction, known pixels pasted, is the ceiling of latent methods.
 - Outpainting: the right 8 columns removed and regenerated (overlap 4): Fréchet distance of
   the whole canvases to the real images (a classifier of the 48 scenes as the feature
   space) beside real-vs-real, and the seam statistic at column 24.
@@ -112,6 +113,17 @@ def timed(label, fn, *args, **kwargs):
 
 def inpainting_eval(runs, x, x8, captions, masks, key, args) -> dict:
     results = {"real": {"checker": checker(x8, captions)}}
+    if runs:  # what a perfect latent model can reach: the autoencoder's reconstruction, pasted
+        model, params = next(iter(runs.values()))
+        vae = {"params": params["autoencoder"]}
+
+        def roundtrip(v):
+            z = model.autoencoder.apply(vae, v, method="encode").mode()
+            return model.autoencoder.apply(vae, z, method="decode")
+
+        rec = autoencoder.in_chunks(jax.jit(roundtrip), x, 256)
+        pasted = masks * np.clip(rec, -1, 1) + (1 - masks) * x
+        results["autoencoder_ceiling"] = {"checker": checker(images.to_uint8(pasted), captions)}
     for name, (model, params) in runs.items():
         kwargs = {"guidance_scale": args.guidance, "num_steps": args.steps}
         if model.is_inpainting:

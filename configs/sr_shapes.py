@@ -5,9 +5,12 @@
 
 `ldm_shapes` with SD x4 upscaler's design: the U-Net takes the noisy 8x8x4 latents of the
 32x32 image and the 8x8 low-resolution image (box-downsampled, 3 more channels), noise-
-augmented on a linear schedule to a random level 0..350 that is its class label; the caption
-is dropped half of the time, so the model also super-resolves without one (the empty prompt).
-2,000 steps (the low-resolution input leaves less to learn than text-to-image).
+augmented on a linear schedule to a random level 0..350 that is its class label (drawn as
+351·u³, so 39% of them are <= 20, the level sampling uses; SD draws them uniformly); the
+caption is dropped half of the time, so the model also super-resolves without one (the empty
+prompt). Min-SNR-γ 5 weighting puts the loss on the noisy steps, where the low-resolution
+input decides the image. 4,000 steps, ~40 minutes on 2 CPU cores. (2,000 steps with uniform
+levels and no weighting barely used the input: consistency 21.5 dB; see the README.)
 `python sample.py --workdir outputs/sr_shapes --upscale LOW_RES.png` upscales an image.
 """
 

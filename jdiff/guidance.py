@@ -97,3 +97,43 @@ def classifier_guidance(
         return diffusion.prediction_target(x0, eps, abar, prediction_type)
 
     return guided
+
+
+def project_prediction(
+    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    schedule: Schedule,
+    project: Callable[[jax.Array], jax.Array],
+    *,
+    share: float = 1.0,
+    prediction_type: str = "epsilon",
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Data consistency by projection (ILVR, Choi et al. 2021; DDNM, Wang et al. 2023): the
+    model's x̂_0 is replaced by project(x̂_0), e.g. onto the images whose known pixels or
+    low-resolution version are the given ones, and ε̂ re-derived from x_t and it, so that every
+    sampler steps towards the projected prediction.
+
+    Applied over the noisiest `share` of the schedule only (t >= (1 - share) T; 1: every step,
+    0: none): the steps after it draw details from the model alone, so a result that agrees
+    with the data shows that the model followed it rather than that it was pasted in.
+
+    Args:
+        model_fn: (x_t [B, ...], t [B]) -> prediction of `prediction_type`; t equal across the
+            batch, as the samplers pass it.
+        project: x̂_0 [B, ...] -> x̂_0' [B, ...].
+
+    Returns:
+        model_fn(x_t, t) -> prediction of the same type.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"projection share={share}; expected a share of the schedule in [0, 1]")
+    start = (1.0 - share) * schedule.num_timesteps
+
+    def projected(x, t):
+        out = model_fn(x, t).astype(jnp.float32)
+        abar = diffusion.expand(alpha_bar_at(schedule, t), x)
+        x0, _ = diffusion.split_prediction(out, x, abar, prediction_type)
+        x0 = jax.lax.cond(t[0] >= start, project, lambda v: v, x0)
+        eps = diffusion.x0_to_eps(x, x0, abar)
+        return diffusion.prediction_target(x0, eps, abar, prediction_type)
+
+    return projected

@@ -131,6 +131,7 @@ def make_upscale(
     method: str = "ddim",
     num_steps: int = 50,
     guidance_rescale: float = 0.0,
+    project_low_res: float = 0.9,
     **options,
 ) -> Callable[..., jax.Array]:
     """Super-resolution with a latent model conditioned on the low-resolution image (its U-Net
@@ -138,6 +139,12 @@ def make_upscale(
     low-resolution image, resized (bicubic) to the latent grid, is noise-augmented to
     `noise_level` on `superres.low_res_schedule()` and concatenated to the latents at every
     step; classifier-free guided on the prompts; decoded.
+
+    Over the noisiest `project_low_res` share of the schedule (0: never) every prediction x̂_0
+    is decoded, projected onto the images whose box-downsampled version is the low-resolution
+    input (`superres.project_consistent`) and re-encoded (`guidance.project_prediction`, as
+    ILVR guides a model with a reference's low frequencies); the last steps (10% by default)
+    are the model's alone.
 
     Returns:
       upscale(params, vae_params, low_res [N, h', w', 3] in [-1, 1], ids, uncond_ids, key,
@@ -151,22 +158,37 @@ def make_upscale(
             f"{unet.num_class_embeds} class embeddings; a super-resolution model takes "
             f"{latent_shape[-1] + 3} (latents and the low-resolution image) and noise levels"
         )
+    if not 0.0 <= project_low_res <= 1.0:
+        raise ValueError(f"project_low_res={project_low_res}; expected a share of the schedule "
+                         "in [0, 1]")  # fmt: skip
     low_schedule = superres.low_res_schedule()
+    f = autoencoder.downsample_factor
 
     def upscale(params, vae_params, low_res, ids, uncond_ids, key, guidance_scale=1.0,
                 noise_level=superres.DEFAULT_NOISE_LEVEL):  # fmt: skip
         k_aug, k_sample = jax.random.split(key)
         n, h, w, _ = latent_shape
+        vae = {"params": vae_params}
         low = jnp.asarray(low_res, jnp.float32)
         if low.shape[1:3] != (h, w):
             low = superres.upsample(low, (h, w))
         level = jnp.full((n,), noise_level, jnp.int32)
-        low = diffusion.q_sample(low_schedule, low, level, jax.random.normal(k_aug, low.shape))
+        noisy = diffusion.q_sample(low_schedule, low, level, jax.random.normal(k_aug, low.shape))
         fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
-                           guidance_rescale, extra=low, class_labels=level)  # fmt: skip
+                           guidance_rescale, extra=noisy, class_labels=level)  # fmt: skip
+
+        def consistent(z):
+            x = jnp.clip(autoencoder.apply(vae, z / scaling_factor, method="decode"), -1, 1)
+            x = superres.project_consistent(x, low, f)
+            return scaling_factor * autoencoder.apply(vae, x, method="encode").mode()
+
+        if project_low_res > 0:
+            fn = guidance.project_prediction(fn, schedule, consistent, share=project_low_res,
+                                             prediction_type=options.get("prediction_type",
+                                                                         "epsilon"))  # fmt: skip
         z = samplers.sample(fn, schedule, k_sample, latent_shape, method=method,
                             num_steps=num_steps, **options)  # fmt: skip
-        images = autoencoder.apply({"params": vae_params}, z / scaling_factor, method="decode")
+        images = autoencoder.apply(vae, z / scaling_factor, method="decode")
         return jnp.clip(images, -1.0, 1.0)
 
     return upscale
@@ -366,13 +388,13 @@ def make_latent_repaint(
     is repainted where any of its pixels is (`inpainting.latent_masks`), so a cell the mask
     only partly covers loses its known pixels. Over the noisiest `project_known_pixels` share
     of the schedule (t >= (1 - share) T; 0: never) every prediction x̂_0 is therefore decoded,
-    its known pixels set to the original's and re-encoded (`samplers.repaint`'s `project`; a
+    its known pixels set to the original's and re-encoded (`guidance.project_prediction`; a
     decode and an encode per step), so the model completes what it sees at the mask's edge
     instead of drawing beside it; the later steps, which draw the details, go without it
     (every encode-decode round blurs). The decoded sample is pasted
     into the original with the pixel mask, so the known pixels are the original exactly;
-    before that paste (return_unpasted: the model's last x̂_0, unprojected) they are its
-    reconstruction of them, within the autoencoder's error.
+    before that paste (return_unpasted: the last step's prediction of the whole image) they are
+    its reconstruction of them, within the autoencoder's error.
 
     Returns:
       inpaint(params, vae_params, images [N, H, W, 3] in [-1, 1], masks [N, H, W, 1] in
@@ -383,7 +405,7 @@ def make_latent_repaint(
     if not 0.0 <= project_known_pixels <= 1.0:
         raise ValueError(f"project_known_pixels={project_known_pixels}; expected a share of "
                          "the schedule in [0, 1]")  # fmt: skip
-    project_from = (1.0 - project_known_pixels) * schedule.num_timesteps
+    prediction_type = options.get("prediction_type", samplers.REPAINT_DEFAULTS["prediction_type"])
     f = autoencoder.downsample_factor
 
     def inpaint(params, vae_params, images, masks, ids, uncond_ids, key, guidance_scale=7.5):
@@ -396,17 +418,17 @@ def make_latent_repaint(
             x = autoencoder.apply(vae, z / scaling_factor, method="decode")
             return jnp.clip(x, -1.0, 1.0)
 
-        def project(z, t):
-            def through_pixels(z):
-                known = masks * decode(z) + (1.0 - masks) * images
-                return scaling_factor * autoencoder.apply(vae, known, method="encode").mode()
+        def known_pixels(z):
+            x = masks * decode(z) + (1.0 - masks) * images
+            return scaling_factor * autoencoder.apply(vae, x, method="encode").mode()
 
-            return jax.lax.cond(t >= project_from, through_pixels, lambda z: z, z)
-
-        z, z_unpasted = samplers.repaint(
-            fn, schedule, key, z0, inpainting.latent_masks(masks, f), num_steps=num_steps,
-            return_unpasted=True, project=project if project_known_pixels > 0 else None, **options,
-        )  # fmt: skip
+        if project_known_pixels > 0:
+            fn = guidance.project_prediction(fn, schedule, known_pixels,
+                                             share=project_known_pixels,
+                                             prediction_type=prediction_type)  # fmt: skip
+        z, z_unpasted = samplers.repaint(fn, schedule, key, z0, inpainting.latent_masks(masks, f),
+                                         num_steps=num_steps, return_unpasted=True,
+                                         **options)  # fmt: skip
 
         x = masks * decode(z) + (1.0 - masks) * images
         return (x, decode(z_unpasted)) if return_unpasted else x

@@ -162,26 +162,15 @@ def _ddim_grid(schedule, num_steps, opts, start_step=0):
 
 
 def _ddim_step(model_fn, schedule, x, state, g, noise, opts):
-    return _ddim_update(model_fn, schedule, x, g, noise, opts)[0], state
-
-
-def _ddim_update(model_fn, schedule, x, g, noise, opts, project=None):
-    """DDIM (Song et al. 2021, eq. 12): x_s = √ᾱ_s x̂_0 + √(1 - ᾱ_s - σ²) ε̂ + σ z.
-
-    `project` ((x̂_0, t) -> x̂_0', e.g. onto images that agree with known pixels) replaces the
-    prediction, and ε̂ is re-derived from x_t and it, so the step stays on the line through
-    x_t. Returns (x_s, x̂_0 as the model predicted it)."""
+    """DDIM (Song et al. 2021, eq. 12): x_s = √ᾱ_s x̂_0 + √(1 - ᾱ_s - σ²) ε̂ + σ z."""
     out = _model(model_fn, x, g["t"])
     abar_t, abar_s = _ac(schedule, g["t"], 1.0), _ac(schedule, g["t_prev"], g["final"])
     x0, eps = diffusion.split_prediction(out, x, abar_t, opts["prediction_type"])
-    x0 = predicted = _clip(x0, opts)
-    if project is not None:
-        x0 = project(x0, g["t"])
-        eps = (x - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1 - abar_t)
+    x0 = _clip(x0, opts)
     # eq. 16: σ_t(η) = η √((1 - ᾱ_s) / (1 - ᾱ_t)) √(1 - ᾱ_t / ᾱ_s)
     sigma = opts["eta"] * jnp.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
     x = jnp.sqrt(abar_s) * x0 + jnp.sqrt(1 - abar_s - sigma**2) * eps + sigma * noise
-    return x, predicted
+    return x, state
 
 
 def _pndm_grid(schedule, num_steps, opts, start_step=0):
@@ -553,7 +542,6 @@ def repaint(
     num_steps: int,
     x_T: jax.Array | None = None,
     return_unpasted: bool = False,
-    project: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     **options,
 ):
     """Inpaint with any model trained without masks: RePaint (Lugmayr et al. 2022, Alg. 1).
@@ -573,10 +561,8 @@ def repaint(
       masks: [B, ..., 1] (or images' shape), 1 where to repaint, 0 where images are known.
       num_steps: N grid levels (T // N training steps each); static.
       x_T: the initial standard-normal state (default: drawn from key).
-      return_unpasted: also return the model's last prediction x̂_0 of the whole image, before
-        the known region is put back or `project` applied (how well the model matched it).
-      project: (x̂_0, t) -> x̂_0' applied to every prediction before its DDIM step (ε̂
-        re-derived), e.g. a latent model's known pixels enforced through its autoencoder.
+      return_unpasted: also return the last step's prediction for the whole image, before the
+        known region is put back (how well the model matched it).
       options: `REPAINT_DEFAULTS` (diffusers' names): prediction_type, eta, jump_length,
         jump_n_sample, clip_sample, clip_sample_range.
 
@@ -601,10 +587,10 @@ def repaint(
 
     def denoise(x, g, noise):
         g = {**g, "final": jnp.float32(1.0)}
-        x, predicted = _ddim_update(model_fn, schedule, x, g, noise, opts, project)
+        unpasted, _ = _ddim_step(model_fn, schedule, x, (), g, noise, opts)
         abar = _ac(schedule, g["t_prev"], 1.0)
         known = jnp.sqrt(abar) * images + jnp.sqrt(1.0 - abar) * noise
-        return masks * x + (1.0 - masks) * known, predicted
+        return masks * unpasted + (1.0 - masks) * known, unpasted
 
     def jump(x, g, noise):
         ratio = _ac(schedule, g["t_prev"], 1.0) / _ac(schedule, g["t"], 1.0)

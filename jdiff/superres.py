@@ -48,6 +48,15 @@ def downsample(x, factor: int):
     return x.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
 
 
+def project_consistent(x, low_res, factor: int):
+    """The image nearest x (in L2) whose `downsample` by `factor` is low_res: each factor x
+    factor block shifted by its mean's difference from the low-resolution pixel (the
+    orthogonal projection; nearest-neighbour upsampling is box downsampling's pseudo-inverse).
+    [N, H, W, C], [N, H/factor, W/factor, C]."""
+    residual = low_res - downsample(x, factor)
+    return x + jnp.repeat(jnp.repeat(residual, factor, axis=1), factor, axis=2)
+
+
 def upsample(x, size: tuple[int, int], method: str = "bicubic") -> jax.Array:
     """[N, h, w, C] -> [N, size, C] (the bicubic baseline; half-pixel centres, Keys a = -0.5),
     clipped to [-1, 1]."""

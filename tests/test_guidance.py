@@ -83,3 +83,35 @@ def test_classifier_guidance_moves_samples_towards_the_class():
         num_steps=30,
     )
     assert float(guided.mean()) > float(plain.mean()) + 0.1
+
+
+def test_projection_replaces_x0_over_its_share_of_the_schedule():
+    """project_prediction: the wrapped output implies x̂_0 = project(x̂_0) at t >= (1 - share) T
+    and the model's own x̂_0 below, for each prediction type; a constant projection at every
+    step ends a DDIM run at that constant."""
+    import pytest
+
+    schedule = schedules.get_schedule("linear", 1000)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+
+    def model_fn(x, t):
+        return jnp.tanh(x) * (1 + t[:, None, None, None] / 1000)
+
+    def pinned(v):
+        return jnp.full_like(v, 0.25)
+
+    for kind in ("epsilon", "v_prediction", "sample"):
+        fn = guidance.project_prediction(model_fn, schedule, pinned, share=0.4,
+                                         prediction_type=kind)  # fmt: skip
+        for t, projected in ((700.0, True), (300.0, False)):
+            tt = jnp.full((2,), t)
+            abar = schedules.alpha_bar_at(schedule, tt)[:, None, None, None]
+            x0, _ = diffusion.split_prediction(fn(x, tt), x, abar, kind)
+            own, _ = diffusion.split_prediction(model_fn(x, tt), x, abar, kind)
+            np.testing.assert_allclose(x0, 0.25 if projected else own, atol=1e-5)
+    fn = guidance.project_prediction(model_fn, schedule, pinned)
+    out = samplers.sample(fn, schedule, jax.random.key(1), (2, 4, 4, 3), method="ddim",
+                          num_steps=10, eta=1.0)  # fmt: skip
+    np.testing.assert_allclose(out, 0.25, atol=1e-5)
+    with pytest.raises(ValueError, match="share of the schedule"):
+        guidance.project_prediction(model_fn, schedule, pinned, share=1.5)

@@ -80,31 +80,6 @@ def test_repaint_equals_diffusers_repaint_scheduler(eta, monkeypatch):
     assert np.abs(np.asarray(unpasted) - images)[known].mean() > 1e-3
 
 
-def test_repaint_projection_replaces_the_prediction_where_it_applies():
-    """project=identity is plain RePaint; a projection onto a constant c applied at every step
-    ends the repainted region at c exactly (the last step is x_0 = x̂_0'), while the returned
-    unpasted prediction stays the model's; applied only for t >= 500 it shifts the result
-    without pinning it."""
-    schedule = schedules.get_schedule("linear", 1000)
-    rng = np.random.default_rng(1)
-    images = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
-    masks = jnp.zeros((2, 8, 8, 1)).at[:, 2:6, 2:7].set(1.0)
-    run = lambda project: samplers.repaint(  # noqa: E731
-        _toy_eps, schedule, jax.random.key(3), images, masks, num_steps=10, jump_length=3,
-        jump_n_sample=2, eta=0.5, project=project, return_unpasted=True)  # fmt: skip
-    plain, _ = run(None)
-    same, _ = run(lambda x0, t: x0)
-    np.testing.assert_allclose(same, plain, rtol=1e-5, atol=1e-5)
-    pinned, unpasted = run(lambda x0, t: jnp.full_like(x0, 0.25))
-    inside = np.broadcast_to(np.asarray(masks) > 0, images.shape)
-    np.testing.assert_allclose(np.asarray(pinned)[inside], 0.25, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(pinned)[~inside], np.asarray(images)[~inside])
-    assert np.abs(np.asarray(unpasted)[inside] - 0.25).mean() > 1e-3  # the model's own
-    early, _ = run(lambda x0, t: jnp.where(t >= 500, jnp.full_like(x0, 0.25), x0))
-    shift = np.abs(np.asarray(early) - np.asarray(plain))[inside].mean()
-    assert shift > 1e-3 and np.abs(np.asarray(early)[inside] - 0.25).mean() > 1e-3
-
-
 def test_repaint_rejects_bad_settings():
     schedule = schedules.get_schedule("linear", 1000)
     x = jnp.zeros((1, 4, 4, 3))

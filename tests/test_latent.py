@@ -294,6 +294,11 @@ def test_image_conditioned_models_train_and_sample(kind, tiny_vae_workdir, tmp_p
         stem = "upscale_ddim2_noise20_cfg1_seed0"
     assert len(model._compiled) == 1
     assert next(iter(model._compiled.values()))._cache_size() == 1  # new seeds, images: reused
+    if kind == "upscale":  # without the projection onto the input: the model's own sample
+        plain = model.upscale(params, low, jax.random.key(0), num_steps=2, project_low_res=0.0)
+        assert float(jnp.abs(plain - out).mean()) > 1e-4
+        with pytest.raises(ValueError, match=r"project_low_res=1\.5"):
+            model.upscale(params, low, jax.random.key(0), num_steps=2, project_low_res=1.5)
     Image.fromarray(((x[0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / "image.png")
     process = launch(tmp_path, *flags, "--num_samples=2", "--num_steps=2", script="sample.py")
     out = process.communicate(timeout=300)[0]

@@ -46,3 +46,18 @@ def test_training_noise_levels_follow_their_power():
     np.testing.assert_allclose((low <= 20).mean(), (21 / 351) ** (1 / 3), atol=0.005)
     with pytest.raises(ValueError, match="noise_level_power=0"):
         superres.draw_noise_levels(key, 4, power=0.0)
+
+
+def test_projection_onto_the_low_resolution_input_is_orthogonal():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    low = rng.uniform(-1, 1, (2, 2, 2, 3)).astype(np.float32)
+    y = np.asarray(superres.project_consistent(x, low, 4))
+    np.testing.assert_allclose(superres.downsample(y, 4), low, atol=1e-6)
+    np.testing.assert_allclose(superres.project_consistent(y, low, 4), y, atol=1e-6)  # idempotent
+    # any other consistent image (y plus a zero-mean change inside a block) is farther from x
+    other = y.copy()
+    other[:, 0, 0] += 0.1
+    other[:, 0, 1] -= 0.1
+    np.testing.assert_allclose(superres.downsample(other, 4), low, atol=1e-6)
+    assert np.sum((other - x) ** 2) > np.sum((y - x) ** 2)
