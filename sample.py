@@ -115,6 +115,13 @@ _UPSCALE = flags.DEFINE_string(
 _NOISE_LEVEL = flags.DEFINE_integer(
     "noise_level", 20, "--upscale: noise augmentation of the low-resolution input (0..350)."
 )
+_PROJECTION = flags.DEFINE_float(
+    "projection",
+    None,
+    "Latent --mask/--outpaint/--upscale: share of the schedule (noisiest first) over which each "
+    "prediction is projected onto the known pixels (default 0.6) or the low-resolution input "
+    "(0.9); 0 turns it off.",
+)
 _JUMP_LENGTH = flags.DEFINE_integer(
     "jump_length", None, "RePaint (--mask/--outpaint, any model): levels per jump (10)."
 )
@@ -340,6 +347,9 @@ def repaint_pixels(model, schedule, params, size, channels, num_classes, setting
     class-conditional model (labels cycling 0..K-1); `settings`: the model's sampler settings
     (prediction_type, ...) that RePaint takes."""
     check_repaint_flags()
+    if _PROJECTION.value is not None:
+        raise ValueError("--projection is for latent models; a pixel model's known region is "
+                         "kept exactly without it")  # fmt: skip
     n = _NUM_SAMPLES.value or 8
     inputs, masks, canvas = image_task(size, channels, n, model.downsample_factor)
     settings = {k: v for k, v in settings.items() if k in samplers.REPAINT_DEFAULTS}
@@ -390,6 +400,9 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
     eta = f"_eta{options['eta']:g}" if "eta" in options else ""
     suffix = f"_{method}{_NUM_STEPS.value}{eta}_cfg{guidance:g}_seed{_SEED.value}"
     if _MASK.value or _OUTPAINT.value:  # a model trained for inpainting
+        if _PROJECTION.value is not None:
+            raise ValueError("--projection is RePaint's (models not trained for inpainting); "
+                             "this model sees the known pixels itself")  # fmt: skip
         multiple = model.autoencoder.downsample_factor * model.unet.downsample_factor
         inputs, masks, canvas = image_task(size, 3, n, multiple)
         strength = 1.0 if _STRENGTH.value is None else _STRENGTH.value
@@ -425,6 +438,8 @@ def upscale_text(model, params, prompts, n, method, guidance, options, size, out
     low = np.repeat(low[None], n, 0)
     prompts = ((prompts or [""]) * n)[:n]
     level = _NOISE_LEVEL.value
+    if _PROJECTION.value is not None:
+        options = options | {"project_low_res": _PROJECTION.value}
     print(f"upscaling {n} time(s) {low.shape[1]}x{low.shape[2]} -> {size}x{size} with {method} "
           f"x {_NUM_STEPS.value} steps, noise level {level} (the first call compiles)",
           flush=True)  # fmt: skip
@@ -446,6 +461,8 @@ def repaint_text(model, params, prompts, n, guidance, options, size, out) -> Non
     inputs, masks, canvas = image_task(size, 3, n, multiple)
     repaint = {k: v for k, v in options.items() if k in samplers.REPAINT_DEFAULTS}
     repaint |= repaint_options()
+    if _PROJECTION.value is not None:
+        repaint["project_known_pixels"] = _PROJECTION.value
     print(f"repainting {n} image(s) of {inputs.shape[1]}x{inputs.shape[2]} with RePaint, "
           f"{_NUM_STEPS.value} steps, guidance {guidance:g} (the first call compiles)",
           flush=True)  # fmt: skip

@@ -179,7 +179,8 @@ def test_sample_py_prompts_and_evaluation(tiny_ldm):
     # outpainting: 8 pixels on the left (the canvas padded to 40, a multiple of 4, and back)
     process = launch(workdir, f"--init_image={workdir / 'init.png'}", "--outpaint=left=8",
                      "--prompt=a red square at the bottom left", "--num_samples=2",
-                     "--num_steps=3", "--jump_n_sample=1", script="sample.py")  # fmt: skip
+                     "--num_steps=3", "--jump_n_sample=1", "--projection=0.5",
+                     script="sample.py")  # fmt: skip
     out = process.communicate(timeout=300)[0]
     assert process.returncode == 0, out[-3000:]
     stem = workdir / "samples" / "outpaint_3x10x1_eta1_cfg3_seed0"  # the config's η = 1
