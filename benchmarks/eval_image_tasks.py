@@ -17,8 +17,9 @@ trained on); "real" rows are the same images untouched, the ceiling.
   the whole canvases to the real images (a classifier of the 48 scenes as the feature
   space) beside real-vs-real, and the seam statistic at column 24.
 - Super-resolution (8x8 -> 32x32, box-downsampled inputs, the empty prompt): PSNR, SSIM and
-  consistency (the output box-downsampled back vs the input) for the model and for bicubic
-  upsampling, the checker's verdicts and the Fréchet distance to the real images.
+  consistency (the output box-downsampled back vs the input) for the model (projected onto
+  its input over `--projection` of the schedule, and without), for bicubic upsampling, the
+  checker's verdicts and the Fréchet distance to the real images.
 """
 
 from __future__ import annotations
@@ -173,8 +174,10 @@ def outpainting_eval(runs, x, captions, key, features, train_x, args) -> dict:
 def superres_eval(model, params, x, x8, captions, key, features, args) -> dict:
     low = np.asarray(superres.downsample(x, 4))
     bicubic = np.asarray(superres.upsample(low, (32, 32)))
-    sr = np.asarray(timed("sr", model.upscale, params, low, key, num_steps=args.steps,
-                          noise_level=args.noise_level, eta=1.0))  # fmt: skip
+    sr, alone = (np.asarray(timed(f"sr (projection {share})", model.upscale, params, low, key,
+                                  num_steps=args.steps, noise_level=args.noise_level, eta=1.0,
+                                  project_low_res=share))
+                 for share in (args.projection, 0.0))  # fmt: skip
     real_f = features(x)
 
     def figures(y):
@@ -188,8 +191,8 @@ def superres_eval(model, params, x, x8, captions, key, features, args) -> dict:
 
     images.save_grid(ROOT / "outputs" / "eval_sr.png",
                      np.concatenate([bicubic[:16], sr[:16], x[:16]]), ncols=16)  # fmt: skip
-    return {"sr": figures(sr), "bicubic": figures(bicubic),
-            "real": {"checker": checker(x8, captions)}}  # fmt: skip
+    return {"sr": figures(sr), "sr_without_projection": figures(alone),
+            "bicubic": figures(bicubic), "real": {"checker": checker(x8, captions)}}  # fmt: skip
 
 
 def main() -> None:
@@ -203,6 +206,7 @@ def main() -> None:
     parser.add_argument("--jump_length", type=int, default=5)
     parser.add_argument("--jump_n_sample", type=int, default=3)
     parser.add_argument("--noise_level", type=int, default=20)
+    parser.add_argument("--projection", type=float, default=0.9)  # SR: project_low_res
     parser.add_argument("--tasks", default="inpaint,outpaint,sr")
     parser.add_argument("--out", default="outputs/image_tasks.json")
     args = parser.parse_args()
