@@ -99,6 +99,12 @@ def classifier_guidance(
     return guided
 
 
+def check_share(share: float, name: str = "share") -> None:
+    """ValueError unless `share` (of the schedule, `project_prediction`'s) lies in [0, 1]."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{name}={share}; expected a share of the schedule in [0, 1]")
+
+
 def project_prediction(
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
     schedule: Schedule,
@@ -124,8 +130,7 @@ def project_prediction(
     Returns:
         model_fn(x_t, t) -> prediction of the same type.
     """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"projection share={share}; expected a share of the schedule in [0, 1]")
+    check_share(share)
     start = (1.0 - share) * schedule.num_timesteps
 
     def projected(x, t):

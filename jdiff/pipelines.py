@@ -158,9 +158,7 @@ def make_upscale(
             f"{unet.num_class_embeds} class embeddings; a super-resolution model takes "
             f"{latent_shape[-1] + 3} (latents and the low-resolution image) and noise levels"
         )
-    if not 0.0 <= project_low_res <= 1.0:
-        raise ValueError(f"project_low_res={project_low_res}; expected a share of the schedule "
-                         "in [0, 1]")  # fmt: skip
+    guidance.check_share(project_low_res, "project_low_res")  # at build time
     low_schedule = superres.low_res_schedule()
     f = autoencoder.downsample_factor
 
@@ -402,9 +400,7 @@ def make_latent_repaint(
       (with return_unpasted, also the decoded last-step prediction of the whole image).
     """
     _check_repaint(schedule, num_steps, options)
-    if not 0.0 <= project_known_pixels <= 1.0:
-        raise ValueError(f"project_known_pixels={project_known_pixels}; expected a share of "
-                         "the schedule in [0, 1]")  # fmt: skip
+    guidance.check_share(project_known_pixels, "project_known_pixels")  # at build time
     prediction_type = options.get("prediction_type", samplers.REPAINT_DEFAULTS["prediction_type"])
     f = autoencoder.downsample_factor
 

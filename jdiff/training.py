@@ -275,10 +275,10 @@ def make_latent_train_step(
     Image conditioning by concatenation: a batch with "extra" [B, h, w, k] (an inpainting
     model's mask and masked-image latents, a super-resolution model's low-resolution image)
     has it concatenated to the U-Net's input channels. With `noise_augmentation` (a schedule;
-    SD's x4 upscaler's is linear), "extra" is first noised to a level ⌊(max_noise_level + 1) ·
-    u^noise_level_power⌋, u ~ U[0, 1), per example (power 1: uniform, as SD's; above 1: more
-    of the low levels that sampling uses), and the level is the U-Net's class label, so that
-    sampling can choose how far to trust the low-resolution input.
+    SD's x4 upscaler's is linear), "extra" is first noised to a level in 0..max_noise_level per
+    example (`superres.draw_noise_levels` with `noise_level_power`; 1 is SD's uniform draw),
+    and the level is the U-Net's class label, so that sampling can choose how far to trust the
+    low-resolution input.
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
