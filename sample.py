@@ -73,6 +73,13 @@ _PRETRAINED = flags.DEFINE_string(
     "A diffusers-format directory, single-file checkpoint or jdiff.convert output.",
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_VAE = flags.DEFINE_string(
+    "vae",
+    None,
+    "Latent --workdir models: encode and decode with this train.py autoencoder instead of the "
+    "model's own, one whose decoder alone was fine-tuned from it (configs/vae_shapes_decoder.py);"
+    " outputs go to samples/vae_<its name>/.",
+)
 _METHOD = flags.DEFINE_enum(
     "method",
     None,
@@ -199,6 +206,9 @@ def main(argv) -> None:
     if (_WORKDIR.value is None) == (_PRETRAINED.value is None):
         raise app.UsageError("pass exactly one of --workdir (a train.py run) or --pretrained")
     if _PRETRAINED.value:
+        if _VAE.value:
+            raise app.UsageError("--vae swaps the autoencoder of a latent --workdir run; "
+                                 "--pretrained weights bring their own")  # fmt: skip
         try:
             return sample_pretrained(pathlib.Path(_PRETRAINED.value))
         except (ValueError, FileNotFoundError) as e:
@@ -208,6 +218,9 @@ def main(argv) -> None:
         task = checkpoints.read_run_info(workdir)["config"].get("task", "diffusion")
         if task == "latent_diffusion":
             return sample_text(workdir)
+        if _VAE.value:
+            raise ValueError(f"--vae applies to latent diffusion runs; {workdir} holds a "
+                             f"{task} run")  # fmt: skip
         config, num_classes, model, schedule, state = load_run(workdir, _STEP.value)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -369,14 +382,19 @@ def repaint_pixels(model, schedule, params, size, channels, num_classes, setting
 
 def sample_text(workdir: pathlib.Path) -> None:
     """txt2img (or img2img with --init_image) from a latent text-conditional run."""
-    model, params, config = pipelines.load_latent_diffusion(workdir, _STEP.value, ema=_EMA.value)
+    model, params, config = pipelines.load_latent_diffusion(
+        workdir, _STEP.value, ema=_EMA.value, autoencoder_workdir=_VAE.value
+    )
+    out = workdir / "samples"
+    if _VAE.value:
+        out = out / f"vae_{pathlib.Path(_VAE.value).absolute().name}"
     prompts = _PROMPT.value or list(config.sample.get("prompts", ()))
     method = _METHOD.value or "ddim"
     guidance = config.sample.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
     # the sampler options of the config (η = 1 for DDIM) when its sampler is the one asked for
     options = dict(config.sample.get("options", {})) if method == config.sample.method else {}
     generate_text(model, params, prompts, _NUM_SAMPLES.value or 64, method, guidance, options,
-                  config.data.image_size, workdir / "samples")  # fmt: skip
+                  config.data.image_size, out)  # fmt: skip
 
 
 def generate_text(model, params, prompts, n, method, guidance, options, size, out) -> None:

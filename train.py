@@ -182,16 +182,40 @@ def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_
 
 
 def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
-    """The autoencoder and its step; its "samples" are reconstructions (write_samples)."""
+    """The autoencoder and its step; its "samples" are reconstructions (write_samples). With
+    `autoencoder.init_from` (a trained autoencoder's workdir) it starts from that run's EMA
+    weights; with `autoencoder.trainable = "decoder"` only the decoder side trains."""
+    ae = config.autoencoder
     model = training.make_autoencoder(config)
+    optimizer = training.make_autoencoder_optimizer(config)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
+    init_args = ()
+    if ae.get("trainable", "all") == "decoder" and not ae.get("init_from"):
+        raise ValueError("autoencoder.trainable='decoder' fine-tunes the decoder of a trained "
+                         "autoencoder: set autoencoder.init_from to its workdir")  # fmt: skip
+    if ae.get("init_from"):
+        params = load_autoencoder_weights(ae.init_from, jax.eval_shape(init).params)
+        init, init_args = (lambda p: training.init_state(p, optimizer)), (params,)
     step = training.make_autoencoder_step(
-        model, optimizer, reconstruction=config.autoencoder.reconstruction,
-        kl_weight=config.autoencoder.kl_weight, **common,
+        model, optimizer, reconstruction=ae.reconstruction, kl_weight=ae.kl_weight,
+        trainable=ae.get("trainable", "all"), **common,
     )  # fmt: skip
-    return {"init": init, "step": step, "sample": None, "model": model,
+    return {"init": init, "init_args": init_args, "step": step, "sample": None, "model": model,
             "batches": _image_batches(config, source)}  # fmt: skip
+
+
+def load_autoencoder_weights(source_workdir: str, expected) -> dict:
+    """The EMA weights of the autoencoder trained in `source_workdir`, which must have the
+    parameter shapes `expected` (this config's model)."""
+    _, params, _ = autoencoder.load(source_workdir)
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
+    if shapes(params) != shapes(expected):
+        raise ValueError(
+            f"autoencoder.init_from={source_workdir!r} holds an autoencoder of another "
+            "architecture than this config's model; use the same model settings as its run"
+        )
+    return params
 
 
 def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
@@ -407,6 +431,11 @@ def measure_autoencoder(run: dict, config: ConfigDict, workdir: pathlib.Path) ->
         describe=shapes.describe if config.data.name == "shapes" else None,
     )  # fmt: skip
     info |= {"step": int(run["state"].step), "eval_split": ae.eval_split, "weights": "ema"}
+    if ae.get("init_from"):  # fine-tuned: which run it started from (its encoder, if frozen)
+        source = autoencoder.load_info(ae.init_from)
+        info["init_from"] = {"workdir": str(pathlib.Path(ae.init_from).absolute()),
+                             "step": source["step"],
+                             "trainable": ae.get("trainable", "all")}  # fmt: skip
     if jax.process_index() == 0:
         path = autoencoder.save_info(workdir, info)
         print(f"held-out PSNR {info['psnr_db']:.2f} dB (5th percentile "

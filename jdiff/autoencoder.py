@@ -141,12 +141,32 @@ def load(workdir: str | pathlib.Path) -> tuple[AutoencoderKL, Any, dict]:
             f"{workdir} holds a {config.get('task', 'diffusion')} run, not an autoencoder"
         )
     model = training.make_autoencoder(config)
-    optimizer = training.make_optimizer(config.optim)
+    optimizer = training.make_autoencoder_optimizer(config)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(model, optimizer, jax.random.key(0),
                               image_shape=(size, size, channels))  # fmt: skip
     state = checkpoints.restore_from(workdir, jax.eval_shape(init), info["step"])
     return model, state.ema_params, info
+
+
+def check_same_encoder(params: Any, reference: Any, name: str = "the autoencoder") -> None:
+    """Raise unless `params` has exactly `reference`'s encoder side (everything but
+    post_quant_conv and the decoder): a decoder swapped in for another must read the same
+    latents (`configs/vae_shapes_decoder.py`)."""
+    from jdiff.training import DECODER_PARAMS
+
+    encoder = lambda p: {k: v for k, v in p.items() if k not in DECODER_PARAMS}  # noqa: E731
+    a, b = encoder(params), encoder(reference)
+    same = jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    if not same:
+        raise ValueError(
+            f"{name}'s encoder differs from the one the model was trained on, so its latents "
+            "would mean something else: use an autoencoder whose decoder alone was fine-tuned "
+            "from that one (autoencoder.trainable='decoder', autoencoder.init_from=its workdir)"
+        )
 
 
 def encode_moments(

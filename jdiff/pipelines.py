@@ -711,10 +711,15 @@ class LatentDiffusion:
 
 
 def load_latent_diffusion(
-    workdir, step: int | None = None, *, ema: bool = True
+    workdir, step: int | None = None, *, ema: bool = True, autoencoder_workdir=None
 ) -> tuple[LatentDiffusion, dict, Any]:
     """(LatentDiffusion, params, config) of a `task = "latent_diffusion"` train.py workdir,
-    rebuilt from it alone (its config names the autoencoder's workdir)."""
+    rebuilt from it alone (its config names the autoencoder's workdir).
+
+    `autoencoder_workdir` swaps in another autoencoder, typically one whose decoder was
+    fine-tuned with the encoder frozen (`configs/vae_shapes_decoder.py`, diffusers' `vae=`):
+    its encoder must equal the one the model was trained on (checked when that one is still
+    there) and its latent shape and scaling factor are the model's."""
     import pathlib
 
     from ml_collections import ConfigDict
@@ -729,6 +734,10 @@ def load_latent_diffusion(
         raise ValueError(f"{workdir} holds a {config.get('task', 'diffusion')!r} run, not a "
                          "latent diffusion model")  # fmt: skip
     if config.latent.get("pretrained"):  # fine-tuned converted weights: only the U-Net trained
+        if autoencoder_workdir:
+            raise ValueError(f"{workdir} fine-tunes converted weights, which bring their own "
+                             "autoencoder: autoencoder_workdir applies to models trained on a "
+                             "train.py autoencoder")  # fmt: skip
         p = training.load_pretrained_parts(config)
         optimizer = training.freeze_text_encoder(training.make_optimizer(config.optim))
         weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
@@ -737,7 +746,13 @@ def load_latent_diffusion(
         model = LatentDiffusion.from_pretrained(p)
         tuned = state.ema_params if ema else state.params
         return model, {**tuned, "autoencoder": p.params["autoencoder"]}, config
-    vae_model, vae_params, info = autoencoders.load(config.latent.autoencoder_workdir)
+    vae_model, vae_params, info = autoencoders.load(
+        autoencoder_workdir or config.latent.autoencoder_workdir
+    )
+    if autoencoder_workdir and pathlib.Path(config.latent.autoencoder_workdir).exists():
+        _, own_params, own = autoencoders.load(config.latent.autoencoder_workdir)
+        autoencoders.check_same_encoder(vae_params, own_params, name=str(autoencoder_workdir))
+        info = info | {"scaling_factor": own["scaling_factor"]}  # the one the model learnt on
     text = training.make_text_encoder(config)
     latent = tuple(info["latent_shape"])
     unet = training.make_latent_unet(config, latent[-1], text.hidden_size)

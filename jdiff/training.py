@@ -30,6 +30,8 @@ LOSSES = ("simple", "hybrid")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 TASKS = ("diffusion", "autoencoder", "latent_diffusion")
 OPTIMIZERS = ("adam", "adamw")
+AUTOENCODER_TRAINABLE = ("all", "decoder")
+DECODER_PARAMS = ("post_quant_conv", "decoder")  # an AutoencoderKL's decoder side
 
 
 @flax.struct.dataclass
@@ -106,7 +108,8 @@ def make_step(
         decay = jnp.where(
             (state.step + 1) % accumulate_steps == 0, ema_decay(num_updates, ema_max_decay), 1.0
         )
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        # e + (1 - d)(p - e), not d e + (1 - d) p: a frozen parameter's EMA stays bit-exact
+        ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), state.ema_params, params)
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
@@ -186,6 +189,7 @@ def make_autoencoder_step(
     *,
     reconstruction: str = "l1",
     kl_weight: float = 1e-6,
+    trainable: str = "all",
     ema_max_decay: float = 0.9999,
     accumulate_steps: int = 1,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
@@ -196,7 +200,14 @@ def make_autoencoder_step(
     / (H W C), z ~ q(z|x): LDM sums both terms over an image's elements, so dividing both by the
     element count keeps its ratio, and its kl_weight (1e-6), while the loss reads as a per-pixel
     error. Returns (state, {"loss", "grad_norm", "reconstruction", "kl"}), kl in nats per image.
+
+    `trainable="decoder"` fine-tunes the decoder alone (Stability's ft-EMA/ft-MSE VAEs): no
+    gradient reaches the encoder, and with an optimizer from `freeze_encoder` it stays exactly
+    as it was, so the latents, the scaling factor and every latent model trained on them keep
+    their meaning.
     """
+    if trainable not in AUTOENCODER_TRAINABLE:
+        raise ValueError(f"trainable={trainable!r}; expected one of {AUTOENCODER_TRAINABLE}")
     if reconstruction not in RECONSTRUCTION_LOSSES:
         raise ValueError(
             f"reconstruction={reconstruction!r}; expected one of {RECONSTRUCTION_LOSSES}"
@@ -206,6 +217,9 @@ def make_autoencoder_step(
 
     def loss_fn(params, batch, key):
         x = batch["image"]
+        if trainable == "decoder":  # the encoder's backward pass is never computed
+            params = {k: v if k in DECODER_PARAMS else jax.lax.stop_gradient(v)
+                      for k, v in params.items()}  # fmt: skip
         recon, posterior = model.apply({"params": params}, x, key)
         error = recon - x
         error = jnp.abs(error) if reconstruction == "l1" else jnp.square(error)
@@ -330,6 +344,32 @@ def freeze_text_encoder(optimizer: optax.GradientTransformation) -> optax.Gradie
     loaded, and keeps no optimizer state."""
     return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
                                  {"unet": "train", "text_encoder": "frozen"})  # fmt: skip
+
+
+def freeze_encoder(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` on an autoencoder's decoder side (`DECODER_PARAMS`), none on its encoder
+    side, which stays exactly as loaded (no weight decay either) and keeps no optimizer state."""
+
+    def labels(params):
+        missing = set(DECODER_PARAMS) - set(params)
+        if missing:
+            raise ValueError(f"not an AutoencoderKL's parameters: no {sorted(missing)} among "
+                             f"{sorted(params)}")  # fmt: skip
+        return {k: "train" if k in DECODER_PARAMS else "frozen" for k in params}
+
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def make_autoencoder_optimizer(config: Any) -> optax.GradientTransformation:
+    """The optimizer of an autoencoder run: `config.optim`'s, on the decoder side alone when
+    `config.autoencoder.trainable` is "decoder"."""
+    optimizer = make_optimizer(config.optim)
+    trainable = config.autoencoder.get("trainable", "all")
+    if trainable not in AUTOENCODER_TRAINABLE:
+        raise ValueError(
+            f"autoencoder.trainable={trainable!r}; expected one of {AUTOENCODER_TRAINABLE}"
+        )
+    return freeze_encoder(optimizer) if trainable == "decoder" else optimizer
 
 
 def make_optimizer(optim: Any) -> optax.GradientTransformation:

@@ -35,3 +35,19 @@ def tiny_vae_workdir(tmp_path_factory):
     config.mesh.data = 1
     train.train(config, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_decoder_workdir(tiny_vae_workdir, tmp_path_factory):
+    """configs/vae_shapes_decoder.py:tiny: the decoder of `tiny_vae_workdir` fine-tuned for 3
+    steps by train.py, its encoder frozen."""
+    import importlib
+
+    import train
+
+    workdir = tmp_path_factory.mktemp("vae_shapes_decoder_tiny")
+    config = importlib.import_module("configs.vae_shapes_decoder").get_config("tiny")
+    config.autoencoder.init_from = str(tiny_vae_workdir)
+    config.mesh.data = 1
+    train.train(config, workdir)
+    return workdir

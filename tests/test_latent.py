@@ -146,7 +146,29 @@ def test_txt2img_and_img2img_from_the_workdir(tiny_ldm, tiny_vae_workdir):
         pipelines.load_latent_diffusion(tiny_vae_workdir)
 
 
-def test_sample_py_prompts_and_evaluation(tiny_ldm):
+def test_a_fine_tuned_decoder_swaps_in(tiny_ldm, tiny_vae_decoder_workdir, tmp_path):
+    import train
+
+    workdir = tiny_ldm[0]
+    model, params, _ = pipelines.load_latent_diffusion(workdir)
+    swapped, new, _ = pipelines.load_latent_diffusion(
+        workdir, autoencoder_workdir=tiny_vae_decoder_workdir
+    )
+    _, tuned, _ = autoencoder.load(tiny_vae_decoder_workdir)
+    assert swapped.scaling_factor == model.scaling_factor
+    np.testing.assert_array_equal(new["autoencoder"]["decoder"]["conv_out"]["kernel"],
+                                  tuned["decoder"]["conv_out"]["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(new["unet"]["conv_in"]["kernel"],
+                                  params["unet"]["conv_in"]["kernel"])  # fmt: skip
+    # an autoencoder trained on its own (another seed: another encoder) is refused
+    config = importlib.import_module("configs.vae_shapes").get_config("tiny")
+    config.mesh.data, config.seed = 1, 1
+    train.train(config, tmp_path / "other")
+    with pytest.raises(ValueError, match="encoder differs"):
+        pipelines.load_latent_diffusion(workdir, autoencoder_workdir=tmp_path / "other")
+
+
+def test_sample_py_prompts_and_evaluation(tiny_ldm, tiny_vae_decoder_workdir):
     from jdiff import evaluation
 
     workdir = tiny_ldm[0]
@@ -168,12 +190,15 @@ def test_sample_py_prompts_and_evaluation(tiny_ldm):
     from PIL import Image
 
     Image.fromarray(stored["images"][0]).save(workdir / "init.png")
+    # ... with the autoencoder whose decoder was fine-tuned (--vae): outputs in their own folder
     process = launch(workdir, f"--init_image={workdir / 'init.png'}", "--strength=0.5",
                      "--prompt=a red square at the bottom left", "--num_samples=2",
-                     "--num_steps=4", "--eta=0", script="sample.py")  # fmt: skip
+                     "--num_steps=4", "--eta=0", f"--vae={tiny_vae_decoder_workdir}",
+                     script="sample.py")  # fmt: skip
     out = process.communicate(timeout=300)[0]
     assert process.returncode == 0, out[-3000:]
-    img2img = np.load(workdir / "samples" / "img2img_s0.5_ddim4_eta0_cfg3_seed0.npz")
+    folder = workdir / "samples" / f"vae_{tiny_vae_decoder_workdir.name}"
+    img2img = np.load(folder / "img2img_s0.5_ddim4_eta0_cfg3_seed0.npz")
     assert img2img["images"].shape == (2, 32, 32, 3)
 
     # outpainting: 8 pixels on the left (the canvas padded to 40, a multiple of 4, and back)

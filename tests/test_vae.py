@@ -169,6 +169,40 @@ def test_autoencoder_training_reduces_the_loss(tiny):
         training.make_autoencoder_step(model, optimizer, reconstruction="l3")
 
 
+def test_decoder_fine_tuning_leaves_the_encoder_exactly_as_it_was(tiny):
+    model, variables, _ = tiny
+    params = variables["params"]
+    # AdamW's weight decay would move every parameter it is given: the encoder gets none
+    optimizer = training.freeze_encoder(optax.adamw(1e-3, weight_decay=0.1))
+    step = jax.jit(training.make_autoencoder_step(model, optimizer, trainable="decoder",
+                                                  ema_max_decay=0.9))  # fmt: skip
+    state = training.init_state(params, optimizer)
+    x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, {"image": x}, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    for name in params:
+        before = jax.tree.leaves(params[name])
+        after, ema = jax.tree.leaves(state.params[name]), jax.tree.leaves(state.ema_params[name])
+        if name in training.DECODER_PARAMS:
+            assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+            assert any(not np.array_equal(a, b) for a, b in zip(before, ema, strict=True))
+        else:  # bit for bit, the EMA too
+            for a, b, e in zip(before, after, ema, strict=True):
+                np.testing.assert_array_equal(a, b)
+                np.testing.assert_array_equal(a, e)
+    autoencoder.check_same_encoder(state.ema_params, params)
+    nudged = {**params, "quant_conv": jax.tree.map(lambda a: a + 1e-6, params["quant_conv"])}
+    with pytest.raises(ValueError, match="encoder differs"):
+        autoencoder.check_same_encoder(nudged, params)
+    with pytest.raises(ValueError, match="trainable='encoder'"):
+        training.make_autoencoder_step(model, optimizer, trainable="encoder")
+    with pytest.raises(ValueError, match="not an AutoencoderKL's parameters"):
+        training.freeze_encoder(optax.sgd(0.1)).init({"unet": jnp.zeros(2)})
+
+
 def test_psnr_and_chunks():
     x = np.zeros((2, 4, 4, 1), np.float32)
     y = x.copy()
@@ -205,6 +239,31 @@ def test_train_py_trains_and_measures_an_autoencoder(tiny_vae_workdir):
     config.task = "gan"
     with pytest.raises(ValueError, match="task='gan'"):
         train.train(config, tmp_path)
+
+
+def test_train_py_fine_tunes_the_decoder_alone(tiny_vae_workdir, tiny_vae_decoder_workdir):
+    import train
+
+    _, source, source_info = autoencoder.load(tiny_vae_workdir)
+    _, tuned, info = autoencoder.load(tiny_vae_decoder_workdir)
+    assert info["step"] == 3 and info["init_from"] == {
+        "workdir": str(tiny_vae_workdir), "step": 3, "trainable": "decoder"}  # fmt: skip
+    autoencoder.check_same_encoder(tuned, source)  # bit for bit
+    assert info["scaling_factor"] == source_info["scaling_factor"]  # the same latents
+    assert not np.array_equal(tuned["post_quant_conv"]["kernel"],
+                              source["post_quant_conv"]["kernel"])  # fmt: skip
+
+    config = importlib.import_module("configs.vae_shapes_decoder").get_config("tiny")
+    config.mesh.data = 1
+    config.autoencoder.init_from = ""
+    with pytest.raises(ValueError, match=r"set autoencoder\.init_from"):
+        train.train(config, tiny_vae_decoder_workdir.parent / "no_source")
+    config.autoencoder.init_from = str(tiny_vae_workdir)
+    config.model.overrides = {"block_out_channels": (8, 16), "norm_num_groups": 4}
+    with pytest.raises(ValueError, match="another architecture"):
+        train.train(config, tiny_vae_decoder_workdir.parent / "other_architecture")
+    assert importlib.import_module("configs.vae_shapes_decoder").get_config().autoencoder.to_dict()[
+        "init_from"] == "outputs/vae_shapes"  # fmt: skip
 
 
 def test_vae_shapes_config_is_f4_on_32x32():
