@@ -78,7 +78,7 @@ _VAE = flags.DEFINE_string(
     None,
     "Latent --workdir models: encode and decode with this train.py autoencoder instead of the "
     "model's own, one whose decoder alone was fine-tuned from it (configs/vae_shapes_decoder.py);"
-    " outputs go to samples/vae_<its name>/.",
+    " outputs go to samples/with_<its name>/.",
 )
 _METHOD = flags.DEFINE_enum(
     "method",
@@ -387,7 +387,7 @@ def sample_text(workdir: pathlib.Path) -> None:
     )
     out = workdir / "samples"
     if _VAE.value:
-        out = out / f"vae_{pathlib.Path(_VAE.value).absolute().name}"
+        out = out / f"with_{pathlib.Path(_VAE.value).absolute().name}"
     prompts = _PROMPT.value or list(config.sample.get("prompts", ()))
     method = _METHOD.value or "ddim"
     guidance = config.sample.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value

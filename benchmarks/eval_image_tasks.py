@@ -2,10 +2,13 @@
 
     python benchmarks/eval_image_tasks.py [--ldm outputs/ldm_shapes]
         [--inpaint outputs/inpaint_shapes] [--sr outputs/sr_shapes] [--num 720]
+        [--vae outputs/vae_shapes_decoder]
 
 Runs by hand (minutes on a CPU) after training the models; prints the README's tables and
 writes them to outputs/image_tasks.json. Every figure is on the test split (renders no model
-trained on); "real" rows are the same images untouched, the ceiling.
+trained on); "real" rows are the same images untouched, the ceiling. `--vae` decodes (and
+encodes) every model with that autoencoder instead of its own, one whose decoder alone was
+fine-tuned from it; a workdir given as "none" is skipped.
 
 - Inpainting: a mask over 60-80% of each image's object (its bounding box cut from a random
   side); the completed image (known pixels pasted) judged by the rule checker against its
@@ -208,6 +211,7 @@ def main() -> None:
     parser.add_argument("--noise_level", type=int, default=20)
     parser.add_argument("--projection", type=float, default=0.9)  # SR: project_low_res
     parser.add_argument("--tasks", default="inpaint,outpaint,sr")
+    parser.add_argument("--vae", default=None, help="a fine-tuned decoder's workdir")
     parser.add_argument("--out", default="outputs/image_tasks.json")
     args = parser.parse_args()
     tasks = set(args.tasks.split(","))
@@ -221,8 +225,10 @@ def main() -> None:
     key = jax.random.key(0)
     runs = {}
     for name, workdir in (("repaint_ldm", args.ldm), ("trained_inpaint", args.inpaint)):
-        if pathlib.Path(workdir).exists():
-            model, params, _ = pipelines.load_latent_diffusion(workdir)
+        if workdir != "none" and pathlib.Path(workdir).exists():
+            model, params, _ = pipelines.load_latent_diffusion(
+                workdir, autoencoder_workdir=args.vae
+            )
             runs[name] = (model, params)
     results: dict = {"num_images": len(x), "settings": vars(args)}
     features, train_x = features_fn() if tasks & {"outpaint", "sr"} else (None, None)
@@ -232,8 +238,8 @@ def main() -> None:
         results["inpainting"]["object_share_masked"] = float(shares.mean())
     if "outpaint" in tasks:
         results["outpainting"] = outpainting_eval(runs, x, captions, key, features, train_x, args)
-    if "sr" in tasks and pathlib.Path(args.sr).exists():
-        model, params, _ = pipelines.load_latent_diffusion(args.sr)
+    if "sr" in tasks and args.sr != "none" and pathlib.Path(args.sr).exists():
+        model, params, _ = pipelines.load_latent_diffusion(args.sr, autoencoder_workdir=args.vae)
         results["super_resolution"] = superres_eval(model, params, x, x8, captions, key,
                                                     features, args)  # fmt: skip
     out = pathlib.Path(args.out)

@@ -197,7 +197,7 @@ def test_sample_py_prompts_and_evaluation(tiny_ldm, tiny_vae_decoder_workdir):
                      script="sample.py")  # fmt: skip
     out = process.communicate(timeout=300)[0]
     assert process.returncode == 0, out[-3000:]
-    folder = workdir / "samples" / f"vae_{tiny_vae_decoder_workdir.name}"
+    folder = workdir / "samples" / f"with_{tiny_vae_decoder_workdir.name}"
     img2img = np.load(folder / "img2img_s0.5_ddim4_eta0_cfg3_seed0.npz")
     assert img2img["images"].shape == (2, 32, 32, 3)
 
