@@ -9,8 +9,14 @@ the encoder, the latents and their scaling factor stay exactly as they were and 
 model trained on `vae_shapes` decodes with this one as it is (`sample.py --vae`). Why: the
 first run's reconstructions round off the corners of squares and triangles, which is what the
 shapes' checker misses most in text-to-image and inpainting. Same loss (L1 + 1e-6 KL, the KL
-term constant here), a fresh AdamW at 1e-3 with a cosine decay, batch 32. `:tiny` is the
-few-step variant the tests run (its `init_from` is set by them).
+term constant here), a fresh AdamW at 1e-3 with a cosine decay, batch 32, 2,500 steps.
+
+Measured on 2 CPU cores (with a CI run sharing them): 36 minutes, ~1.5 steps/s. Held-out PSNR
+36.3 dB (vae_shapes: 30.1), and 99.4% of the reconstructions read as their originals by
+`shapes.describe` (81.4%); the scaling factor measured again is vae_shapes' to the last bit.
+With it, RePaint inpainting with ldm_shapes went from 93.1% to 98.5% correct (README,
+"Inpainting, outpainting and super-resolution"). `:tiny` is the few-step variant the tests
+run (its `init_from` is set by them).
 """
 
 from configs import vae_shapes
