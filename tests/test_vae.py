@@ -153,17 +153,22 @@ def test_autoencoder_step_is_reconstruction_plus_weighted_kl(tiny, reconstructio
     np.testing.assert_allclose(metrics["loss"], error.mean() + weight * kl / 192, rtol=1e-5)
 
 
-def test_autoencoder_training_reduces_the_loss(tiny):
-    model, variables, _ = tiny
-    params = variables["params"]
-    optimizer = optax.adam(3e-3)
-    step = jax.jit(training.make_autoencoder_step(model, optimizer))
-    state = training.init_state(params, optimizer)
-    x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+def train_steps(step, state, seed: int, num_steps: int):
+    """`num_steps` jitted steps on one fixed batch of 4 random 8x8 images: (state, losses)."""
+    step = jax.jit(step)
+    x = jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
     losses = []
-    for _ in range(30):
+    for _ in range(num_steps):
         state, metrics = step(state, {"image": x}, jax.random.key(0))
         losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_autoencoder_training_reduces_the_loss(tiny):
+    model, variables, _ = tiny
+    optimizer = optax.adam(3e-3)
+    state = training.init_state(variables["params"], optimizer)
+    _, losses = train_steps(training.make_autoencoder_step(model, optimizer), state, 2, 30)
     assert losses[-1] < 0.7 * losses[0]
     with pytest.raises(ValueError, match="reconstruction='l3'"):
         training.make_autoencoder_step(model, optimizer, reconstruction="l3")
@@ -174,14 +179,8 @@ def test_decoder_fine_tuning_leaves_the_encoder_exactly_as_it_was(tiny):
     params = variables["params"]
     # AdamW's weight decay would move every parameter it is given: the encoder gets none
     optimizer = training.freeze_encoder(optax.adamw(1e-3, weight_decay=0.1))
-    step = jax.jit(training.make_autoencoder_step(model, optimizer, trainable="decoder",
-                                                  ema_max_decay=0.9))  # fmt: skip
-    state = training.init_state(params, optimizer)
-    x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
-    losses = []
-    for _ in range(4):
-        state, metrics = step(state, {"image": x}, jax.random.key(0))
-        losses.append(float(metrics["loss"]))
+    step = training.make_autoencoder_step(model, optimizer, trainable="decoder", ema_max_decay=0.9)
+    state, losses = train_steps(step, training.init_state(params, optimizer), 4, 4)
     assert losses[-1] < losses[0]
     for name in params:
         before = jax.tree.leaves(params[name])
