@@ -43,7 +43,7 @@ from jdiff.data import shapes
 ROOT = pathlib.Path(__file__).resolve().parent
 # settings that shape the model or its data: a resume must not change them
 COMPATIBLE = ("task", "model", "diffusion", "text", "latent", "data.name", "data.image_size",
-              "data.channels")  # fmt: skip
+              "data.channels", "autoencoder.trainable")  # fmt: skip
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",

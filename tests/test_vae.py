@@ -254,7 +254,10 @@ def test_train_py_fine_tunes_the_decoder_alone(tiny_vae_workdir, tiny_vae_decode
 
     config = importlib.import_module("configs.vae_shapes_decoder").get_config("tiny")
     config.mesh.data = 1
-    config.autoencoder.init_from = ""
+    config.autoencoder.update(init_from=str(tiny_vae_workdir), trainable="all")
+    with pytest.raises(ValueError, match=r"autoencoder\.trainable differ"):
+        train.train(config, tiny_vae_decoder_workdir)  # resuming it as another kind of run
+    config.autoencoder.update(init_from="", trainable="decoder")
     with pytest.raises(ValueError, match=r"set autoencoder\.init_from"):
         train.train(config, tiny_vae_decoder_workdir.parent / "no_source")
     config.autoencoder.init_from = str(tiny_vae_workdir)
