@@ -36,7 +36,7 @@ image is taken to the model's low resolution, and the comparison is bicubic | re
 
 --pretrained takes a diffusers-format directory, an original single-file .safetensors
 (--prediction_type / --image_size where the SD 1.x / 2.x defaults do not fit) or a directory
-`python -m jdiff.convert` wrote. Its scheduler's sampler and settings are the defaults (SD 1.5:
+`python -m jdiff.interop` wrote. Its scheduler's sampler and settings are the defaults (SD 1.5:
 PNDM); --method picks another with the same settings. A text-to-image model samples one image
 per prompt (--num_samples to cycle them); a pixel-space U-Net (DDPM) --num_samples images.
 Outputs go to --output_dir (default ./samples).
@@ -70,7 +70,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.")
 _PRETRAINED = flags.DEFINE_string(
     "pretrained",
     None,
-    "A diffusers-format directory, single-file checkpoint or jdiff.convert output.",
+    "A diffusers-format directory, single-file checkpoint or jdiff.interop output.",
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _VAE = flags.DEFINE_string(
@@ -494,10 +494,10 @@ def repaint_text(model, params, prompts, n, guidance, options, size, out) -> Non
 def sample_pretrained(path: pathlib.Path) -> None:
     """Generate from converted Stable Diffusion (txt2img, img2img, inpainting) or DDPM
     weights."""
-    from jdiff import convert
+    from jdiff import interop
 
     print(f"loading {path}", flush=True)
-    p = convert.load_pretrained(
+    p = interop.load_pretrained(
         path,
         prediction_type=_PREDICTION.value,
         image_size=_IMAGE_SIZE.value,

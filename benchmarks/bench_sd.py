@@ -43,18 +43,18 @@ def make_weights(directory: str) -> None:
         UNet2DConditionModel,
     )
 
-    from jdiff import convert, single_file
+    from jdiff import interop, single_file
     from jdiff.nn import VARIANTS, UNet
     from jdiff.nn import vae as jvae
     from jdiff.nn.text_encoder import CLIPTextModel
     from jdiff.tokenizer import CLIPTokenizer
 
     unet = UNet2DConditionModel.from_config(
-        convert.unet_config_to_diffusers(UNet(**VARIANTS["sd_v1"]), 64)
+        interop.unet_config_to_diffusers(UNet(**VARIANTS["sd_v1"]), 64)
     )
-    vae = AutoencoderKL.from_config(convert.vae_config_to_diffusers(jvae.AutoencoderKL(), 512))
+    vae = AutoencoderKL.from_config(interop.vae_config_to_diffusers(jvae.AutoencoderKL(), 512))
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        **convert.text_encoder_config_to_transformers(CLIPTextModel())))  # fmt: skip
+        **interop.text_encoder_config_to_transformers(CLIPTextModel())))  # fmt: skip
     path = pathlib.Path(directory)
     CLIPTokenizer.default().save_pretrained(path / "tokenizer_files")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(path / "tokenizer_files")
@@ -88,9 +88,9 @@ def _jdiff(directory, size, batch, dtype):
     import jax
     import jax.numpy as jnp
 
-    from jdiff import convert, pipelines
+    from jdiff import interop, pipelines
 
-    p = convert.load_pretrained(directory, dtype=jnp.dtype(dtype))  # the VAE stays float32
+    p = interop.load_pretrained(directory, dtype=jnp.dtype(dtype))  # the VAE stays float32
     model = pipelines.LatentDiffusion.from_pretrained(p)
 
     def run(steps):

@@ -3,8 +3,8 @@
     python train.py --config configs/sd_finetune.py --workdir outputs/sd_finetune \
         --config.latent.pretrained=/path/to/stable-diffusion-v1-5
 
-`latent.pretrained` is anything `jdiff.convert.load_pretrained` reads (a diffusers-format
-directory, an original single-file .safetensors, a `python -m jdiff.convert` output). Only the
+`latent.pretrained` is anything `jdiff.interop.load_pretrained` reads (a diffusers-format
+directory, an original single-file .safetensors, a `python -m jdiff.interop` output). Only the
 U-Net trains, in latent space: the autoencoder and the text encoder stay frozen, the shapes'
 latents and caption encodings are computed once and cached in the workdir, and the noise
 schedule, prediction type and sampler settings are the pretrained scheduler's. Images are

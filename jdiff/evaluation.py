@@ -288,18 +288,38 @@ class CLIP:
         return clip.clip_score(text, image)
 
 
+def load_inception(path, *, allow_pickle: bool = False) -> dict:
+    """`nn.inception.FIDInception` parameters from pytorch-fid's weights file (`.pth`, a pickle:
+    pass allow_pickle=True for a file you trust; read with torch's weights_only loader) or a
+    `.safetensors` / `.npz` holding the same state dict."""
+    from jdiff.interop import files
+    from jdiff.nn import inception
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such file. The FID Inception weights are pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth (its FID_WEIGHTS_URL); download it where you "
+            "have a network and pass its path"
+        )
+    if path.suffix == ".npz":
+        with np.load(path) as stored:
+            return inception.from_torch_state(dict(stored))
+    return inception.from_torch_state(files.read_weights(path, allow_pickle=allow_pickle))
+
+
 def load_clip(directory) -> CLIP:
     """A transformers `CLIPModel` directory (config.json, model.safetensors, the tokenizer's
     vocab.json + merges.txt or tokenizer.json, preprocessor_config.json), e.g. a local copy of
     openai/clip-vit-large-patch14."""
-    from jdiff import convert
+    from jdiff import interop
     from jdiff.nn import clip
     from jdiff.tokenizer import CLIPTokenizer
 
     directory = pathlib.Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a CLIP model directory (no config.json)")
-    fields = convert.clip_config_from_transformers(json.loads((directory / "config.json")
+    fields = interop.clip_config_from_transformers(json.loads((directory / "config.json")
                                                               .read_text()))  # fmt: skip
     model = clip.CLIPModel(**fields)
     size = fields["vision"]["image_size"]
@@ -308,7 +328,7 @@ def load_clip(directory) -> CLIP:
     weights = directory / "model.safetensors"
     if not weights.exists():
         weights = directory / "model.safetensors.index.json"
-    params = convert.clip_from_transformers(convert.read_weights(weights), template["params"])
+    params = interop.clip_from_transformers(interop.read_weights(weights), template["params"])
     processing = clip.ImageProcessing(shortest_edge=size, crop_size=size)
     if (directory / "preprocessor_config.json").exists():
         pre = json.loads((directory / "preprocessor_config.json").read_text())
@@ -337,9 +357,7 @@ def reference_metrics(args) -> dict:
     samples = load_images(args.samples)
     result: dict = {}
     if args.reference:
-        from jdiff.nn import inception
-
-        params = inception.load(args.inception, allow_pickle=args.allow_pickle)
+        params = load_inception(args.inception, allow_pickle=args.allow_pickle)
         reference = load_images(args.reference)
         result |= fid_kid(params, samples, reference, batch_size=args.batch_size)
     if args.clip:

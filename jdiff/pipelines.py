@@ -477,7 +477,7 @@ class LatentDiffusion:
 
     @classmethod
     def from_pretrained(cls, pretrained) -> LatentDiffusion:
-        """From `jdiff.convert.load_pretrained(...)`'s result (a latent text-to-image model);
+        """From `jdiff.interop.load_pretrained(...)`'s result (a latent text-to-image model);
         its params are `pretrained.params`. The scheduler's sampler is the default method."""
         if not pretrained.is_latent or pretrained.text_encoder is None:
             raise ValueError(f"{pretrained.source} is not a latent text-to-image model; use "

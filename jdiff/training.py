@@ -479,13 +479,13 @@ def make_text_encoder(config: Any) -> CLIPTextModel:
 
 
 def load_pretrained_parts(config: Any):
-    """`jdiff.convert.load_pretrained(config.latent.pretrained)` for fine-tuning: the U-Net in
+    """`jdiff.interop.load_pretrained(config.latent.pretrained)` for fine-tuning: the U-Net in
     `config.model.dtype` (and `remat`), the text encoder in it too, the autoencoder float32."""
     import dataclasses
 
-    from jdiff import convert
+    from jdiff import interop
 
-    p = convert.load_pretrained(config.latent.pretrained)
+    p = interop.load_pretrained(config.latent.pretrained)
     if not p.is_latent or p.text_encoder is None:
         raise ValueError(f"latent.pretrained={config.latent.pretrained!r} is not a latent "
                          "text-to-image model (Stable Diffusion)")  # fmt: skip

@@ -24,7 +24,8 @@ from diffusers import (
 )
 from reference import perturbed
 
-from jdiff import convert, pipelines, samplers, single_file
+from jdiff import interop, pipelines, samplers
+from jdiff.interop import cli, configs, single_file
 from jdiff.tokenizer import CLIPTokenizer
 
 SD1_SCHEDULER = dict(single_file.SCHEDULERS["sd1"])
@@ -82,7 +83,7 @@ def sd_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(sd_dirs):
-    return {v: convert.load_pretrained(path) for v, path in sd_dirs.items()}
+    return {v: interop.load_pretrained(path) for v, path in sd_dirs.items()}
 
 
 def torch_pipeline(path, scheduler=None):
@@ -95,7 +96,7 @@ def torch_pipeline(path, scheduler=None):
 
 def test_directory_loads_with_its_configs_and_scheduler(sd_dirs, loaded):
     sd1, sd2 = loaded["sd1"], loaded["sd2"]
-    half = convert.load_pretrained(sd_dirs["sd1"], dtype=jnp.bfloat16)
+    half = interop.load_pretrained(sd_dirs["sd1"], dtype=jnp.bfloat16)
     assert half.unet.dtype == half.text_encoder.dtype == jnp.bfloat16
     assert half.autoencoder.dtype == jnp.float32  # reduced-precision decodes overflow
     assert sd1.unet.heads_per_block() == (8, 8) and not sd1.unet.use_linear_projection
@@ -158,7 +159,7 @@ def test_inpainting_matches_stable_diffusion_inpaint_pipeline(tmp_path, monkeypa
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(tmp_path / "inpaint")
-    p = convert.load_pretrained(tmp_path / "inpaint")
+    p = interop.load_pretrained(tmp_path / "inpaint")
     model = pipelines.LatentDiffusion.from_pretrained(p)
     assert p.unet.in_channels == 9 and model.is_inpainting
     rng = np.random.default_rng(1)
@@ -192,7 +193,7 @@ def test_inpainting_matches_stable_diffusion_inpaint_pipeline(tmp_path, monkeypa
 def test_export_round_trips_through_diffusers(sd_dirs, loaded, tmp_path):
     """jdiff -> save_pretrained -> diffusers loads it: the same tensors and configs as the
     directory it came from."""
-    out = convert.save_pretrained(loaded["sd2"], tmp_path / "exported")
+    out = interop.save_pretrained(loaded["sd2"], tmp_path / "exported")
     original = torch_pipeline(sd_dirs["sd2"])
     exported = torch_pipeline(out)
     for name in ("unet", "vae", "text_encoder"):
@@ -208,28 +209,28 @@ def test_export_round_trips_through_diffusers(sd_dirs, loaded, tmp_path):
     assert exported.tokenizer.pad_token == "!"
     assert exported.tokenizer("a cat").input_ids == original.tokenizer("a cat").input_ids
     # and back into jdiff
-    again = convert.load_pretrained(out)
+    again = interop.load_pretrained(out)
     for a, b in zip(jax.tree.leaves(loaded["sd2"].params), jax.tree.leaves(again.params),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_jdiff_checkpoint_cli_round_trip(sd_dirs, loaded, tmp_path, capsys):
-    convert.main([str(sd_dirs["sd1"]), "--output", str(tmp_path / "ckpt")])
+    cli.main([str(sd_dirs["sd1"]), "--output", str(tmp_path / "ckpt")])
     printed = capsys.readouterr().out
     assert "jdiff checkpoint:" in printed and re.search(r"unet [0-9,]{7,}", printed)
-    back = convert.load_pretrained(tmp_path / "ckpt")
+    back = interop.load_pretrained(tmp_path / "ckpt")
     assert back.scheduler.options_for() == loaded["sd1"].scheduler.options_for()
     assert back.tokenizer(["a cat"]).tolist() == loaded["sd1"].tokenizer(["a cat"]).tolist()
     for a, b in zip(jax.tree.leaves(loaded["sd1"].params), jax.tree.leaves(back.params),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    convert.main([str(tmp_path / "ckpt"), "--output", str(tmp_path / "diffusers"),
+    cli.main([str(tmp_path / "ckpt"), "--output", str(tmp_path / "diffusers"),
                   "--format", "diffusers"])  # fmt: skip
     pipe = torch_pipeline(tmp_path / "diffusers")
     assert type(pipe.scheduler) is PNDMScheduler
     with pytest.raises(SystemExit, match="not empty"):
-        convert.main([str(sd_dirs["sd1"]), "--output", str(tmp_path / "ckpt")])
+        cli.main([str(sd_dirs["sd1"]), "--output", str(tmp_path / "ckpt")])
 
 
 # ----------------------------------------------------------------------------- single files
@@ -242,7 +243,7 @@ def original_file(pretrained, path, *, extras=True):
 
     maps = single_file.key_map(pretrained.unet, pretrained.autoencoder, pretrained.text_encoder,
                                openclip=pretrained.text_encoder.hidden_act == "gelu")  # fmt: skip
-    states = {k: convert.to_diffusers(v) for k, v in pretrained.params.items()}
+    states = {k: interop.to_diffusers(v) for k, v in pretrained.params.items()}
     state = single_file.from_diffusers_state(states, maps)
     if extras:
         state["alphas_cumprod"] = np.ones(1000, np.float32)
@@ -267,20 +268,20 @@ def test_single_file_layout_matches_diffusers_converter(loaded, version, tmp_pat
     p = loaded[version]
     state = original_file(p, tmp_path / "model.safetensors")
     checkpoint = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-    unet_config = convert.unet_config_to_diffusers(p.unet, p.sample_size)
-    vae_config = convert.vae_config_to_diffusers(p.autoencoder, p.image_size)
+    unet_config = interop.unet_config_to_diffusers(p.unet, p.sample_size)
+    vae_config = interop.vae_config_to_diffusers(p.autoencoder, p.image_size)
     got = {"unet": sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config),
            "autoencoder": sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config)}  # fmt: skip
     if version == "sd1":
         got["text_encoder"] = sfu.convert_ldm_clip_checkpoint(checkpoint)
     else:
         config = transformers.CLIPTextConfig(
-            **convert.text_encoder_config_to_transformers(p.text_encoder)
+            **interop.text_encoder_config_to_transformers(p.text_encoder)
         )
         text = transformers.CLIPTextModel(config)
         got["text_encoder"] = sfu.convert_open_clip_checkpoint(text, checkpoint)
     for module, tree in p.params.items():
-        expected = convert.to_diffusers(tree)
+        expected = interop.to_diffusers(tree)
         theirs = {k if k.startswith("text_model.") or module != "text_encoder"
                   else f"text_model.{k}": v for k, v in got[module].items()}  # fmt: skip
         theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
@@ -297,7 +298,7 @@ def test_single_file_layout_matches_diffusers_converter(loaded, version, tmp_pat
 def test_single_file_loads_like_the_directory(loaded, version, tmp_path):
     p = loaded[version]
     original_file(p, tmp_path / "model.safetensors")
-    q = convert.load_pretrained(tmp_path / "model.safetensors", image_size=16)
+    q = interop.load_pretrained(tmp_path / "model.safetensors", image_size=16)
     for field in (
         "block_out_channels",
         "num_attention_heads",
@@ -321,12 +322,12 @@ def test_single_file_loads_like_the_directory(loaded, version, tmp_path):
 
 def test_single_file_defaults_overrides_and_errors(loaded, tmp_path):
     original_file(loaded["sd2"], tmp_path / "sd2.safetensors")
-    sd2 = convert.load_pretrained(tmp_path / "sd2.safetensors")
+    sd2 = interop.load_pretrained(tmp_path / "sd2.safetensors")
     assert sd2.image_size == 768 and sd2.scheduler.options["prediction_type"] == "v_prediction"
-    base = convert.load_pretrained(tmp_path / "sd2.safetensors", prediction_type="epsilon")
+    base = interop.load_pretrained(tmp_path / "sd2.safetensors", prediction_type="epsilon")
     assert base.image_size == 512 and base.scheduler.options["prediction_type"] == "epsilon"
     state = original_file(loaded["sd1"], tmp_path / "sd1.safetensors", extras=False)
-    assert convert.load_pretrained(tmp_path / "sd1.safetensors").image_size == 512
+    assert interop.load_pretrained(tmp_path / "sd1.safetensors").image_size == 512
 
     from safetensors.numpy import save_file
 
@@ -334,16 +335,20 @@ def test_single_file_defaults_overrides_and_errors(loaded, tmp_path):
                 "first_stage_model.decoder.mid.attn_1.q.bias"):  # fmt: skip
         save_file({k: v for k, v in state.items() if k != key}, tmp_path / "missing.safetensors")
         with pytest.raises(ValueError, match=f"missing {key}"):
-            convert.load_pretrained(tmp_path / "missing.safetensors")
+            interop.load_pretrained(tmp_path / "missing.safetensors")
+    narrow = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    save_file(state | {narrow: state[narrow][:, :32]}, tmp_path / "narrow.safetensors")
+    with pytest.raises(ValueError, match=r"text encoder is 32 wide.*attention heads"):
+        interop.load_pretrained(tmp_path / "narrow.safetensors")  # once a division by zero
     save_file(state | {"model.diffusion_model.extra.weight": np.ones(2, np.float32)},
               tmp_path / "extra.safetensors")  # fmt: skip
     with pytest.raises(ValueError, match=r"unexpected model\.diffusion_model\.extra\.weight"):
-        convert.load_pretrained(tmp_path / "extra.safetensors")
+        interop.load_pretrained(tmp_path / "extra.safetensors")
     torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}},
                tmp_path / "model.ckpt")  # fmt: skip
     with pytest.raises(ValueError, match=r"pickle-based.*allow_pickle"):
-        convert.load_pretrained(tmp_path / "model.ckpt")
-    pickled = convert.load_pretrained(tmp_path / "model.ckpt", allow_pickle=True)
+        interop.load_pretrained(tmp_path / "model.ckpt")
+    pickled = interop.load_pretrained(tmp_path / "model.ckpt", allow_pickle=True)
     for a, b in zip(jax.tree.leaves(loaded["sd1"].params), jax.tree.leaves(pickled.params),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -399,7 +404,7 @@ def test_released_configs_build_the_released_networks():
     def architecture(unet):  # every field that shapes the network (dropout does not)
         per_block = ("transformer_layers_per_block",)
         n = len(unet.block_out_channels)
-        fields = {f: getattr(unet, f) for f in convert._UNET_FIELDS + convert._CROSS_FIELDS
+        fields = {f: getattr(unet, f) for f in configs._UNET_FIELDS + configs._CROSS_FIELDS
                   if f not in per_block}  # fmt: skip
         fields["layers"] = np.broadcast_to(unet.transformer_layers_per_block, n).tolist()
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
@@ -408,9 +413,9 @@ def test_released_configs_build_the_released_networks():
 
     for config, variant in ((SD15_UNET, "sd_v1"), (SD21_UNET, "sd_v2_1"),
                             (DDPM_CIFAR10_UNET, "ddpm_cifar10")):  # fmt: skip
-        ours = UNet(**convert.unet_config_from_diffusers(config))
+        ours = UNet(**interop.unet_config_from_diffusers(config))
         assert architecture(ours) == architecture(UNet(**VARIANTS[variant])), variant
-    vae = jvae.AutoencoderKL(**convert.vae_config_from_diffusers(SD15_VAE))
+    vae = jvae.AutoencoderKL(**interop.vae_config_from_diffusers(SD15_VAE))
     for field in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
                   "in_channels", "scaling_factor", "use_quant_conv"):  # fmt: skip
         assert getattr(vae, field) == getattr(jvae.AutoencoderKL(), field), field
@@ -431,38 +436,38 @@ def test_directory_errors_name_the_problem(sd_dirs, tmp_path):
     state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"][:, :2]
     save_file(state, weights)
     with pytest.raises(ValueError, match=r"(?s)vae: .*decoder.conv_in.weight: shape .* expected"):
-        convert.load_pretrained(bad)
+        interop.load_pretrained(bad)
     weights.unlink()
     (bad / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="pickle-based"):
-        convert.load_pretrained(bad)
+        interop.load_pretrained(bad)
     index = json.loads((bad / "model_index.json").read_text())
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="text_encoder_2"):
-        convert.load_pretrained(bad)
+        interop.load_pretrained(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.load_pretrained(tmp_path / "nowhere")
+        interop.load_pretrained(tmp_path / "nowhere")
 
 
 def test_scheduler_configs_map_to_samplers():
-    s = convert.scheduler_from_diffusers({"_class_name": "DDIMScheduler",
+    s = interop.scheduler_from_diffusers({"_class_name": "DDIMScheduler",
                                           "beta_schedule": "squaredcos_cap_v2"})  # fmt: skip
     assert s.method == "ddim" and s.options["clip_sample"] is True  # diffusers' default
     assert s.schedule == {"name": "cosine", "num_timesteps": 1000,
                           "rescale_zero_terminal_snr": False}  # fmt: skip
-    s = convert.scheduler_from_diffusers({"_class_name": "EulerDiscreteScheduler",
+    s = interop.scheduler_from_diffusers({"_class_name": "EulerDiscreteScheduler",
                                           "rescale_betas_zero_snr": True,
                                           "beta_schedule": "scaled_linear",
                                           "beta_start": 0.00085, "beta_end": 0.012})  # fmt: skip
     assert s.method == "euler" and float(s.make_schedule().alphas_cumprod[-1]) == 0.0
     with pytest.warns(UserWarning, match="LMSDiscreteScheduler has no jdiff sampler"):
-        s = convert.scheduler_from_diffusers({"_class_name": "LMSDiscreteScheduler"})
+        s = interop.scheduler_from_diffusers({"_class_name": "LMSDiscreteScheduler"})
     assert s.method == "ddim"
     with pytest.warns(UserWarning, match="thresholding"):
-        convert.scheduler_from_diffusers({"_class_name": "DDPMScheduler", "thresholding": True})
+        interop.scheduler_from_diffusers({"_class_name": "DDPMScheduler", "thresholding": True})
     with pytest.raises(ValueError, match="beta_schedule 'exp'"):
-        convert.scheduler_from_diffusers({"beta_schedule": "exp"})
+        interop.scheduler_from_diffusers({"beta_schedule": "exp"})
 
 
 def test_pixel_space_ddpm_directory(tmp_path):
@@ -477,7 +482,7 @@ def test_pixel_space_ddpm_directory(tmp_path):
         downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
     ))  # fmt: skip
     DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path)
-    p = convert.load_pretrained(tmp_path)
+    p = interop.load_pretrained(tmp_path)
     assert not p.is_latent and p.image_size == 8 and p.scheduler.method == "ddpm"
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
     t = np.array([10.0, 900.0], np.float32)

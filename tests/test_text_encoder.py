@@ -9,7 +9,7 @@ import torch
 import transformers
 from reference import perturbed
 
-from jdiff import convert
+from jdiff import interop
 from jdiff.nn import text_encoder
 
 
@@ -41,12 +41,12 @@ def converted(name):
     torch_model = perturbed(
         transformers.CLIPTextModel(transformers.CLIPTextConfig(**BASE | TINY[name]))
     )
-    fields = convert.text_encoder_config_from_transformers(torch_model.config.to_dict())
+    fields = interop.text_encoder_config_from_transformers(torch_model.config.to_dict())
     model = text_encoder.CLIPTextModel(**fields)
     ids = jnp.zeros((1, 16), jnp.int32)
     template = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    return torch_model, model, {"params": convert.text_encoder_from_transformers(state, template)}
+    return torch_model, model, {"params": interop.text_encoder_from_transformers(state, template)}
 
 
 def token_ids(end: int) -> np.ndarray:
@@ -116,11 +116,11 @@ def test_bad_inputs_and_configs():
     with pytest.raises(ValueError, match="clip_skip=2"):
         model.apply(params, ids, clip_skip=2)
     with pytest.raises(ValueError, match="hidden_act='relu'"):
-        convert.text_encoder_config_from_transformers(BASE | {"hidden_act": "relu"})
+        interop.text_encoder_config_from_transformers(BASE | {"hidden_act": "relu"})
     # absent fields take transformers' CLIPTextConfig defaults, as transformers does
-    assert convert.text_encoder_config_from_transformers({"hidden_size": 32})["hidden_act"] == (
+    assert interop.text_encoder_config_from_transformers({"hidden_size": 32})["hidden_act"] == (
         "quick_gelu"
     )
     with pytest.raises(ValueError, match="expected CLIPTextModel"):
         bert = BASE | {"hidden_act": "gelu", "architectures": ["BertModel"]}
-        convert.text_encoder_config_from_transformers(bert)
+        interop.text_encoder_config_from_transformers(bert)

@@ -81,7 +81,7 @@ def test_killed_run_resumes_to_the_same_state(uninterrupted, tmp_path, sig):
     resumed = launch(tmp_path, ONE_DEVICE)  # the tiny config's own 4 steps
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-3000:]
-    assert "resuming from step 2" in out and "samples:" in out
+    assert "resuming from step 2" in out and "samples:" in out, out[-3000:]
     assert_same_tree(final_state(tmp_path), final_state(uninterrupted[0]))
 
 

@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from reference import perturbed
 
-from jdiff import convert
+from jdiff import interop
 from jdiff.nn import VARIANTS, UNet
 from jdiff.nn.layers import timestep_embedding
 
@@ -97,7 +97,7 @@ DIFFUSERS_TINY = {
 def test_forward_matches_diffusers(name):
     cls, config = DIFFUSERS_TINY[name]
     torch_model = perturbed(cls(**config))
-    model = UNet(**convert.unet_config_from_diffusers(dict(torch_model.config)))
+    model = UNet(**interop.unet_config_from_diffusers(dict(torch_model.config)))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 16, config["in_channels"]), np.float32)
     kwargs, torch_kwargs = {}, {}
@@ -111,7 +111,7 @@ def test_forward_matches_diffusers(name):
         torch_kwargs["class_labels"] = torch.from_numpy(labels)
 
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    params = convert.from_diffusers(state, init_shapes(model, x.shape, **kwargs))
+    params = interop.from_diffusers(state, init_shapes(model, x.shape, **kwargs))
     ours = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(T_EVAL), **kwargs)
     with torch.no_grad():
         ref = torch_model(
@@ -123,14 +123,14 @@ def test_forward_matches_diffusers(name):
 
 
 def test_torch_key_renames_module_lists_only():
-    assert convert.torch_key(("time_embedding", "linear_1", "kernel")) == (
+    assert interop.torch_key(("time_embedding", "linear_1", "kernel")) == (
         "time_embedding.linear_1.weight"
     )
     path = ("down_blocks_0", "attentions_1", "transformer_blocks_0", "ff", "net_0", "proj", "bias")
-    assert convert.torch_key(path) == (
+    assert interop.torch_key(path) == (
         "down_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj.bias"
     )
-    assert convert.torch_key(("mid_block", "attentions_0", "to_out_0", "kernel")) == (
+    assert interop.torch_key(("mid_block", "attentions_0", "to_out_0", "kernel")) == (
         "mid_block.attentions.0.to_out.0.weight"
     )
 
@@ -140,7 +140,7 @@ def test_from_diffusers_names_every_mismatch():
                             "bias": jax.ShapeDtypeStruct((8,), jnp.float32)}}  # fmt: skip
     state = {"conv_in.weight": np.zeros((8, 3, 3, 5)), "extra.weight": np.zeros(1)}
     with pytest.raises(ValueError) as err:
-        convert.from_diffusers(state, template)
+        interop.from_diffusers(state, template)
     message = str(err.value)
     assert "missing conv_in.bias" in message
     assert "unused extra.weight" in message
@@ -150,11 +150,11 @@ def test_from_diffusers_names_every_mismatch():
 def test_config_from_diffusers_rejects_what_jdiff_lacks():
     base = dict(UNet2DConditionModel(**DIFFUSERS_TINY["sd1"][1]).config)
     with pytest.raises(ValueError, match="addition_embed_type"):
-        convert.unet_config_from_diffusers({**base, "addition_embed_type": "text_time"})
+        interop.unet_config_from_diffusers({**base, "addition_embed_type": "text_time"})
     # absent fields take the diffusers class's defaults, as diffusers does
-    plain = convert.unet_config_from_diffusers({"_class_name": "UNet2DModel"})
+    plain = interop.unet_config_from_diffusers({"_class_name": "UNet2DModel"})
     assert plain["block_out_channels"] == (224, 448, 672, 896) and plain["in_channels"] == 3
-    fields = convert.unet_config_from_diffusers(base)
+    fields = interop.unet_config_from_diffusers(base)
     assert fields["num_attention_heads"] == 2 and "attention_head_dim" not in fields
 
 

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from reference import perturbed
 from runs import launch
 
-from jdiff import autoencoder, convert, training
+from jdiff import autoencoder, interop, training
 from jdiff.nn import vae
 
 
@@ -46,13 +46,13 @@ DIFFUSERS_TINY = {
 @pytest.mark.parametrize("name", list(DIFFUSERS_TINY))
 def test_encode_decode_match_diffusers(name):
     torch_model = perturbed(TorchAutoencoderKL(**DIFFUSERS_TINY[name]))
-    fields = convert.vae_config_from_diffusers(dict(torch_model.config))
+    fields = interop.vae_config_from_diffusers(dict(torch_model.config))
     model = vae.AutoencoderKL(**fields)
     assert model.scaling_factor == DIFFUSERS_TINY[name].get("scaling_factor", 0.18215)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(x.shape))["params"]
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    params = {"params": convert.from_diffusers(state, template)}
+    params = {"params": interop.from_diffusers(state, template)}
 
     posterior = model.apply(params, jnp.asarray(x), method="encode")
     image = model.apply(params, posterior.mean, method="decode")
@@ -124,9 +124,9 @@ def test_bad_inputs_and_configs(tiny):
     config = dict(DIFFUSERS_TINY["sd"], _class_name="AutoencoderKL", in_channels=3,
                   out_channels=3, shift_factor=0.0609)  # fmt: skip
     with pytest.raises(ValueError, match=r"shift_factor=0\.0609 is not supported"):
-        convert.vae_config_from_diffusers(config)
+        interop.vae_config_from_diffusers(config)
     with pytest.raises(ValueError, match="expected AutoencoderKL"):
-        convert.vae_config_from_diffusers({"_class_name": "AutoencoderTiny"})
+        interop.vae_config_from_diffusers({"_class_name": "AutoencoderTiny"})
 
 
 # training (jdiff.training.make_autoencoder_step) and train.py's autoencoder task

@@ -205,24 +205,3 @@ def from_torch_state(state: dict) -> dict:
             node = node.setdefault(m, {})
         node[leaf] = jnp.asarray(value)
     return params
-
-
-def load(path, *, allow_pickle: bool = False) -> dict:
-    """`FIDInception` parameters from pytorch-fid's weights file (`.pth`, a pickle: pass
-    allow_pickle=True for a file you trust; read with torch's weights_only loader) or a
-    `.safetensors` / `.npz` holding the same state dict."""
-    import pathlib
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no such file. The FID Inception weights are pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth (its FID_WEIGHTS_URL); download it where you "
-            "have a network and pass its path"
-        )
-    if path.suffix == ".npz":
-        with np.load(path) as stored:
-            return from_torch_state(dict(stored))
-    from jdiff import convert
-
-    return from_torch_state(convert.read_weights(path, allow_pickle=allow_pickle))

@@ -2,7 +2,7 @@
 
 Images are channels-last, [B, H, W, C]. Submodule names mirror diffusers' parameter tree
 (`norm1`, `conv1`, `time_emb_proj`, ...), so a diffusers state dict converts by renaming
-(`jdiff.convert`). Parameters are float32; `dtype` is the compute dtype.
+(`jdiff.interop`). Parameters are float32; `dtype` is the compute dtype.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ z [B, H/f, W/f, latent_channels] (f = 2^(levels - 1)), and decoded back.
 
 Module and parameter names mirror diffusers' `AutoencoderKL` tree (`encoder/down_blocks_0/
 resnets_1/conv1`, `quant_conv`, `decoder/mid_block/attentions_0/to_q`, ...), so its weights
-convert by `jdiff.convert.from_diffusers`. The defaults are Stable Diffusion's VAE (f = 8,
+convert by `jdiff.interop.from_diffusers`. The defaults are Stable Diffusion's VAE (f = 8,
 83,653,863 parameters). Diffusion models see `scaling_factor * z` (unit variance); it is a
 property of the trained autoencoder (SD's 0.18215), measured as 1/std(z) on its training data.
 """

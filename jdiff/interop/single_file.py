@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jdiff import convert
+from jdiff.interop import files, keys, templates
+from jdiff.interop.bundle import Pretrained
+from jdiff.interop.schedulers import scheduler_from_diffusers
 from jdiff.nn import VARIANTS as UNET_VARIANTS
 from jdiff.nn import UNet
 from jdiff.nn.text_encoder import VARIANTS as TEXT_VARIANTS
@@ -139,7 +141,7 @@ def _openclip_key(key: str) -> Entry:
 
 
 def _diffusers_keys(shapes: Any) -> list[str]:
-    return [convert.torch_key(tuple(p.key for p in path))
+    return [keys.torch_key(tuple(p.key for p in path))
             for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]  # fmt: skip
 
 
@@ -152,12 +154,12 @@ def key_map(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
     levels = len(vae.block_out_channels)
     maps = {
         "unet": {k: Entry(UNET + _unet_key(k, unet)) for k in
-                 _diffusers_keys(convert.unet_shapes(unet))},
+                 _diffusers_keys(templates.unet_shapes(unet))},
         "autoencoder": {k: Entry(VAE + e.key, e.how) for k in
-                        _diffusers_keys(convert.vae_shapes(vae))
+                        _diffusers_keys(templates.vae_shapes(vae))
                         for e in [_vae_key(k, levels)]},
     }  # fmt: skip
-    text_keys = _diffusers_keys(convert.text_encoder_shapes(text_encoder))
+    text_keys = _diffusers_keys(templates.text_encoder_shapes(text_encoder))
     if openclip:
         maps["text_encoder"] = {k: Entry(OPENCLIP + e.key, e.how) for k in text_keys
                                 for e in [_openclip_key(k)]}  # fmt: skip
@@ -228,13 +230,22 @@ def from_diffusers_state(states: Mapping[str, Mapping[str, Any]], maps) -> dict[
     return {k: np.concatenate(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- configs
-
-
 def _count(state, pattern: str) -> int:
     """1 + the largest index captured by `pattern` among the keys (0 if none match)."""
     found = [int(m[1]) for k in state if (m := re.match(pattern, k))]
     return max(found) + 1 if found else 0
+
+
+def _heads(width: int, what: str) -> int:
+    """The attention heads of a `width`-wide layer in Stable Diffusion's convention (heads 64
+    wide); ValueError where the width does not determine them."""
+    if width < 64 or width % 64:
+        raise ValueError(
+            f"the {what} is {width} wide, so its number of attention heads cannot be read off "
+            "the file (SD's heads are 64 wide; its widths multiples of 64): load it from a "
+            "diffusers-format directory, whose config.json names the heads"
+        )
+    return width // 64
 
 
 def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,7 +276,7 @@ def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
         up.append("CrossAttnUpBlock2D" if up_cross in shape else "UpBlock2D")
     attn = next(k for k in shape if k.endswith("attn2.to_k.weight") and k.startswith(u))
     proj_in = next(k for k in shape if k.endswith("proj_in.weight") and k.startswith(u))
-    heads = 8 if version == "sd1" else tuple(c // 64 for c in channels)
+    heads = 8 if version == "sd1" else tuple(_heads(c, "U-Net") for c in channels)
     unet = dict(UNET_VARIANTS["sd_v1"],
                 in_channels=shape[f"{u}input_blocks.0.0.weight"][1],
                 out_channels=shape[f"{u}out.2.weight"][0], block_out_channels=tuple(channels),
@@ -298,7 +309,7 @@ def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
                     intermediate_size=shape[f"{t}transformer.resblocks.0.mlp.c_fc.weight"][0],
                     num_hidden_layers=_count(state, rf"{re.escape(t)}transformer\.resblocks\."
                                                     r"(\d+)\.") - 1,
-                    num_attention_heads=width // 64,
+                    num_attention_heads=_heads(width, "text encoder"),
                     max_position_embeddings=shape[f"{t}positional_embedding"][0])  # fmt: skip
     else:
         t = CLIP + "text_model."
@@ -309,7 +320,7 @@ def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
             hidden_size=width,
             intermediate_size=shape[f"{t}encoder.layers.0.mlp.fc1.weight"][0],
             num_hidden_layers=_count(state, rf"{re.escape(t)}encoder\.layers\.(\d+)\."),
-            num_attention_heads=width // 64,
+            num_attention_heads=_heads(width, "text encoder"),
             max_position_embeddings=shape[f"{t}embeddings.position_embedding.weight"][0],
         )
     return {"version": version, "unet": unet, "vae": vae, "text_encoder": text}
@@ -317,11 +328,11 @@ def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def load(
     path, *, allow_pickle: bool = False, dtype: Any = None, prediction_type: str | None = None
-) -> convert.Pretrained:
-    """A single-file checkpoint as `convert.Pretrained` (see `convert.load_pretrained`)."""
+) -> Pretrained:
+    """A single-file checkpoint as `Pretrained` (see `interop.load_pretrained`)."""
     import jax.numpy as jnp
 
-    state = convert.read_weights(path, allow_pickle=allow_pickle)
+    state = files.read_weights(path, allow_pickle=allow_pickle)
     # pre-transformers-4.31 CLIP checkpoints lack the "text_model." level
     state = {(CLIP + "text_model." + k[len(CLIP):]
               if k.startswith(CLIP) and not k.startswith(CLIP + "text_model.") else k): v
@@ -333,16 +344,16 @@ def load(
                          "checkpoint") from None  # fmt: skip
     dtype = dtype or jnp.float32
     unet = UNet(**configs["unet"], dtype=dtype)
-    vae = AutoencoderKL(**configs["vae"])  # float32: see convert.load_pretrained
+    vae = AutoencoderKL(**configs["vae"])  # float32: see interop.load_pretrained
     text = CLIPTextModel(**configs["text_encoder"], dtype=dtype)
     maps = key_map(unet, vae, text, openclip=configs["version"] == "sd2")
     try:
         states = to_diffusers_state(state, maps)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    shapes = {"unet": convert.unet_shapes(unet), "autoencoder": convert.vae_shapes(vae),
-              "text_encoder": convert.text_encoder_shapes(text)}  # fmt: skip
-    params = {name: convert.from_diffusers(states[name], shapes[name]) for name in shapes}
+    shapes = {"unet": templates.unet_shapes(unet), "autoencoder": templates.vae_shapes(vae),
+              "text_encoder": templates.text_encoder_shapes(text)}  # fmt: skip
+    params = {name: keys.from_diffusers(states[name], shapes[name]) for name in shapes}
     scheduler = dict(SCHEDULERS[configs["version"]])
     if prediction_type is not None:
         scheduler["prediction_type"] = prediction_type
@@ -353,8 +364,8 @@ def load(
         **({"pad_token": "!"} if configs["version"] == "sd2" else {}),
     )
     inpaint = unet.in_channels == 2 * unet.out_channels + 1
-    return convert.Pretrained(
-        unet, jax.tree.map(jnp.asarray, params), convert.scheduler_from_diffusers(scheduler),
+    return Pretrained(
+        unet, jax.tree.map(jnp.asarray, params), scheduler_from_diffusers(scheduler),
         sample_size=image_size // vae.downsample_factor, text_encoder=text, autoencoder=vae,
         tokenizer=tokenizer, source=str(path),
         pipeline_class="StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",

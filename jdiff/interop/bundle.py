@@ -1,0 +1,41 @@
+"""`Pretrained`: a pretrained model as jdiff modules, their parameters and sampler settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jdiff.interop.schedulers import SchedulerSettings
+from jdiff.nn import UNet
+from jdiff.nn.text_encoder import CLIPTextModel
+from jdiff.nn.vae import AutoencoderKL
+from jdiff.tokenizer import CLIPTokenizer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pretrained:
+    """A pretrained model as jdiff modules and parameters: a latent text-to-image model (Stable
+    Diffusion: U-Net, autoencoder, text encoder, tokenizer) or a pixel-space U-Net (DDPM).
+
+    `params` is {"unet": ...} plus "autoencoder" and "text_encoder" where present: the layout
+    `pipelines.LatentDiffusion` takes. `sample_size` is the U-Net's default height and width
+    (in latents for a latent model).
+    """
+
+    unet: UNet
+    params: dict
+    scheduler: SchedulerSettings
+    sample_size: int
+    text_encoder: CLIPTextModel | None = None
+    autoencoder: AutoencoderKL | None = None
+    tokenizer: CLIPTokenizer | None = None
+    pipeline_class: str = ""
+    source: str = ""
+
+    @property
+    def is_latent(self) -> bool:
+        return self.autoencoder is not None
+
+    @property
+    def image_size(self) -> int:
+        """The default image height and width in pixels."""
+        return self.sample_size * (self.autoencoder.downsample_factor if self.is_latent else 1)

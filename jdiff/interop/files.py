@@ -1,0 +1,83 @@
+"""Reading and writing weight files: safetensors (sharded too), pickle only when allowed.
+
+Nothing here executes code from a weights file: safetensors only, unless the caller allows
+pickle-based files explicitly (then read with torch's `weights_only` loader).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def read_weights(path: str | pathlib.Path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """A state dict from a safetensors file (or a sharded one's `.index.json`), as numpy arrays
+    in the file's dtype (bfloat16 included).
+
+    Pickle-based files (`.ckpt`, `.bin`, `.pt`, `.pth`) can run code when unpickled: refused
+    unless `allow_pickle`, and then read with `torch.load(weights_only=True)` (which refuses
+    code objects) and converted to float32.
+    """
+    from safetensors.numpy import load_file
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        out = {}
+        for shard in shards:
+            out |= read_weights(path.parent / shard, allow_pickle=allow_pickle)
+        return out
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ValueError(
+                f"{path} is a pickle-based checkpoint, which can execute code when loaded; "
+                "convert it to safetensors, or, if you trust its source, pass allow_pickle=True "
+                "(--allow_pickle): it is then read with torch.load(weights_only=True)"
+            )
+        import torch  # the `torch` extra
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+        return {k: v.float().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    raise ValueError(f"{path}: unknown weights format; expected .safetensors")
+
+
+def component_weights(folder: pathlib.Path, allow_pickle: bool) -> pathlib.Path:
+    """The weights file of a component folder (unet/, vae/, text_encoder/): full-precision
+    safetensors first, then sharded, then a variant (fp16), then pickle."""
+    for stem in _WEIGHT_STEMS:
+        for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
+            if (folder / name).exists():
+                return folder / name
+    variants = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.safetensors.index*"))
+    if variants:
+        return variants[0]
+    pickles = [p for p in sorted(folder.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        return pickles[0]  # read_weights refuses it unless allowed
+    raise FileNotFoundError(f"{folder} holds no weights file (diffusion_pytorch_model."
+                            f"safetensors or model.safetensors); it has "
+                            f"{sorted(p.name for p in folder.iterdir())}")  # fmt: skip
+
+
+def read_json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {path.parent.parent} a complete "
+                                "diffusers-format directory?")  # fmt: skip
+    return json.loads(path.read_text())
+
+
+def save_safetensors(state: dict[str, np.ndarray], path: pathlib.Path) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path, metadata={"format": "pt"})  # transformers wants the format tag

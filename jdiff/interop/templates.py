@@ -1,0 +1,37 @@
+"""Parameter templates: the shapes of a module's parameters (`jax.eval_shape`, nothing
+allocated), the target trees that the key renames fill."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdiff.nn import UNet
+from jdiff.nn.text_encoder import CLIPTextModel
+from jdiff.nn.vae import AutoencoderKL
+
+
+def _shapes(module, *args, **kwargs):
+    """The parameter shapes of `module` (`jax.eval_shape`: nothing allocated)."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+
+
+def unet_shapes(unet: UNet) -> Any:
+    f = 2 ** (len(unet.block_out_channels) - 1)
+    kwargs = {}
+    if unet.cross_attention_dim is not None:
+        kwargs["context"] = jnp.zeros((1, 1, unet.cross_attention_dim))
+    if unet.num_class_embeds is not None:
+        kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
+    return _shapes(unet, jnp.zeros((1, f, f, unet.in_channels)), jnp.zeros((1,)), **kwargs)
+
+
+def vae_shapes(vae: AutoencoderKL) -> Any:
+    f = vae.downsample_factor
+    return _shapes(vae, jnp.zeros((1, f, f, vae.in_channels)))
+
+
+def text_encoder_shapes(text_encoder: CLIPTextModel) -> Any:
+    return _shapes(text_encoder, jnp.zeros((1, 1), jnp.int32))
