@@ -11,6 +11,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))  # train.py, sample.py, configs/
 
+from runs import XLA_FLAGS  # noqa: E402
+
+# before any backend starts: the tests' programs compiled with LLVM's cheapest optimisation
+# level (a third less compile time, which is most of the suite's; the same XLA graphs)
+os.environ["XLA_FLAGS"] = XLA_FLAGS
+
 # eight simulated CPU devices for the sharding tests (before any backend starts); everything
 # else runs on the first
 jax.config.update("jax_num_cpu_devices", 8)

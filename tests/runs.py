@@ -15,6 +15,9 @@ from configs import default
 from jdiff import checkpoints, sharding, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# every test process, this one and those it launches: the same compiler settings, so the same
+# bits (kill-and-resume runs are compared bit for bit with runs in this process)
+XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def tiny_config(**train_overrides) -> ConfigDict:
@@ -27,6 +30,11 @@ def tiny_config(**train_overrides) -> ConfigDict:
 
 def final_state(workdir) -> training.TrainState:
     """The latest checkpoint of a tiny-config run, on one device whatever mesh wrote it."""
+    return state_at(workdir, None)
+
+
+def state_at(workdir, step: int | None) -> training.TrainState:
+    """Checkpoint `step` (None: the latest) of a tiny-config run, on one device."""
     config = tiny_config()
     model = training.make_model(config, num_classes=10)  # the digits' classes
     optimizer = training.make_optimizer(config.optim)
@@ -36,7 +44,8 @@ def final_state(workdir) -> training.TrainState:
     target = sharding.with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
     manager = checkpoints.make_manager(pathlib.Path(workdir) / "checkpoints")
     try:
-        return checkpoints.restore(manager, manager.latest_step(), target)
+        return checkpoints.restore(manager, manager.latest_step() if step is None else step,
+                                   target)  # fmt: skip
     finally:
         manager.close()
 
@@ -62,7 +71,7 @@ def launch(workdir, *flags, env=None, script="train.py") -> subprocess.Popen:
         "JAX_NUM_CPU_DEVICES": "8",  # as in this process: XLA's CPU threading (so rounding)
         **(env or {}),  # depends on the device count; bit-identical runs need the same
     }
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = XLA_FLAGS  # no device-count flag from outside; the tests' settings
     command = [sys.executable, str(ROOT / script), f"--workdir={workdir}"]
     if script == "train.py":  # --config before its --config.x overrides
         command.append(f"--config={ROOT / 'configs' / 'default.py'}:tiny")

@@ -11,9 +11,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from runs import (
     ROOT,
-    final_state,
     launch,
     max_relative_difference,
+    state_at,
     tiny_config,
     wait_for_checkpoint,
 )
@@ -47,7 +47,7 @@ def test_parameter_rule_splits_big_arrays_on_their_largest_divisible_axis():
     assert sharding.param_sharding(sharding.make_mesh(), (4096, 4096)).spec == P()  # fsdp 1
 
 
-def run_steps(tmp_path, num_steps=3, **mesh):
+def run_steps(tmp_path, num_steps=4, **mesh):
     """Train the tiny config on a mesh in this process; the parameters after num_steps."""
     config = tiny_config()
     config.mesh.update(mesh)
@@ -68,14 +68,20 @@ def run_steps(tmp_path, num_steps=3, **mesh):
     return jax.tree.map(np.asarray, run["state"].params), run["state"]
 
 
-def test_one_and_eight_devices_train_alike(tmp_path):
-    one, _ = run_steps(tmp_path / "one", data=1)
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """The tiny config's parameters after its 4 steps on one device: the reference of every
+    mesh and of two processes."""
+    return run_steps(tmp_path_factory.mktemp("one"), data=1)[0]
+
+
+def test_one_and_eight_devices_train_alike(one_device, tmp_path):
     eight, _ = run_steps(tmp_path / "eight", data=8)
-    assert max_relative_difference(eight, one) <= 1e-5
+    assert max_relative_difference(eight, one_device) <= 1e-5
     fsdp, state = run_steps(tmp_path / "fsdp", data=4, fsdp=2, fsdp_min_size=1024)
     spec = state.params["down_blocks_1"]["resnets_0"]["conv2"]["kernel"].sharding.spec
     assert "fsdp" in spec  # the parameters really are split
-    assert max_relative_difference(fsdp, one) <= 1e-5
+    assert max_relative_difference(fsdp, one_device) <= 1e-5
 
 
 def test_importing_does_not_start_a_backend():
@@ -108,29 +114,23 @@ def finish(processes, timeout=600):
 EPS = "--config.optim.eps=1e-6"  # as in run_steps: Adam must not amplify to_k's zero gradient
 
 
-def test_two_processes_train_in_lockstep_with_one(tmp_path):
-    single = launch(tmp_path / "single", EPS, env={"JAX_NUM_CPU_DEVICES": "4"})
-    (out,) = finish([single])
-    assert single.returncode == 0, out[-3000:]
-    processes = two_processes(tmp_path / "multi", EPS)
-    outputs = finish(processes)
-    for p, out in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-    assert "devices: 4 on 2 process(es)" in outputs[0] and "samples:" in outputs[0]
-    assert "samples:" not in outputs[1]  # only process 0 writes
-    a, b = final_state(tmp_path / "multi"), final_state(tmp_path / "single")
-    assert int(a.step) == int(b.step) == 4
-    assert max_relative_difference(a.params, b.params) <= 1e-5
-
-
-def test_sigterm_on_one_host_checkpoints_all(tmp_path):
-    processes = two_processes(tmp_path, "--config.train.num_steps=100000",
-                              "--config.train.checkpoint_every=20")  # fmt: skip
-    wait_for_checkpoint(processes, tmp_path, 20, timeout=600)
+def test_two_processes_train_in_lockstep_and_stop_together(one_device, tmp_path):
+    """Two processes of two devices each train as one process does; SIGTERM on one host
+    stops both at the same step, with one checkpoint of it."""
+    processes = two_processes(tmp_path, EPS, "--config.train.num_steps=100000",
+                              "--config.train.checkpoint_every=4", "--config.train.sample_every=4",
+                              "--config.train.keep_checkpoints=1000")  # fmt: skip
+    wait_for_checkpoint(processes, tmp_path, 4, timeout=600)
     processes[1].send_signal(signal.SIGTERM)
     outputs = finish(processes)
     assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs[0][-2000:]
+    assert "devices: 4 on 2 process(es)" in outputs[0]
     saved = [line for line in outputs[0].splitlines() if "SIGTERM: saved step" in line]
     assert saved, outputs[0][-2000:]
+    assert "SIGTERM: saved step" not in outputs[1]  # only process 0 reports and writes
     step = int(saved[0].split("saved step ")[1].split()[0])
-    assert step > 20 and (tmp_path / "checkpoints" / str(step)).exists()
+    assert step > 4 and (tmp_path / "checkpoints" / str(step)).exists()
+    assert (tmp_path / "samples" / "step_0000004.png").exists()
+    multi = state_at(tmp_path, 4)
+    assert int(multi.step) == 4
+    assert max_relative_difference(multi.params, one_device) <= 1e-5
