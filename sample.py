@@ -44,6 +44,7 @@ Outputs go to --output_dir (default ./samples).
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
@@ -51,15 +52,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import ConfigDict
 
 from jdiff import (
-    checkpoints,
     data,
     diffusion,
     images,
     inpainting,
     pipelines,
+    runs,
     samplers,
     sharding,
     superres,
@@ -157,22 +157,16 @@ _OUTPUT_DIR = flags.DEFINE_string(
 
 
 def load_run(workdir: pathlib.Path, step: int | None = None):
-    """(config, num_classes, model, schedule, state) of a train.py workdir."""
-    stored = checkpoints.read_run_info(workdir)
-    config, num_classes = ConfigDict(stored["config"]), stored.get("num_classes")
-    if config.get("task", "diffusion") == "autoencoder":
+    """(config, num_classes, model, schedule, run) of a diffusion train.py workdir."""
+    config, task, _ = runs.read_config(workdir)
+    if task == "autoencoder":
         raise ValueError(
             f"{workdir} holds an autoencoder (task={config.task!r}), not a diffusion model: its "
             "reconstructions are in samples/ and its PSNR and scaling factor in autoencoder.json"
         )
-    model = training.make_model(config, num_classes)
-    optimizer = training.make_optimizer(config.optim)
-    size, channels = config.data.image_size, config.data.channels
-    init = training.make_init(
-        model, optimizer, jax.random.key(0), image_shape=(size, size, channels)
-    )
-    state = checkpoints.restore_from(workdir, jax.eval_shape(init), step)
-    return config, num_classes, model, training.make_schedule(config.diffusion), state
+    run = runs.restore(workdir, step)
+    model = training.make_model(config, run.num_classes)
+    return config, run.num_classes, model, training.make_schedule(config.diffusion), run
 
 
 def trajectory_strip(config, model, schedule, params, key, frames: int = 10,
@@ -215,7 +209,7 @@ def main(argv) -> None:
             sys.exit(f"error: {e}")
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     try:
-        task = checkpoints.read_run_info(workdir)["config"].get("task", "diffusion")
+        _, task, _ = runs.read_config(workdir)
         if task == "latent_diffusion":
             return sample_text(workdir)
         if _VAE.value:
@@ -248,7 +242,8 @@ def main(argv) -> None:
     labels = None if num_classes is None else jnp.arange(n) % num_classes
     key = jax.random.key(_SEED.value)
     scale = 1.0 if _GUIDANCE.value is None else _GUIDANCE.value
-    x = np.asarray(jax.jit(generate)(params, key, labels, scale))
+    # the scale compiled in: at 1 (the default) the conditional model alone, one U-Net call
+    x = np.asarray(jax.jit(functools.partial(generate, guidance_scale=scale))(params, key, labels))
     eta = "" if _ETA.value is None else f"_eta{_ETA.value:g}"
     guided = "" if num_classes is None or scale == 1 else f"_cfg{scale:g}"
     stem = f"{method}{_NUM_STEPS.value}{eta}{guided}_seed{_SEED.value}_step{int(state.step)}"

@@ -129,24 +129,12 @@ def reconstruction_grid(x: np.ndarray, recon: np.ndarray, ncols: int = 8) -> np.
 def load(workdir: str | pathlib.Path) -> tuple[AutoencoderKL, Any, dict]:
     """(model, EMA parameters, autoencoder.json facts) of an autoencoder trained by train.py
     in `workdir`, rebuilt from the workdir alone; parameters on the default device."""
-    from ml_collections import ConfigDict
-
-    from jdiff import checkpoints, training
+    from jdiff import runs, training
 
     workdir = pathlib.Path(workdir)
     info = load_info(workdir)
-    config = ConfigDict(checkpoints.read_run_info(workdir)["config"])
-    if config.get("task") != "autoencoder":
-        raise ValueError(
-            f"{workdir} holds a {config.get('task', 'diffusion')} run, not an autoencoder"
-        )
-    model = training.make_autoencoder(config)
-    optimizer = training.make_autoencoder_optimizer(config)
-    size, channels = config.data.image_size, config.data.channels
-    init = training.make_init(model, optimizer, jax.random.key(0),
-                              image_shape=(size, size, channels))  # fmt: skip
-    state = checkpoints.restore_from(workdir, jax.eval_shape(init), info["step"])
-    return model, state.ema_params, info
+    run = runs.restore(workdir, info["step"], task="autoencoder")
+    return training.make_autoencoder(run.config), run.ema_params, info
 
 
 def check_same_encoder(params: Any, reference: Any, name: str = "the autoencoder") -> None:

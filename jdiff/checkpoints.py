@@ -53,20 +53,3 @@ def read_run_info(workdir: pathlib.Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a train.py workdir?")
     return json.loads(path.read_text())
-
-
-def restore_from(workdir: str | pathlib.Path, abstract_state: Any, step: int | None = None) -> Any:
-    """Checkpoint `step` (default: the latest) of a train.py workdir, shaped like
-    `abstract_state`; FileNotFoundError naming the available steps if there is no such one."""
-    directory = pathlib.Path(workdir) / "checkpoints"
-    manager = make_manager(directory)
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else step} in {directory} (available: "
-                f"{list(manager.all_steps())}); train first"
-            )
-        return restore(manager, step, abstract_state)
-    finally:
-        manager.close()

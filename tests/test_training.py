@@ -12,7 +12,7 @@ import pytest
 from runs import assert_same_tree, final_state, launch, tiny_config, wait_for_checkpoint
 
 import train
-from jdiff import checkpoints, training
+from jdiff import checkpoints, runs, training
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,23 @@ def test_train_writes_checkpoints_config_metrics_and_samples(uninterrupted):
             jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params), strict=True
         )
     )
+
+
+def test_runs_restore_reads_any_checkpoint_without_the_optimizer(uninterrupted):
+    workdir = uninterrupted[0]
+    state = final_state(workdir)
+    run = runs.restore(workdir)
+    assert run.task == "diffusion" and run.step == 4 and run.num_classes == 10
+    assert run.config.data.name == "digits"
+    assert_same_tree(run.params, state.params)
+    assert_same_tree(run.weights(), state.ema_params)
+    assert runs.restore(workdir, 2).step == 2
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint 3 .*available: \[2, 4\]"):
+        runs.restore(workdir, 3)
+    with pytest.raises(ValueError, match="holds a 'diffusion' run, not an autoencoder"):
+        runs.restore(workdir, task="autoencoder")
+    with pytest.raises(FileNotFoundError, match=r"is .* a train\.py workdir"):
+        runs.restore(workdir / "checkpoints")
 
 
 def test_resume_is_bit_identical(uninterrupted, tmp_path):

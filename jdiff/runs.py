@@ -1,0 +1,125 @@
+"""Restore any `train.py` workdir from what it stored: one function for every task.
+
+A workdir holds `config.json` (the run's config, the jdiff version and facts such as the data's
+number of classes) and orbax checkpoints of the `TrainState`. `restore` reads the parameters,
+their EMA and the step of one checkpoint, whatever the task ("diffusion", "autoencoder",
+"latent_diffusion", a fine-tuned decoder or converted weights). The abstract target is the
+checkpoint's own metadata (shapes and dtypes), so no model or optimizer is rebuilt to learn
+the state's shape and the optimizer moments are never read: a restore for sampling costs the
+parameters twice, not four times (Adam). The callers build the networks from `Run.config`.
+
+    run = runs.restore("outputs/default")            # the latest checkpoint
+    model = training.make_model(run.config, run.num_classes)
+    images = model.apply({"params": run.ema_params}, x_t, t, class_labels=labels)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+
+from jdiff import checkpoints
+
+TASKS = {"diffusion": "a diffusion model", "autoencoder": "an autoencoder",
+         "latent_diffusion": "a latent diffusion model"}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """One checkpoint of a train.py workdir.
+
+    Attributes:
+      workdir: the workdir.
+      config: the run's config (an `ml_collections.ConfigDict`), as train.py stored it.
+      task: a key of `TASKS`.
+      step: the checkpoint's training step.
+      params: the trained parameters (a pytree of arrays on `sharding`).
+      ema_params: their exponential moving average (what sampling uses by default).
+      info: what else `config.json` recorded (e.g. "num_classes", "jdiff_version").
+    """
+
+    workdir: pathlib.Path
+    config: Any
+    task: str
+    step: int
+    params: Any
+    ema_params: Any
+    info: dict
+
+    @property
+    def num_classes(self) -> int | None:
+        """The data's number of classes (class-conditional diffusion), or None."""
+        return self.info.get("num_classes")
+
+    def weights(self, ema: bool = True) -> Any:
+        """The EMA parameters (default) or the trained ones."""
+        return self.ema_params if ema else self.params
+
+
+def read_config(workdir: str | pathlib.Path) -> tuple[Any, str, dict]:
+    """(config, task, other facts) of a train.py workdir's `config.json`, without touching
+    its checkpoints; FileNotFoundError naming the workdir if it is not one."""
+    from ml_collections import ConfigDict
+
+    stored = checkpoints.read_run_info(pathlib.Path(workdir))
+    config = ConfigDict(stored.pop("config"))
+    task = config.get("task", "diffusion")
+    if task not in TASKS:
+        raise ValueError(f"{workdir}: task {task!r} is not one of {sorted(TASKS)}")
+    return config, task, stored
+
+
+def restore(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    task: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Run:
+    """Checkpoint `step` (default: the latest) of the train.py workdir `workdir`.
+
+    Args:
+      workdir: a directory `train.py` wrote (config.json, checkpoints/).
+      step: the checkpoint to read; None for the latest.
+      task: when given, the task the caller expects; another one is refused by name.
+      sharding: where the arrays go (default: the first device).
+
+    Returns:
+      A `Run` with the config, step, parameters and EMA parameters.
+
+    Raises:
+      FileNotFoundError: not a workdir, or no such checkpoint (naming the available ones).
+      ValueError: the workdir holds another task than `task`.
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = pathlib.Path(workdir)
+    config, found, info = read_config(workdir)
+    if task is not None and found != task:
+        raise ValueError(f"{workdir} holds a {found!r} run, not {TASKS[task]}")
+    directory = workdir / "checkpoints"
+    manager = checkpoints.make_manager(directory)
+    try:
+        available = list(manager.all_steps())
+        step = manager.latest_step() if step is None else step
+    finally:
+        manager.close()
+    if step is None or step not in available:
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory} "
+                                f"(available: {sorted(available)}); train first")  # fmt: skip
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = directory / str(step) / "default"  # the manager's one item
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(item).item_metadata.tree
+        wanted = {k: stored[k] for k in ("params", "ema_params", "step")}
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted
+        )
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        state = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))  # fmt: skip
+    return Run(workdir, config, found, int(state["step"]), state["params"],
+               state["ema_params"], info)  # fmt: skip
