@@ -246,6 +246,7 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
             config.text.get("frozen", False),
         )
         sampler = {"prediction_type": config.diffusion.prediction_type}
+    cache_key = latent_cache_key(config, cache_key)
     cache = latent_cache(workdir, source, vae_model, vae_params, cache_key, tok,
                          config.data.image_size)  # fmt: skip
     latent_shape = cache["latent_mean"].shape[1:]
@@ -367,14 +368,24 @@ def captions(source) -> list[str]:
     return out
 
 
+def latent_cache_key(config: ConfigDict, autoencoder_key: str) -> str:
+    """What a latent cache depends on: the autoencoder (its workdir and step, or the pretrained
+    weights' path), the data set and split, and the image size the records are resized to."""
+    d = config.data
+    return f"{autoencoder_key}|{d.name}|{d.split}|{d.image_size}"
+
+
 def latent_cache(workdir, source, vae_model, vae_params, key: str, tok, size: int) -> dict:
     """{"latent_mean", "latent_std", "ids"} of every training record: the frozen autoencoder's
-    posterior (encoded once, cached in workdir/latents.npz under `key`, which names the
-    autoencoder) and the tokenized captions."""
+    posterior (encoded once, cached in workdir/latents.npz under `key`, which names what the
+    arrays depend on: the autoencoder, the data set and split, the image size) and the
+    tokenized captions. A cache under another key, or of other image or caption sizes, is
+    never reused: it is encoded again."""
     path = workdir / "latents.npz"
     if path.exists():
         cached = np.load(path)
-        if str(cached["autoencoder"]) == key and cached["ids"].shape[1] == tok.max_length:
+        same = str(cached["autoencoder"]) == key and cached["ids"].shape[1] == tok.max_length
+        if same and len(cached["ids"]) == len(source):
             return {k: cached[k] for k in ("latent_mean", "latent_std", "ids")}
     pixels = np.stack([data.preprocess(source[i]["image"], image_size=size)
                        for i in range(len(source))])  # fmt: skip

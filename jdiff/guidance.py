@@ -8,9 +8,11 @@ of the wrapped call, not compile-time constants, when the caller passes them thr
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff import diffusion
 from jdiff.schedules import Schedule, alpha_bar_at
@@ -28,34 +30,48 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale) -> ja
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
+def _known_to_be_one(scale) -> bool:
+    """True for a concrete guidance scale of exactly 1; False otherwise or when traced."""
+    try:
+        return bool(np.all(np.asarray(scale) == 1))
+    except jax.errors.TracerArrayConversionError:  # a jit argument: decided at run time
+        return False
+
+
 def classifier_free(
-    model_fn: Callable[..., jax.Array],
-    cond: jax.Array,
-    uncond: jax.Array,
+    model_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
+    cond: Any,
+    null: Any,
     guidance_scale,
     *,
     guidance_rescale=0.0,
-    cond_kwarg: str = "context",
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Classifier-free guidance (Ho & Salimans 2022): ŷ = y_u + w (y_c - y_u).
 
-    The conditional and unconditional inputs go through the network as one batch of 2B.
+    The conditional and the null conditioning go through the network as one batch of 2B,
+    batched as whole pytrees (`conditioning.batch_pair`: every field, however many). A
+    guidance scale of exactly 1 known when the function is built (a Python or NumPy number,
+    not a traced value) is the conditional model alone: one B-batch call per step, not 2B.
 
     Args:
-        model_fn: (x [2B, ...], t [2B], **{cond_kwarg: c [2B, ...]}) -> prediction [2B, ...].
-        cond, uncond: the conditioning of the batch [B, ...] and its null (broadcast to it).
+        model_fn: (x [2B, ...], t [2B], c) -> prediction [2B, ...], with c a conditioning
+            pytree of [2B, ...] leaves (a `conditioning.Conditioning`, an array, ...).
+        cond, null: the batch's conditioning ([B, ...] leaves) and its null (each leaf
+            broadcast to cond's).
         guidance_scale: w (1 = conditional model alone); a scalar or [B].
         guidance_rescale: φ of `rescale_guidance` (0 = off).
-        cond_kwarg: the keyword `model_fn` takes the conditioning by ("context" for text
-            embeddings, "class_labels" for classes, ...).
 
     Returns:
         model_fn(x [B, ...], t [B]) -> guided prediction [B, ...].
     """
-    cond_in = jnp.concatenate([jnp.broadcast_to(uncond, cond.shape), cond])
+    from jdiff.conditioning import batch_pair
+
+    if _known_to_be_one(guidance_scale):  # ŷ = y_c, which rescaling leaves as it is
+        return lambda x, t: model_fn(x, t, cond).astype(jnp.float32)
+    both = batch_pair(null, cond)
 
     def guided(x, t):
-        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), **{cond_kwarg: cond_in})
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
         out_u, out_c = jnp.split(out.astype(jnp.float32), 2)
         scale = diffusion.expand(jnp.asarray(guidance_scale, jnp.float32), out_c)
         result = out_u + scale * (out_c - out_u)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import guidance, inpainting, samplers
+from jdiff import conditioning, guidance, inpainting, samplers
+from jdiff.conditioning import Conditioning
 from jdiff.nn import UNet
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
@@ -70,18 +71,14 @@ def _pixel_model(model, params, channels, null_class, labels, guidance_scale,
                  keep_variance=False):  # fmt: skip
     """The pixel-space model function: the prediction's `channels` (all of them with
     `keep_variance`), classifier-free guided on `labels` for a class-conditional model."""
-
-    def model_fn(x, t, **kwargs):
-        out = model.apply({"params": params}, x, t, **kwargs)
-        return out if keep_variance else out[..., :channels]
-
+    fn = conditioning.make_model_fn(model, params, out_channels=None if keep_variance else channels)
     if null_class is None:
-        return model_fn
+        return conditioning.bind(fn, Conditioning())
     if labels is None:
         raise ValueError("a class-conditional model needs labels [N]")
-    uncond = jnp.full_like(labels, null_class)
-    return guidance.classifier_free(model_fn, labels, uncond, guidance_scale,
-                                    cond_kwarg="class_labels")  # fmt: skip
+    cond = Conditioning(class_labels=labels)
+    null = cond.replace(class_labels=jnp.full_like(labels, null_class))
+    return guidance.classifier_free(fn, cond, null, guidance_scale)
 
 
 def make_repaint(
@@ -434,22 +431,33 @@ def make_latent_repaint(
 
 def _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale, rescale,
                   extra=None, class_labels=None):  # fmt: skip
-    """The classifier-free guided model function; `extra` [N, h, w, k] is concatenated to the
-    U-Net's input channels and `class_labels` [N] passed to it (both repeated for the batched
-    conditional and unconditional halves)."""
+    """The classifier-free guided model function of a text-conditional latent model: the
+    prompts' and the negative (or empty) prompts' encodings as `context`; `extra` [N, h, w, k]
+    concatenated to the U-Net's input channels and `class_labels` [N] passed to it, the same
+    in both halves."""
 
     def encode(tokens):
         return text_encoder.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
 
-    def model_fn(x, t, context):
-        reps = x.shape[0] // ids.shape[0]
-        if extra is not None:
-            x = jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1))], axis=-1)
-        labels = {} if class_labels is None else {"class_labels": jnp.tile(class_labels, reps)}
-        return unet.apply({"params": params["unet"]}, x, t, context=context, **labels)
+    cond = Conditioning(context=encode(ids), class_labels=class_labels, concat=extra)
+    null = cond.replace(context=encode(uncond_ids))
+    fn = conditioning.make_model_fn(unet, params["unet"])
+    return guidance.classifier_free(fn, cond, null, guidance_scale, guidance_rescale=rescale)
 
-    return guidance.classifier_free(model_fn, encode(ids), encode(uncond_ids), guidance_scale,
-                                    guidance_rescale=rescale, cond_kwarg="context")  # fmt: skip
+
+def _guidance_one(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`fn` with its `guidance_scale` argument replaced by the constant 1, whatever is passed,
+    so that `guidance.classifier_free` builds the conditional model alone."""
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    def unguided(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["guidance_scale"] = 1.0
+        return fn(*bound.args, **bound.kwargs)
+
+    return unguided
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -542,9 +550,15 @@ class LatentDiffusion:
                              f"{height}x{width}")  # fmt: skip
         return (n, height // f, width // f, self.autoencoder.latent_channels)
 
-    def _jit(self, key, build):
+    def _jit(self, key, build, guidance_scale):
+        """The compiled function of `key`: one program for a guidance scale of exactly 1 (the
+        conditional model alone, half the U-Net work) and one for every other scale (traced:
+        a new scale does not retrace)."""
+        unguided = bool(np.all(np.asarray(guidance_scale) == 1))
+        key = (*key, unguided)
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(build())
+            fn = build()
+            self._compiled[key] = jax.jit(_guidance_one(fn) if unguided else fn)
         return self._compiled[key]
 
     def txt2img(
@@ -567,6 +581,7 @@ class LatentDiffusion:
             lambda: make_txt2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
                                  latent_shape=shape, scaling_factor=self.scaling_factor,
                                  method=method, num_steps=num_steps, **options),
+            guidance_scale,
         )  # fmt: skip
         vae = params["autoencoder"]
         return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale), latents)
@@ -588,6 +603,7 @@ class LatentDiffusion:
                                  latent_shape=shape, scaling_factor=self.scaling_factor,
                                  strength=strength, method=method, num_steps=num_steps,
                                  **options),
+            guidance_scale,
         )  # fmt: skip
         return generate(params, params["autoencoder"], init_images, ids, uncond, key,
                         jnp.float32(guidance_scale))  # fmt: skip
@@ -636,6 +652,7 @@ class LatentDiffusion:
                     self.unet, self.text_encoder, self.autoencoder, self.schedule,
                     latent_shape=shape, scaling_factor=self.scaling_factor,
                     num_steps=num_steps, return_unpasted=return_unpasted, **options),
+                guidance_scale,
             )  # fmt: skip
             return generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
                             jnp.float32(guidance_scale))  # fmt: skip
@@ -650,6 +667,7 @@ class LatentDiffusion:
                                  latent_shape=shape, scaling_factor=self.scaling_factor,
                                  strength=strength, method=method, num_steps=num_steps,
                                  **options),
+            guidance_scale,
         )  # fmt: skip
         if latents is not None:
             latents = jnp.asarray(latents, jnp.float32)
@@ -691,6 +709,7 @@ class LatentDiffusion:
             lambda: make_upscale(self.unet, self.text_encoder, self.autoencoder, self.schedule,
                                  latent_shape=shape, scaling_factor=self.scaling_factor,
                                  method=method, num_steps=num_steps, **options),
+            guidance_scale,
         )  # fmt: skip
         return generate(params, params["autoencoder"], low_res, ids, uncond, key,
                         jnp.float32(guidance_scale), jnp.int32(noise_level))  # fmt: skip
@@ -722,29 +741,20 @@ def load_latent_diffusion(
     there) and its latent shape and scaling factor are the model's."""
     import pathlib
 
-    from ml_collections import ConfigDict
-
     from jdiff import autoencoder as autoencoders
-    from jdiff import checkpoints, training
+    from jdiff import runs, training
     from jdiff.tokenizer import CLIPTokenizer
 
     workdir = pathlib.Path(workdir)
-    config = ConfigDict(checkpoints.read_run_info(workdir)["config"])
-    if config.get("task") != "latent_diffusion":
-        raise ValueError(f"{workdir} holds a {config.get('task', 'diffusion')!r} run, not a "
-                         "latent diffusion model")  # fmt: skip
+    run = runs.restore(workdir, step, task="latent_diffusion")
+    config, tuned = run.config, run.weights(ema)
     if config.latent.get("pretrained"):  # fine-tuned converted weights: only the U-Net trained
         if autoencoder_workdir:
             raise ValueError(f"{workdir} fine-tunes converted weights, which bring their own "
                              "autoencoder: autoencoder_workdir applies to models trained on a "
                              "train.py autoencoder")  # fmt: skip
         p = training.load_pretrained_parts(config)
-        optimizer = training.freeze_text_encoder(training.make_optimizer(config.optim))
-        weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
-        abstract = jax.eval_shape(lambda w: training.init_state(w, optimizer), weights)
-        state = checkpoints.restore_from(workdir, abstract, step)
         model = LatentDiffusion.from_pretrained(p)
-        tuned = state.ema_params if ema else state.params
         return model, {**tuned, "autoencoder": p.params["autoencoder"]}, config
     vae_model, vae_params, info = autoencoders.load(
         autoencoder_workdir or config.latent.autoencoder_workdir
@@ -754,18 +764,11 @@ def load_latent_diffusion(
         autoencoders.check_same_encoder(vae_params, own_params, name=str(autoencoder_workdir))
         info = info | {"scaling_factor": own["scaling_factor"]}  # the one the model learnt on
     text = training.make_text_encoder(config)
-    latent = tuple(info["latent_shape"])
-    unet = training.make_latent_unet(config, latent[-1], text.hidden_size)
-    optimizer = training.make_optimizer(config.optim)
-    if config.text.get("frozen", False):  # the checkpoint's optimizer state has that shape
-        optimizer = training.freeze_text_encoder(optimizer)
-    init = training.make_latent_init(unet, text, optimizer, jax.random.key(0), latent_shape=latent)
-    state = checkpoints.restore_from(workdir, jax.eval_shape(init), step)
+    unet = training.make_latent_unet(config, info["latent_shape"][-1], text.hidden_size)
     model = LatentDiffusion(
         unet, text, vae_model, training.make_schedule(config.diffusion),
         CLIPTokenizer.default(max_length=config.text.max_length), info["scaling_factor"],
         image_size=config.data.image_size,
         sampler_options=(("prediction_type", config.diffusion.prediction_type),),
     )  # fmt: skip
-    weights = state.ema_params if ema else state.params
-    return model, {**weights, "autoencoder": vae_params}, config
+    return model, {**tuned, "autoencoder": vae_params}, config

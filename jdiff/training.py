@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff import diffusion, losses, schedules, superres
+from jdiff import conditioning, diffusion, losses, schedules, superres
+from jdiff.conditioning import Conditioning
 from jdiff.nn import VARIANTS, UNet, text_encoder, vae
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
@@ -162,14 +163,13 @@ def make_train_step(
     def loss_fn(params, batch, key):
         k_loss, k_label = jax.random.split(key)
         k_loss, k_dropout = jax.random.split(k_loss)
-        kwargs = {}
+        cond = Conditioning()
         if null_class is not None:
             drop = jax.random.bernoulli(k_label, class_dropout, batch["label"].shape)
-            kwargs["class_labels"] = jnp.where(drop, null_class, batch["label"])
-
-        def model_fn(x, t):
-            rngs = {"dropout": k_dropout}
-            return model.apply({"params": params}, x, t, deterministic=False, rngs=rngs, **kwargs)
+            cond = Conditioning(class_labels=jnp.where(drop, null_class, batch["label"]))
+        fn = conditioning.make_model_fn(model, params, deterministic=False,
+                                        rngs={"dropout": k_dropout})  # fmt: skip
+        model_fn = conditioning.bind(fn, cond)
 
         x0 = batch["image"]
         if loss == "hybrid":
@@ -313,21 +313,17 @@ def make_latent_train_step(
             ids = jnp.where(drop, empty_ids[None], batch["ids"])
             context = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
-        extra, labels = batch.get("extra"), {}
+        cond = Conditioning(context=context, concat=batch.get("extra"))
         if noise_augmentation is not None:
             k_level, k_aug = jax.random.split(k_drop)
             level = superres.draw_noise_levels(k_level, mean.shape[0], max_noise_level,
                                                noise_level_power)  # fmt: skip
-            noise = jax.random.normal(k_aug, extra.shape)
-            extra = diffusion.q_sample(noise_augmentation, extra, level, noise)
-            labels = {"class_labels": level}
-
-        def model_fn(x, t):
-            if extra is not None:
-                x = jnp.concatenate([x, extra.astype(x.dtype)], axis=-1)
-            return unet.apply({"params": params["unet"]}, x, t, context=context,
-                              deterministic=False, rngs={"dropout": k_dropout},
-                              **labels)  # fmt: skip
+            noise = jax.random.normal(k_aug, cond.concat.shape)
+            extra = diffusion.q_sample(noise_augmentation, cond.concat, level, noise)
+            cond = cond.replace(concat=extra, class_labels=level)
+        fn = conditioning.make_model_fn(unet, params["unet"], deterministic=False,
+                                        rngs={"dropout": k_dropout})  # fmt: skip
+        model_fn = conditioning.bind(fn, cond)
 
         value = losses.diffusion_loss(
             model_fn, schedule, z, k_loss, prediction_type=prediction_type, snr_gamma=snr_gamma

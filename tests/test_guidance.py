@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import oracle
 
-from jdiff import diffusion, guidance, samplers, schedules
+from jdiff import conditioning, diffusion, guidance, samplers, schedules
+from jdiff.conditioning import Conditioning
 
 SCHED = schedules.get_schedule("linear")
 
@@ -30,6 +31,51 @@ def test_classifier_free_combines_one_batched_call():
     # scale 1 is the conditional model alone, 0 the unconditional one
     np.testing.assert_allclose(guidance.classifier_free(model, cond, 0 * cond, 1.0)(x, t), e_c)
     np.testing.assert_allclose(guidance.classifier_free(model, cond, 0 * cond, 0.0)(x, t), e_u)
+
+
+def test_classifier_free_batches_every_field_and_skips_scale_one():
+    """A conditioning of several fields is batched field by field, the null's broadcast; a
+    scale of exactly 1 known at build time runs the conditional half alone."""
+    calls = []
+
+    def model(x, t, c):
+        calls.append(x.shape[0])
+        assert all(leaf.shape[0] == x.shape[0] for leaf in jax.tree.leaves(c))
+        return x * c.class_labels[:, None] + c.context.sum(1) + c.concat
+
+    x, t = jnp.ones((3, 2)), jnp.full((3,), 10.0)
+    cond = Conditioning(context=jnp.ones((3, 4, 2)), class_labels=jnp.array([1.0, 2.0, 3.0]),
+                        concat=jnp.full((3, 2), 0.5))  # fmt: skip
+    null = cond.replace(context=jnp.zeros((1, 4, 2)), class_labels=jnp.zeros(3))  # concat kept
+    e_c = model(x, t, cond)
+    e_u = model(x, t, null.replace(context=jnp.zeros((3, 4, 2))))
+    calls.clear()
+    out = guidance.classifier_free(model, cond, null, 3.0)(x, t)
+    assert calls == [6]
+    np.testing.assert_allclose(out, e_u + 3.0 * (e_c - e_u), rtol=1e-6)
+    calls.clear()
+    np.testing.assert_array_equal(guidance.classifier_free(model, cond, null, 1.0)(x, t), e_c)
+    assert calls == [3]  # the unconditional half skipped
+    calls.clear()
+    traced = jax.jit(lambda s: guidance.classifier_free(model, cond, null, s)(x, t))(1.0)
+    assert calls == [6]  # a traced scale is decided at run time: both halves, the same result
+    np.testing.assert_allclose(traced, e_c, rtol=1e-6)
+
+
+def test_make_model_fn_concatenates_and_passes_the_fields():
+    seen = {}
+
+    class Net:
+        def apply(self, variables, x, t, **kwargs):
+            seen.update(kwargs, x=x)
+            return jnp.concatenate([x, x], axis=-1)  # a learned variance's 2C outputs
+
+    x = jnp.zeros((2, 4, 4, 3))
+    cond = Conditioning(context=jnp.ones((2, 5, 8)), concat=jnp.ones((2, 4, 4, 1)))
+    out = conditioning.make_model_fn(Net(), {}, out_channels=4)(x, jnp.zeros(2), cond)
+    assert seen["x"].shape == (2, 4, 4, 4) and set(seen) == {"x", "context"}
+    assert out.shape == (2, 4, 4, 4)
+    assert conditioning.network_kwargs(Conditioning()) == {}
 
 
 def test_guidance_rescale():

@@ -120,6 +120,32 @@ def test_train_py_trains_a_text_conditional_latent_model(tiny_ldm, tmp_path):
         train.train(config, tmp_path / "digits")
 
 
+def test_latent_cache_is_keyed_by_what_it_depends_on(tiny_vae_workdir, tmp_path):
+    """A changed image size (or data split, or autoencoder) never reuses stale latents."""
+    import train
+    from jdiff import data
+
+    config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
+    base = train.latent_cache_key(config, "vae@3")
+    keys = {base, train.latent_cache_key(config, "vae@4")}
+    for field, value in (("image_size", 16), ("split", "train[:8]"), ("name", "other")):
+        changed = config.copy_and_resolve_references()
+        changed.data[field] = value
+        keys.add(train.latent_cache_key(changed, "vae@3"))
+    assert len(keys) == 5
+    source = data.load_source("shapes", split="train[:4]")
+    vae_model, vae_params, _ = autoencoder.load(tiny_vae_workdir)
+    tok = CLIPTokenizer.default(max_length=16)
+    first = train.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
+    stored = (tmp_path / "latents.npz").stat().st_mtime_ns
+    again = train.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
+    assert (tmp_path / "latents.npz").stat().st_mtime_ns == stored  # reused, not rewritten
+    np.testing.assert_array_equal(again["latent_mean"], first["latent_mean"])
+    small = train.latent_cache(tmp_path, source, vae_model, vae_params, "b", tok, 16)
+    assert first["latent_mean"].shape == (4, 16, 16, 4)
+    assert small["latent_mean"].shape == (4, 8, 8, 4)  # encoded again at the new size
+
+
 def test_txt2img_and_img2img_from_the_workdir(tiny_ldm, tiny_vae_workdir):
     workdir = tiny_ldm[0]
     model, params, _ = pipelines.load_latent_diffusion(workdir)
@@ -318,8 +344,9 @@ def test_image_conditioned_models_train_and_sample(kind, tiny_vae_workdir, tmp_p
             model.txt2img(params, prompts, jax.random.key(0), num_steps=2)
         flags = [f"--upscale={tmp_path / 'image.png'}"]
         stem = "upscale_ddim2_noise20_cfg1_seed0"
-    assert len(model._compiled) == 1
-    assert next(iter(model._compiled.values()))._cache_size() == 1  # new seeds, images: reused
+    # one program per kind of guidance (upscale: scale 1, the conditional U-Net alone, and 2)
+    assert len(model._compiled) == {"inpaint": 1, "upscale": 2}[kind]
+    assert all(f._cache_size() == 1 for f in model._compiled.values())  # new seeds: reused
     if kind == "upscale":  # without the projection onto the input: the model's own sample
         plain = model.upscale(params, low, jax.random.key(0), num_steps=2, project_low_res=0.0)
         assert float(jnp.abs(plain - out).mean()) > 1e-4

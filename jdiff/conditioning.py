@@ -1,0 +1,100 @@
+"""What a network takes besides (x_t, t), as one pytree, and the one place that turns
+(network, params, conditioning) into the `model_fn(x_t, t)` that samplers and losses see.
+
+A `Conditioning` holds every kind of input a denoiser is conditioned on; a field a model does
+not use is None (an empty pytree). Because it is a pytree, classifier-free guidance batches
+the conditional and the null conditioning field by field (`guidance.classifier_free`), and
+`jit`, `scan` and shardings treat it like any other argument. A new model family adds its
+fields here (SDXL: the pooled text embedding and the size/crop time ids; a ControlNet: the
+residuals it adds inside the U-Net) and its network reads them in `network_kwargs`; the
+samplers, losses and guidance do not change.
+
+    cond = Conditioning(context=text_states)                  # [B, L, D]
+    null = cond.replace(context=empty_prompt_states)           # broadcast to [B, L, D]
+    fn = guidance.classifier_free(make_model_fn(unet, params), cond, null, 7.5)
+    x0 = samplers.sample(fn, schedule, key, shape)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class Conditioning:
+    """A denoiser's inputs besides (x_t, t); absent ones are None.
+
+    Attributes:
+      context: [B, L, D] the sequence cross-attention reads (a text encoder's hidden states).
+      class_labels: int [B] class indices (the null class for "none"), or a super-resolution
+        model's noise level of its low-resolution input.
+      concat: [B, h, w, k] channels concatenated to x_t before the network (an inpainting
+        model's mask and masked-image latents, a super-resolution model's low-resolution image).
+    """
+
+    context: jax.Array | None = None
+    class_labels: jax.Array | None = None
+    concat: jax.Array | None = None
+
+
+def network_kwargs(cond: Conditioning) -> dict[str, Any]:
+    """The keyword arguments of the U-Net's `__call__` that `cond` sets (`context`,
+    `class_labels`); `concat` is applied to the input by `make_model_fn`."""
+    fields = {"context": cond.context, "class_labels": cond.class_labels}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def batch_pair(null: Any, cond: Any) -> Any:
+    """[null; cond] along the batch axis, field by field, for one network call on 2B examples:
+    each leaf of `null` is broadcast to its `cond` leaf's shape ([B, ...]) first, so a null of
+    one example (an empty prompt's [1, L, D]) serves the whole batch. Any pytree works."""
+    return jax.tree.map(
+        lambda u, c: jnp.concatenate([jnp.broadcast_to(u, jnp.shape(c)).astype(c.dtype), c]),
+        null,
+        cond,
+    )
+
+
+def make_model_fn(
+    network: Any,
+    params: Any,
+    *,
+    out_channels: int | None = None,
+    deterministic: bool = True,
+    rngs: dict | None = None,
+) -> Callable[[jax.Array, jax.Array, Conditioning], jax.Array]:
+    """The conditional model function of a network (a Flax module taking (x, t, **kwargs)).
+
+    Args:
+      network: the denoiser (`jdiff.nn.UNet`).
+      params: its parameters.
+      out_channels: keep this many output channels (a learned variance's extra channels
+        dropped); None keeps all.
+      deterministic: False applies dropout with `rngs` (training).
+      rngs: Flax rngs, e.g. {"dropout": key}.
+
+    Returns:
+      model_fn(x_t [B, h, w, c], t [B], cond: Conditioning) -> prediction [B, h, w, c'], with
+      `cond.concat` concatenated to x_t's channels and the other fields passed to the network.
+    """
+    extra = {} if deterministic else {"deterministic": False, "rngs": rngs}
+
+    def model_fn(x, t, cond):
+        if cond.concat is not None:
+            x = jnp.concatenate([x, cond.concat.astype(x.dtype)], axis=-1)
+        out = network.apply({"params": params}, x, t, **network_kwargs(cond), **extra)
+        return out if out_channels is None else out[..., :out_channels]
+
+    return model_fn
+
+
+def bind(
+    model_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`model_fn(x_t, t)` conditioned on `cond` throughout (no guidance)."""
+    return lambda x, t: model_fn(x, t, cond)
