@@ -101,6 +101,8 @@ def measure(
 
 
 def save_info(workdir: str | pathlib.Path, info: dict) -> pathlib.Path:
+    """Write the facts `load_info` reads (PSNR, scaling factor, latent shape, step) to
+    workdir/autoencoder.json; returns its path."""
     path = pathlib.Path(workdir) / INFO
     path.write_text(json.dumps(info, indent=2))
     return path

@@ -49,17 +49,6 @@ def network_kwargs(cond: Conditioning) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def batch_pair(null: Any, cond: Any) -> Any:
-    """[null; cond] along the batch axis, field by field, for one network call on 2B examples:
-    each leaf of `null` is broadcast to its `cond` leaf's shape ([B, ...]) first, so a null of
-    one example (an empty prompt's [1, L, D]) serves the whole batch. Any pytree works."""
-    return jax.tree.map(
-        lambda u, c: jnp.concatenate([jnp.broadcast_to(u, jnp.shape(c)).astype(c.dtype), c]),
-        null,
-        cond,
-    )
-
-
 def make_model_fn(
     network: Any,
     params: Any,

@@ -371,6 +371,8 @@ def reference_metrics(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """`python -m jdiff.evaluation SAMPLES`: the metrics of a sample file or folder, printed and
+    returned."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "samples", type=pathlib.Path, help="a sample.py .npz (with --reference: or a folder)"

@@ -78,6 +78,7 @@ def schedule_figure(path: pathlib.Path, *, num_columns: int = 8, seed: int = 0) 
 
 
 def main(argv=None) -> None:
+    """`python -m jdiff.figures`: write the linear-vs-cosine schedule figure."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/schedules.png", help="where to write the PNG")
     parser.add_argument("--columns", type=int, default=8, help="noised images per schedule")

@@ -30,6 +30,17 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale) -> ja
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
+def batch_pair(null: Any, cond: Any) -> Any:
+    """[null; cond] along the batch axis, field by field, for one network call on 2B examples:
+    each leaf of `null` is broadcast to its `cond` leaf's shape ([B, ...]) first, so a null of
+    one example (an empty prompt's [1, L, D]) serves the whole batch. Any pytree works."""
+    return jax.tree.map(
+        lambda u, c: jnp.concatenate([jnp.broadcast_to(u, jnp.shape(c)).astype(c.dtype), c]),
+        null,
+        cond,
+    )
+
+
 def _known_to_be_one(scale) -> bool:
     """True for a concrete guidance scale of exactly 1; False otherwise or when traced."""
     try:
@@ -49,7 +60,7 @@ def classifier_free(
     """Classifier-free guidance (Ho & Salimans 2022): ŷ = y_u + w (y_c - y_u).
 
     The conditional and the null conditioning go through the network as one batch of 2B,
-    batched as whole pytrees (`conditioning.batch_pair`: every field, however many). A
+    batched as whole pytrees (`batch_pair`: every field, however many). A
     guidance scale of exactly 1 known when the function is built (a Python or NumPy number,
     not a traced value) is the conditional model alone: one B-batch call per step, not 2B.
 
@@ -64,8 +75,6 @@ def classifier_free(
     Returns:
         model_fn(x [B, ...], t [B]) -> guided prediction [B, ...].
     """
-    from jdiff.conditioning import batch_pair
-
     if _known_to_be_one(guidance_scale):  # ŷ = y_c, which rescaling leaves as it is
         return lambda x, t: model_fn(x, t, cond).astype(jnp.float32)
     both = batch_pair(null, cond)

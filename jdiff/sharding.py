@@ -47,6 +47,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of an array held whole by every device of `mesh`."""
     return NamedSharding(mesh, P())
 
 

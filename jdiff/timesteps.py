@@ -156,6 +156,9 @@ def pndm_table(ts: np.ndarray, ratio: int, skip_prk: bool, start: int):
 
 
 def pndm_timesteps(T, num_steps, opts):
+    """PNDM's timesteps, descending (diffusers' `PNDMScheduler.set_timesteps`): the PLMS grid
+    with its first step repeated (`skip_prk_steps`), or the Runge-Kutta warm-up's half-steps
+    and then PLMS."""
     ascending = discrete_timesteps(
         T, num_steps, timestep_spacing=opts["timestep_spacing"], steps_offset=opts["steps_offset"]
     )[::-1]

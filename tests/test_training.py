@@ -80,7 +80,10 @@ ONE_DEVICE = "--config.mesh.data=1"  # as tiny_config(), whose run is the refere
 def test_killed_run_resumes_to_the_same_state(uninterrupted, tmp_path, sig):
     """After kill -9 the run resumes from its last complete checkpoint; SIGTERM saves first.
     Either way the resumed run ends bit-identical to the uninterrupted one."""
-    flags = ["--config.train.num_steps=400", "--config.train.checkpoint_every=2", ONE_DEVICE]
+    # every checkpoint kept: with warm caches the signal can come many steps after the second,
+    # which keeping the newest 3 would have deleted (then the resume started from nothing)
+    flags = ["--config.train.num_steps=400", "--config.train.checkpoint_every=2",
+             "--config.train.keep_checkpoints=1000", ONE_DEVICE]  # fmt: skip
     process = launch(tmp_path, *flags)
     try:
         wait_for_checkpoint([process], tmp_path, 2)

@@ -28,6 +28,8 @@ _SCALE = 4  # drawn at 4x, then box-filtered down
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
+    """One combination of the grammar: indices into COLOURS, SHAPES and POSITIONS."""
+
     colour: int
     shape: int
     position: int
@@ -56,10 +58,12 @@ class Scene:
 
 
 def num_combinations() -> int:
+    """The number of (colour, shape, position) combinations: 48."""
     return len(COLOURS) * len(SHAPES) * len(POSITIONS)
 
 
 def all_scenes() -> list[Scene]:
+    """Every combination, in label order (0..47)."""
     return [Scene.from_label(i) for i in range(num_combinations())]
 
 

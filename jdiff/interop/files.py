@@ -70,6 +70,7 @@ def component_weights(folder: pathlib.Path, allow_pickle: bool) -> pathlib.Path:
 
 
 def read_json(path: pathlib.Path) -> dict:
+    """A component's JSON config; FileNotFoundError saying the directory is incomplete."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {path.parent.parent} a complete "
                                 "diffusers-format directory?")  # fmt: skip
@@ -77,6 +78,7 @@ def read_json(path: pathlib.Path) -> dict:
 
 
 def save_safetensors(state: dict[str, np.ndarray], path: pathlib.Path) -> None:
+    """Write a state dict as safetensors, tagged with the "pt" format transformers expects."""
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ def _shapes(module, *args, **kwargs):
 
 
 def unet_shapes(unet: UNet) -> Any:
+    """The U-Net's parameter tree as `jax.ShapeDtypeStruct`s (for its class labels and
+    cross-attention too, where it has them)."""
     f = 2 ** (len(unet.block_out_channels) - 1)
     kwargs = {}
     if unet.cross_attention_dim is not None:
@@ -29,9 +31,11 @@ def unet_shapes(unet: UNet) -> Any:
 
 
 def vae_shapes(vae: AutoencoderKL) -> Any:
+    """The autoencoder's parameter tree as `jax.ShapeDtypeStruct`s."""
     f = vae.downsample_factor
     return _shapes(vae, jnp.zeros((1, f, f, vae.in_channels)))
 
 
 def text_encoder_shapes(text_encoder: CLIPTextModel) -> Any:
+    """The text encoder's parameter tree as `jax.ShapeDtypeStruct`s."""
     return _shapes(text_encoder, jnp.zeros((1, 1), jnp.int32))

@@ -64,6 +64,8 @@ def _max_pool(x, stride=2, pad=0):
 
 
 class InceptionA(nn.Module):
+    """Inception-v3's 35x35 block: 1x1, 5x5, double 3x3 and pooled branches."""
+
     pool_features: int
 
     @nn.compact
@@ -79,6 +81,8 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
+    """Inception-v3's 35 -> 17 grid reduction (strided 3x3 branches and max-pool)."""
+
     @nn.compact
     def __call__(self, x):
         b3 = BasicConv(384, (3, 3), strides=2, name="branch3x3")(x)
@@ -89,6 +93,8 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
+    """Inception-v3's 17x17 block: factorised 7x7 branches of `channels_7x7` channels."""
+
     channels_7x7: int
 
     @nn.compact
@@ -107,6 +113,8 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
+    """Inception-v3's 17 -> 8 grid reduction."""
+
     @nn.compact
     def __call__(self, x):
         b3 = BasicConv(192, name="branch3x3_1")(x)
@@ -119,6 +127,8 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
+    """Inception-v3's 8x8 block: split 1x3 / 3x1 branches (FID's variant pools as TF's graph)."""
+
     max_pool: bool = False  # the last block of the TF graph max-pools its pool branch
 
     @nn.compact

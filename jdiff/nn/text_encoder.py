@@ -30,6 +30,8 @@ ACTIVATIONS = {
 
 @flax.struct.dataclass
 class TextEncoderOutput:
+    """The text encoder's outputs: `last_hidden_state` [B, L, D], `pooler_output` [B, D]."""
+
     last_hidden_state: Float[Array, "b l d"]  # after the final LayerNorm: SD's `context`
     pooler_output: Float[Array, "b d"]  # last_hidden_state at each sequence's end token
 

@@ -1,0 +1,355 @@
+"""`LatentDiffusion`: a text-conditional latent model put together for users (prompts as
+strings, one compiled program per setting), and `load_latent_diffusion` from a workdir."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdiff import inpainting, samplers
+from jdiff.nn import UNet
+from jdiff.nn.text_encoder import CLIPTextModel
+from jdiff.nn.vae import AutoencoderKL
+from jdiff.pipelines.latent import (
+    img2img_start_step,
+    make_img2img,
+    make_inpaint,
+    make_latent_repaint,
+    make_txt2img,
+    make_upscale,
+)
+from jdiff.schedules import Schedule
+
+
+def _guidance_one(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`fn` with its `guidance_scale` argument replaced by the constant 1, whatever is passed,
+    so that `guidance.classifier_free` builds the conditional model alone."""
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    def unguided(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["guidance_scale"] = 1.0
+        return fn(*bound.args, **bound.kwargs)
+
+    return unguided
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentDiffusion:
+    """A text-conditional latent diffusion model put together for generation, with host-side
+    tokenization: `txt2img` and `img2img` take prompts as strings. Each distinct (batch size,
+    image size, sampler, steps, strength) compiles once; new prompts, negative prompts, seeds,
+    guidance scales or parameters reuse it.
+
+    params: {"unet": ..., "text_encoder": ..., "autoencoder": ...}.
+    """
+
+    unet: UNet
+    text_encoder: CLIPTextModel
+    autoencoder: AutoencoderKL
+    schedule: Schedule
+    tokenizer: Any  # jdiff.tokenizer.CLIPTokenizer
+    scaling_factor: float
+    image_size: int  # the default height and width
+    # (name, value) pairs of sampler settings (prediction_type, steps_offset, ...); each sampler
+    # gets those it takes, as diffusers' `OtherScheduler.from_config(config)` does
+    sampler_options: tuple = ()
+    method: str = "ddim"  # the default sampler
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained) -> LatentDiffusion:
+        """From `jdiff.interop.load_pretrained(...)`'s result (a latent text-to-image model);
+        its params are `pretrained.params`. The scheduler's sampler is the default method."""
+        if not pretrained.is_latent or pretrained.text_encoder is None:
+            raise ValueError(f"{pretrained.source} is not a latent text-to-image model; use "
+                             "pipelines.make_generate for a pixel-space U-Net")  # fmt: skip
+        s = pretrained.scheduler
+        return cls(pretrained.unet, pretrained.text_encoder, pretrained.autoencoder,
+                   s.make_schedule(), pretrained.tokenizer,
+                   pretrained.autoencoder.scaling_factor, image_size=pretrained.image_size,
+                   sampler_options=tuple(sorted(s.options.items())), method=s.method)  # fmt: skip
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the U-Net takes mask and masked-image latents beside the latents."""
+        return self.unet.in_channels == 2 * self.autoencoder.latent_channels + 1
+
+    @property
+    def is_upscaler(self) -> bool:
+        """Whether the U-Net takes a low-resolution image (and its noise level) beside the
+        latents: a super-resolution model (`upscale`)."""
+        c = self.autoencoder.latent_channels
+        return self.unet.in_channels == c + 3 and self.unet.num_class_embeds is not None
+
+    def _check_kind(self, inpainting: bool):
+        if self.is_upscaler:
+            raise ValueError("this is a super-resolution model (low-resolution image in): use "
+                             "upscale")  # fmt: skip
+        if self.is_inpainting != inpainting:
+            raise ValueError(
+                "this is an inpainting model (latents, mask and masked image in): use inpaint"
+                if self.is_inpainting
+                else f"this U-Net takes {self.unet.in_channels} input channels, not an "
+                "inpainting model's 2c + 1: inpaint needs a model trained for it"
+            )
+
+    def _options(self, method, options):
+        if method not in samplers.DEFAULTS:
+            raise ValueError(f"unknown sampler method {method!r}; choose one of {samplers.METHODS}")
+        own = {k: v for k, v in self.sampler_options if k in samplers.DEFAULTS[method]}
+        return own | options
+
+    def _tokens(self, prompts, negative_prompts):
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts: pass a list of at least one string")
+        if negative_prompts is None:
+            negative_prompts = [""] * len(prompts)
+        elif isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(
+                f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts; pass one "
+                "per prompt, a single string, or None"
+            )
+        return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative_prompts))
+
+    def _latent_shape(self, n, height, width):
+        f = self.autoencoder.downsample_factor
+        height, width = height or self.image_size, width or self.image_size
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f}; got "
+                             f"{height}x{width}")  # fmt: skip
+        return (n, height // f, width // f, self.autoencoder.latent_channels)
+
+    def _jit(self, key, build, guidance_scale):
+        """The compiled function of `key`: one program for a guidance scale of exactly 1 (the
+        conditional model alone, half the U-Net work) and one for every other scale (traced:
+        a new scale does not retrace)."""
+        unguided = bool(np.all(np.asarray(guidance_scale) == 1))
+        key = (*key, unguided)
+        if key not in self._compiled:
+            fn = build()
+            self._compiled[key] = jax.jit(_guidance_one(fn) if unguided else fn)
+        return self._compiled[key]
+
+    def txt2img(
+        self, params, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
+        num_steps=50, method=None, height=None, width=None, latents=None, **options,
+    ) -> jax.Array:  # fmt: skip
+        """Images [N, H, W, 3] in [-1, 1] for N prompts (`latents`: optional initial noise
+        [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler)."""
+        self._check_kind(False)
+        ids, uncond = self._tokens(prompts, negative_prompts)
+        shape = self._latent_shape(len(ids), height, width)
+        method = method or self.method
+        options = self._options(method, options)
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents have shape {latents.shape}; expected {shape}")
+        generate = self._jit(
+            ("txt2img", shape, method, num_steps, tuple(sorted(options.items()))),
+            lambda: make_txt2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 method=method, num_steps=num_steps, **options),
+            guidance_scale,
+        )  # fmt: skip
+        vae = params["autoencoder"]
+        return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale), latents)
+
+    def img2img(
+        self, params, init_images, prompts, key, *, strength=0.8, negative_prompts=None,
+        guidance_scale=7.5, num_steps=50, method=None, **options,
+    ) -> jax.Array:  # fmt: skip
+        """`init_images` [N, H, W, 3] in [-1, 1] re-imagined with N prompts."""
+        self._check_kind(False)
+        method = method or self.method
+        init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
+        shape = self._latent_shape(len(ids), *init_images.shape[1:3])
+        start = img2img_start_step(num_steps, strength)  # validates strength
+        options = self._options(method, options)
+        generate = self._jit(
+            ("img2img", shape, method, num_steps, start, tuple(sorted(options.items()))),
+            lambda: make_img2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 strength=strength, method=method, num_steps=num_steps,
+                                 **options),
+            guidance_scale,
+        )  # fmt: skip
+        return generate(params, params["autoencoder"], init_images, ids, uncond, key,
+                        jnp.float32(guidance_scale))  # fmt: skip
+
+    def _images(self, init_images, prompts, negative_prompts):
+        init_images = jnp.asarray(init_images, jnp.float32)
+        if init_images.ndim != 4 or init_images.shape[-1] != 3:
+            raise ValueError(f"init images must be [N, H, W, 3]; got shape {init_images.shape}")
+        ids, uncond = self._tokens(prompts, negative_prompts)
+        if len(ids) != len(init_images):
+            raise ValueError(f"{len(init_images)} init images for {len(ids)} prompts")
+        return init_images, ids, uncond
+
+    def inpaint(
+        self, params, init_images, masks, prompts, key, *, strength=1.0, negative_prompts=None,
+        guidance_scale=7.5, num_steps=50, method=None, latents=None, return_unpasted=False,
+        paste=False, **options,
+    ) -> jax.Array:  # fmt: skip
+        """Repaint `init_images` [N, H, W, 3] in [-1, 1] where `masks` (see
+        `inpainting.check_masks`: [N, H, W, 1], [H, W], ...; values in [0, 1]) are >= 0.5,
+        following N prompts.
+
+        An inpainting model (latents, mask and masked image in) samples with `method`, from
+        `strength` and `latents`, and returns the decoded sample as diffusers' pipeline does
+        (`paste=True`: with the known pixels put back). Any other model repaints with RePaint
+        (`make_latent_repaint`; options eta, jump_length, jump_n_sample, as diffusers'
+        `RePaintPipeline`; `project_known_pixels`, default 0.6, see `make_latent_repaint`),
+        which starts from noise, steps as DDIM does and returns the original exactly where the
+        mask is 0 (`return_unpasted`: also the decoded prediction before that paste).
+        """
+        init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
+        masks = jnp.asarray(inpainting.check_masks(masks, init_images))
+        shape = self._latent_shape(len(ids), *init_images.shape[1:3])
+        if not self.is_inpainting:
+            if method not in (None, "ddim") or strength != 1.0 or latents is not None:
+                raise ValueError(
+                    "this model was not trained for inpainting: it repaints with RePaint, "
+                    "which runs DDIM steps from noise (no method, strength or latents; "
+                    "options eta, jump_length, jump_n_sample)"
+                )
+            own = {k: v for k, v in self.sampler_options if k in samplers.REPAINT_DEFAULTS}
+            options = own | options
+            generate = self._jit(
+                ("repaint", shape, num_steps, return_unpasted, tuple(sorted(options.items()))),
+                lambda: make_latent_repaint(
+                    self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                    latent_shape=shape, scaling_factor=self.scaling_factor,
+                    num_steps=num_steps, return_unpasted=return_unpasted, **options),
+                guidance_scale,
+            )  # fmt: skip
+            return generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
+                            jnp.float32(guidance_scale))  # fmt: skip
+        if return_unpasted:
+            raise ValueError("return_unpasted is RePaint's; an inpainting model's result is "
+                             "not pasted")  # fmt: skip
+        method = method or self.method
+        options = self._options(method, options)
+        generate = self._jit(
+            ("inpaint", shape, method, num_steps, strength, tuple(sorted(options.items()))),
+            lambda: make_inpaint(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 strength=strength, method=method, num_steps=num_steps,
+                                 **options),
+            guidance_scale,
+        )  # fmt: skip
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+        x = generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
+                     jnp.float32(guidance_scale), latents)  # fmt: skip
+        return masks * x + (1.0 - masks) * init_images if paste else x
+
+    def upscale(
+        self, params, low_res, key, prompts=None, *, negative_prompts=None, guidance_scale=1.0,
+        noise_level=None, num_steps=50, method=None, **options,
+    ) -> jax.Array:  # fmt: skip
+        """Super-resolve `low_res` [N, h, w, 3] in [-1, 1] (a super-resolution model's):
+        [N, h·f, w·f, 3] for the autoencoder's factor f. `prompts` default to the empty prompt
+        (unconditional); `noise_level` (0..350, default 20) is the augmentation the low-
+        resolution input is given, as SD's x4 upscaler's pipeline takes it."""
+        from jdiff import superres
+
+        if not self.is_upscaler:
+            raise ValueError(f"this U-Net takes {self.unet.in_channels} input channels and no "
+                             "noise level: upscale needs a super-resolution model")  # fmt: skip
+        low_res = jnp.asarray(low_res, jnp.float32)
+        if low_res.ndim != 4 or low_res.shape[-1] != 3:
+            raise ValueError(f"low_res must be [N, h, w, 3]; got shape {low_res.shape}")
+        n, h, w, _ = low_res.shape
+        prompts = [""] * n if prompts is None else prompts
+        ids, uncond = self._tokens(prompts, negative_prompts)
+        if len(ids) != n:
+            raise ValueError(f"{n} low-resolution images for {len(ids)} prompts")
+        f = self.autoencoder.downsample_factor
+        shape = self._latent_shape(n, h * f, w * f)
+        noise_level = superres.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
+        if not 0 <= noise_level < self.unet.num_class_embeds:
+            raise ValueError(f"noise_level={noise_level}; expected 0 .. "
+                             f"{self.unet.num_class_embeds - 1}")  # fmt: skip
+        method = method or self.method
+        options = self._options(method, options)
+        generate = self._jit(
+            ("upscale", shape, method, num_steps, tuple(sorted(options.items()))),
+            lambda: make_upscale(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                 latent_shape=shape, scaling_factor=self.scaling_factor,
+                                 method=method, num_steps=num_steps, **options),
+            guidance_scale,
+        )  # fmt: skip
+        return generate(params, params["autoencoder"], low_res, ids, uncond, key,
+                        jnp.float32(guidance_scale), jnp.int32(noise_level))  # fmt: skip
+
+    def outpaint(self, params, init_images, prompts, key, *, left=0, right=0, top=0, bottom=0,
+                 width=None, height=None, overlap=4, **kwargs) -> np.ndarray:  # fmt: skip
+        """Extend `init_images` [N, H, W, 3] by the given pixels per side (or to a target width
+        / height), generating the new area with `inpaint` (kwargs: its options) and blending
+        `overlap` pixels of the original back with a linear ramp (`inpainting.Canvas`).
+        Returns [N, H', W', 3] in [-1, 1]: the original exactly where the overlap band ends."""
+        canvas = inpainting.outpaint_canvas(
+            init_images, left=left, right=right, top=top, bottom=bottom, width=width,
+            height=height, overlap=overlap,
+            multiple=self.autoencoder.downsample_factor * self.unet.downsample_factor,
+        )  # fmt: skip
+        x = self.inpaint(params, canvas.image, canvas.masks, prompts, key, **kwargs)
+        return canvas.finish(x)
+
+
+def load_latent_diffusion(
+    workdir, step: int | None = None, *, ema: bool = True, autoencoder_workdir=None
+) -> tuple[LatentDiffusion, dict, Any]:
+    """(LatentDiffusion, params, config) of a `task = "latent_diffusion"` train.py workdir,
+    rebuilt from it alone (its config names the autoencoder's workdir).
+
+    `autoencoder_workdir` swaps in another autoencoder, typically one whose decoder was
+    fine-tuned with the encoder frozen (`configs/vae_shapes_decoder.py`, diffusers' `vae=`):
+    its encoder must equal the one the model was trained on (checked when that one is still
+    there) and its latent shape and scaling factor are the model's."""
+    import pathlib
+
+    from jdiff import autoencoder as autoencoders
+    from jdiff import runs, training
+    from jdiff.tokenizer import CLIPTokenizer
+
+    workdir = pathlib.Path(workdir)
+    run = runs.restore(workdir, step, task="latent_diffusion")
+    config, tuned = run.config, run.weights(ema)
+    if config.latent.get("pretrained"):  # fine-tuned converted weights: only the U-Net trained
+        if autoencoder_workdir:
+            raise ValueError(f"{workdir} fine-tunes converted weights, which bring their own "
+                             "autoencoder: autoencoder_workdir applies to models trained on a "
+                             "train.py autoencoder")  # fmt: skip
+        p = training.load_pretrained_parts(config)
+        model = LatentDiffusion.from_pretrained(p)
+        return model, {**tuned, "autoencoder": p.params["autoencoder"]}, config
+    vae_model, vae_params, info = autoencoders.load(
+        autoencoder_workdir or config.latent.autoencoder_workdir
+    )
+    if autoencoder_workdir and pathlib.Path(config.latent.autoencoder_workdir).exists():
+        _, own_params, own = autoencoders.load(config.latent.autoencoder_workdir)
+        autoencoders.check_same_encoder(vae_params, own_params, name=str(autoencoder_workdir))
+        info = info | {"scaling_factor": own["scaling_factor"]}  # the one the model learnt on
+    text = training.make_text_encoder(config)
+    unet = training.make_latent_unet(config, info["latent_shape"][-1], text.hidden_size)
+    model = LatentDiffusion(
+        unet, text, vae_model, training.make_schedule(config.diffusion),
+        CLIPTokenizer.default(max_length=config.text.max_length), info["scaling_factor"],
+        image_size=config.data.image_size,
+        sampler_options=(("prediction_type", config.diffusion.prediction_type),),
+    )  # fmt: skip
+    return model, {**tuned, "autoencoder": vae_params}, config
