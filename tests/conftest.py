@@ -34,12 +34,12 @@ def tiny_vae_workdir(tmp_path_factory):
     latent-diffusion tests build on."""
     import importlib
 
-    import train
+    from jdiff import trainer
 
     workdir = tmp_path_factory.mktemp("vae_shapes_tiny")
     config = importlib.import_module("configs.vae_shapes").get_config("tiny")
     config.mesh.data = 1
-    train.train(config, workdir)
+    trainer.train(config, workdir)
     return workdir
 
 
@@ -49,11 +49,11 @@ def tiny_vae_decoder_workdir(tiny_vae_workdir, tmp_path_factory):
     steps by train.py, its encoder frozen."""
     import importlib
 
-    import train
+    from jdiff import trainer
 
     workdir = tmp_path_factory.mktemp("vae_shapes_decoder_tiny")
     config = importlib.import_module("configs.vae_shapes_decoder").get_config("tiny")
     config.autoencoder.init_from = str(tiny_vae_workdir)
     config.mesh.data = 1
-    train.train(config, workdir)
+    trainer.train(config, workdir)
     return workdir

@@ -87,19 +87,19 @@ def test_txt2img_compiles_once(tiny_vae_workdir):
 
 @pytest.fixture(scope="module")
 def tiny_ldm(tiny_vae_workdir, tmp_path_factory):
-    """configs/ldm_shapes.py:tiny trained by train.train on the tiny autoencoder."""
-    import train
+    """configs/ldm_shapes.py:tiny trained by trainer.train on the tiny autoencoder."""
+    from jdiff import trainer
 
     workdir = tmp_path_factory.mktemp("ldm_shapes_tiny")
     config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
     config.latent.autoencoder_workdir = str(tiny_vae_workdir)
     config.mesh.data = 1
-    grid = train.train(config, workdir)
+    grid = trainer.train(config, workdir)
     return workdir, config, grid
 
 
 def test_train_py_trains_a_text_conditional_latent_model(tiny_ldm, tmp_path):
-    import train
+    from jdiff import trainer
 
     workdir, config, grid = tiny_ldm
     assert grid == workdir / "samples" / "step_0000003.png" and grid.exists()
@@ -110,38 +110,37 @@ def test_train_py_trains_a_text_conditional_latent_model(tiny_ldm, tmp_path):
 
     config = config.copy_and_resolve_references()
     config.train.num_steps = 4  # resumes from step 3 and reuses the cached latents
-    train.train(config, workdir)
+    trainer.train(config, workdir)
     assert (workdir / "checkpoints" / "4").exists()
 
     config.data.name = "digits"
     with pytest.raises(ValueError, match="differ"):
-        train.train(config, workdir)
+        trainer.train(config, workdir)
     with pytest.raises(ValueError, match="trains on captions"):
-        train.train(config, tmp_path / "digits")
+        trainer.train(config, tmp_path / "digits")
 
 
 def test_latent_cache_is_keyed_by_what_it_depends_on(tiny_vae_workdir, tmp_path):
     """A changed image size (or data split, or autoencoder) never reuses stale latents."""
-    import train
-    from jdiff import data
+    from jdiff import data, trainer
 
     config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
-    base = train.latent_cache_key(config, "vae@3")
-    keys = {base, train.latent_cache_key(config, "vae@4")}
+    base = trainer.latent_cache_key(config, "vae@3")
+    keys = {base, trainer.latent_cache_key(config, "vae@4")}
     for field, value in (("image_size", 16), ("split", "train[:8]"), ("name", "other")):
         changed = config.copy_and_resolve_references()
         changed.data[field] = value
-        keys.add(train.latent_cache_key(changed, "vae@3"))
+        keys.add(trainer.latent_cache_key(changed, "vae@3"))
     assert len(keys) == 5
     source = data.load_source("shapes", split="train[:4]")
     vae_model, vae_params, _ = autoencoder.load(tiny_vae_workdir)
     tok = CLIPTokenizer.default(max_length=16)
-    first = train.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
+    first = trainer.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
     stored = (tmp_path / "latents.npz").stat().st_mtime_ns
-    again = train.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
+    again = trainer.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
     assert (tmp_path / "latents.npz").stat().st_mtime_ns == stored  # reused, not rewritten
     np.testing.assert_array_equal(again["latent_mean"], first["latent_mean"])
-    small = train.latent_cache(tmp_path, source, vae_model, vae_params, "b", tok, 16)
+    small = trainer.latent_cache(tmp_path, source, vae_model, vae_params, "b", tok, 16)
     assert first["latent_mean"].shape == (4, 16, 16, 4)
     assert small["latent_mean"].shape == (4, 8, 8, 4)  # encoded again at the new size
 
@@ -173,7 +172,7 @@ def test_txt2img_and_img2img_from_the_workdir(tiny_ldm, tiny_vae_workdir):
 
 
 def test_a_fine_tuned_decoder_swaps_in(tiny_ldm, tiny_vae_decoder_workdir, tmp_path):
-    import train
+    from jdiff import trainer
 
     workdir = tiny_ldm[0]
     model, params, _ = pipelines.load_latent_diffusion(workdir)
@@ -189,7 +188,7 @@ def test_a_fine_tuned_decoder_swaps_in(tiny_ldm, tiny_vae_decoder_workdir, tmp_p
     # an autoencoder trained on its own (another seed: another encoder) is refused
     config = importlib.import_module("configs.vae_shapes").get_config("tiny")
     config.mesh.data, config.seed = 1, 1
-    train.train(config, tmp_path / "other")
+    trainer.train(config, tmp_path / "other")
     with pytest.raises(ValueError, match="encoder differs"):
         pipelines.load_latent_diffusion(workdir, autoencoder_workdir=tmp_path / "other")
 
@@ -295,8 +294,7 @@ def test_image_conditioned_models_train_and_sample(kind, tiny_vae_workdir, tmp_p
     conditioning cache, the U-Net's extra inputs, sampling compiled once, and sample.py."""
     from PIL import Image
 
-    import train
-    from jdiff import inpainting, superres
+    from jdiff import inpainting, superres, trainer
 
     name = {"inpaint": "inpaint_shapes", "upscale": "sr_shapes"}[kind]
     config = importlib.import_module(f"configs.{name}").get_config("tiny")
@@ -307,7 +305,7 @@ def test_image_conditioned_models_train_and_sample(kind, tiny_vae_workdir, tmp_p
     config.sample.num_samples = 2
     if kind == "inpaint":
         config.latent.mask_variants = 2
-    train.train(config, tmp_path)
+    trainer.train(config, tmp_path)
     extra = np.load(tmp_path / f"{kind}.npz")["extra"]
     model, params, _ = pipelines.load_latent_diffusion(tmp_path)
     rng = np.random.default_rng(0)
@@ -365,7 +363,7 @@ def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tiny_ldm,
     """text.frozen: the captions are encoded once, the encoder keeps its initial parameters."""
     import shutil
 
-    import train
+    from jdiff import trainer
 
     shutil.copy(tiny_ldm[0] / "latents.npz", tmp_path)  # the same autoencoder's: reused
 
@@ -374,7 +372,7 @@ def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tiny_ldm,
     config.mesh.data = 1
     config.text.frozen = True
     config.train.update(num_steps=2, checkpoint_every=2)
-    train.train(config, tmp_path)
+    trainer.train(config, tmp_path)
     _, trained, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
 
     # make_latent_init's text-encoder initialisation (its key's second half), alone: cheaper

@@ -526,12 +526,12 @@ def test_train_py_fine_tunes_pretrained_weights(sd_dirs, loaded, tmp_path):
     converted weights, the autoencoder and text encoder stay as loaded; the workdir samples."""
     import importlib
 
-    import train
+    from jdiff import trainer
 
     config = importlib.import_module("configs.sd_finetune").get_config("tiny")
     config.latent.pretrained = str(sd_dirs["sd1"])
     config.mesh.data = 1
-    grid = train.train(config, tmp_path)
+    grid = trainer.train(config, tmp_path)
     assert grid.exists()
     model, params, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
     before = loaded["sd1"].params

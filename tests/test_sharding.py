@@ -18,8 +18,7 @@ from runs import (
     wait_for_checkpoint,
 )
 
-import train
-from jdiff import sharding
+from jdiff import sharding, trainer
 
 
 def test_mesh_shapes_and_errors():
@@ -56,16 +55,16 @@ def run_steps(tmp_path, num_steps=4, **mesh):
     # ±lr steps whatever the device count (measured 2e-5 relative). eps=1e-6 keeps the check
     # about sharding: then every parameter agrees to 2e-7.
     config.optim.eps = 1e-6
-    source, num_classes = train.load_data(config)
-    run = train.build(config, tmp_path, source, num_classes)
-    assert run["state"].params["conv_in"]["kernel"].sharding.mesh.devices.size == (
+    source, num_classes = trainer.load_data(config)
+    run = trainer.build(config, tmp_path, source, num_classes)
+    assert run.state.params["conv_in"]["kernel"].sharding.mesh.devices.size == (
         mesh.get("data", 8) * mesh.get("fsdp", 1)
     )
     for n in range(num_steps):
-        batch = sharding.global_batch(run["batches"](n), run["batch_sharding"])
-        run["state"], _ = run["step"](run["state"], batch, run["k_train"])
-    run["manager"].close()
-    return jax.tree.map(np.asarray, run["state"].params), run["state"]
+        batch = sharding.global_batch(run.batches(n), run.batch_sharding)
+        run.state, _ = run.step(run.state, batch, run.k_train)
+    run.manager.close()
+    return jax.tree.map(np.asarray, run.state.params), run.state
 
 
 @pytest.fixture(scope="module")

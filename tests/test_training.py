@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 from runs import assert_same_tree, final_state, launch, tiny_config, wait_for_checkpoint
 
-import train
-from jdiff import checkpoints, runs, training
+from jdiff import checkpoints, runs, trainer, training
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The tiny config trained 4 steps in one go (checkpoints at 2 and 4)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    grid = train.train(tiny_config(), workdir)
+    grid = trainer.train(tiny_config(), workdir)
     return workdir, grid
 
 
@@ -61,8 +60,8 @@ def test_runs_restore_reads_any_checkpoint_without_the_optimizer(uninterrupted):
 
 
 def test_resume_is_bit_identical(uninterrupted, tmp_path):
-    train.train(tiny_config(num_steps=2), tmp_path)
-    train.train(tiny_config(), tmp_path)  # resumes at step 2
+    trainer.train(tiny_config(num_steps=2), tmp_path)
+    trainer.train(tiny_config(), tmp_path)  # resumes at step 2
     assert_same_tree(final_state(tmp_path), final_state(uninterrupted[0]))
 
 
@@ -70,7 +69,7 @@ def test_resume_refuses_a_different_model(uninterrupted):
     config = tiny_config()
     config.model.overrides = {"layers_per_block": 2, "norm_num_groups": 8}
     with pytest.raises(ValueError, match="model differ"):
-        train.prepare_workdir(uninterrupted[0], config)
+        trainer.prepare_workdir(uninterrupted[0], config)
 
 
 ONE_DEVICE = "--config.mesh.data=1"  # as tiny_config(), whose run is the reference
@@ -107,18 +106,18 @@ def test_killed_run_resumes_to_the_same_state(uninterrupted, tmp_path, sig):
 
 def test_nonfinite_loss_stops_without_changing_the_state(tmp_path):
     config = tiny_config()
-    source, num_classes = train.load_data(config)
-    run = train.build(config, train.prepare_workdir(tmp_path, config), source, num_classes)
-    before = jax.tree.map(np.asarray, run["state"])
-    batch = run["batches"](0)
+    source, num_classes = trainer.load_data(config)
+    run = trainer.build(config, trainer.prepare_workdir(tmp_path, config), source, num_classes)
+    before = jax.tree.map(np.asarray, run.state)
+    batch = run.batches(0)
     batch["image"][0, 0, 0, 0] = np.nan
-    state, metrics = run["step"](run["state"], batch, run["k_train"])
+    state, metrics = run.step(run.state, batch, run.k_train)
     assert not np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1 and int(state.nonfinite_step) == 0
     assert_same_tree(state.params, before.params)
-    with pytest.raises(train.NonFiniteLoss, match="non-finite at step 0"):
-        train.check_finite(state, run["manager"])
-    run["manager"].close()
+    with pytest.raises(trainer.NonFiniteLoss, match="non-finite at step 0"):
+        trainer.check_finite(state, run.manager)
+    run.manager.close()
 
 
 def test_ema_warmup():

@@ -213,9 +213,9 @@ def test_psnr_and_chunks():
 
 
 def test_train_py_trains_and_measures_an_autoencoder(tiny_vae_workdir):
-    import train
+    from jdiff import trainer
 
-    tmp_path = tiny_vae_workdir  # configs/vae_shapes.py:tiny, trained by train.train
+    tmp_path = tiny_vae_workdir  # configs/vae_shapes.py:tiny, trained by trainer.train
     config = importlib.import_module("configs.vae_shapes").get_config("tiny")
     config.mesh.data = 1
     info = autoencoder.load_info(tmp_path)
@@ -232,16 +232,16 @@ def test_train_py_trains_and_measures_an_autoencoder(tiny_vae_workdir):
 
     config.model.overrides = {"block_out_channels": (8, 16), "norm_num_groups": 4}
     with pytest.raises(ValueError, match="model differ"):
-        train.train(config, tmp_path)
+        trainer.train(config, tmp_path)
     with pytest.raises(FileNotFoundError, match="train the autoencoder"):
         autoencoder.load_info(tmp_path / "nothing")
     config.task = "gan"
     with pytest.raises(ValueError, match="task='gan'"):
-        train.train(config, tmp_path)
+        trainer.train(config, tmp_path)
 
 
 def test_train_py_fine_tunes_the_decoder_alone(tiny_vae_workdir, tiny_vae_decoder_workdir):
-    import train
+    from jdiff import trainer
 
     _, source, source_info = autoencoder.load(tiny_vae_workdir)
     _, tuned, info = autoencoder.load(tiny_vae_decoder_workdir)
@@ -256,14 +256,14 @@ def test_train_py_fine_tunes_the_decoder_alone(tiny_vae_workdir, tiny_vae_decode
     config.mesh.data = 1
     config.autoencoder.update(init_from=str(tiny_vae_workdir), trainable="all")
     with pytest.raises(ValueError, match=r"autoencoder\.trainable differ"):
-        train.train(config, tiny_vae_decoder_workdir)  # resuming it as another kind of run
+        trainer.train(config, tiny_vae_decoder_workdir)  # resuming it as another kind of run
     config.autoencoder.update(init_from="", trainable="decoder")
     with pytest.raises(ValueError, match=r"set autoencoder\.init_from"):
-        train.train(config, tiny_vae_decoder_workdir.parent / "no_source")
+        trainer.train(config, tiny_vae_decoder_workdir.parent / "no_source")
     config.autoencoder.init_from = str(tiny_vae_workdir)
     config.model.overrides = {"block_out_channels": (8, 16), "norm_num_groups": 4}
     with pytest.raises(ValueError, match="another architecture"):
-        train.train(config, tiny_vae_decoder_workdir.parent / "other_architecture")
+        trainer.train(config, tiny_vae_decoder_workdir.parent / "other_architecture")
     assert importlib.import_module("configs.vae_shapes_decoder").get_config().autoencoder.to_dict()[
         "init_from"] == "outputs/vae_shapes"  # fmt: skip
 

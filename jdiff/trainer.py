@@ -1,0 +1,491 @@
+"""The training run: build every part from a config, loop, cache, checkpoint, sample, stop.
+
+`train(config, workdir)` runs (or resumes) any task of `train.py` ("diffusion", "autoencoder",
+"latent_diffusion"): the workdir holds config.json (the model is rebuilt from it by
+`jdiff.runs`), checkpoints/, TensorBoard metrics in tb/ and sample grids in samples/. A resume
+that changes the model or its data is refused; SIGTERM (on any host) saves a checkpoint and
+exits with 128 + SIGTERM; a non-finite loss stops the run without saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+
+import jdiff
+from jdiff import (
+    autoencoder,
+    checkpoints,
+    data,
+    images,
+    inpainting,
+    pipelines,
+    sharding,
+    superres,
+    tokenizer,
+    training,
+)
+from jdiff.caches import captions, conditioning_cache, latent_cache, latent_cache_key
+from jdiff.data import shapes
+
+# settings that shape the model or its data: a resume must not change them
+COMPATIBLE = ("task", "model", "diffusion", "text", "latent", "data.name", "data.image_size",
+              "data.channels", "autoencoder.trainable")  # fmt: skip
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or its gradient stopped being finite; nothing bad was saved."""
+
+
+def _lookup(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part, {}) if isinstance(config, dict) else {}
+    return config
+
+
+def prepare_workdir(
+    workdir: pathlib.Path, config: ConfigDict, num_classes: int | None = None
+) -> pathlib.Path:
+    """Create the workdir and store the config and jdiff version; on resume, refuse a config
+    that changes the model or its data (naming the keys)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    current = json.loads(config.to_json_best_effort())
+    if (workdir / checkpoints.RUN_INFO).exists():
+        saved = checkpoints.read_run_info(workdir)["config"]
+        changed = [k for k in COMPATIBLE if _lookup(saved, k) != _lookup(current, k)]
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a run whose {', '.join(changed)} differ from this config's; "
+                "resume with the same settings or choose a new --workdir"
+            )
+    checkpoints.write_run_info(workdir, current, version=jdiff.__version__, num_classes=num_classes)
+    return workdir
+
+
+def load_data(config: ConfigDict):
+    """The training source and its number of classes (None unless class-conditional).
+    Process 0 prepares an embedded data set first; the others then read it."""
+
+    def load():
+        return data.load_source(config.data.name, split=config.data.split,
+                                data_dir=config.data.data_dir or None)  # fmt: skip
+
+    source = load() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jdiff data prepared")
+    source = source or load()
+    conditional = config.model.get("class_conditional", False)
+    return source, data.num_classes(source) if conditional else None
+
+
+def task(config: ConfigDict) -> str:
+    """The config's task ("diffusion" when it names none); ValueError for an unknown one."""
+    name = config.get("task", "diffusion")
+    if name not in training.TASKS:
+        raise ValueError(f"task={name!r}; expected one of {training.TASKS}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What a task contributes to a run (`_diffusion_parts`, `_autoencoder_parts`,
+    `_latent_parts`)."""
+
+    init: Callable[..., training.TrainState]  # (*init_args) -> the initial state
+    step: Callable  # train_step(state, batch, key) -> (state, metrics), pure
+    model: Any  # the network trained
+    batches: Any  # batches(step) -> dict of host arrays; .iterate(start)
+    sample: Callable | None = None  # EMA params -> sample images, or None
+    init_args: tuple = ()
+    prompts: tuple = ()  # a text model's sample-grid prompts
+
+
+@dataclasses.dataclass
+class Run:
+    """A run in training: its state, the compiled step and sampler, and what feeds them."""
+
+    state: training.TrainState  # replaced by every step
+    step: Callable  # the jitted train step (state donated)
+    sample: Callable | None  # the jitted sample function of the grids
+    model: Any
+    batches: Any
+    manager: Any  # the orbax CheckpointManager of workdir/checkpoints
+    k_train: jax.Array
+    k_sample: jax.Array
+    batch_sharding: jax.sharding.Sharding
+    num_classes: int | None
+    source: Any
+    prompts: tuple = ()
+
+
+def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | None) -> Run:
+    """Mesh, model, optimizer, state (restored if the workdir has a checkpoint, else born
+    sharded), the jitted train step and the task's sample function."""
+    mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+    optimizer = training.make_optimizer(config.optim)
+    k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
+    common = {"ema_max_decay": config.train.ema_max_decay,
+              "accumulate_steps": config.optim.accumulate_steps}  # fmt: skip
+    make_parts = {"diffusion": _diffusion_parts, "autoencoder": _autoencoder_parts,
+                  "latent_diffusion": _latent_parts}[task(config)]  # fmt: skip
+    parts = make_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common)
+
+    abstract = jax.eval_shape(parts.init, *parts.init_args)
+    state_sh = sharding.tree_shardings(mesh, abstract, min_size=config.mesh.fsdp_min_size)
+    batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    manager = checkpoints.make_manager(
+        workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
+    )
+    state = checkpoints.restore_latest(manager, sharding.with_shardings(abstract, state_sh))
+    state = state or jax.jit(parts.init, out_shardings=state_sh)(*parts.init_args)
+    step_jit = jax.jit(parts.step, in_shardings=(state_sh, batch_sh, replicated),
+                       out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
+    sample = None if parts.sample is None else jax.jit(parts.sample, out_shardings=replicated)
+    return Run(state, step_jit, sample, parts.model, parts.batches, manager, k_train, k_sample,
+               batch_sh, num_classes, source, parts.prompts)  # fmt: skip
+
+
+def _image_batches(config: ConfigDict, source) -> data.Batches:
+    return data.Batches(source, batch_size=config.data.batch_size,
+                        image_size=config.data.image_size, seed=config.seed,
+                        random_flip=config.data.random_flip, process_index=jax.process_index(),
+                        process_count=jax.process_count())  # fmt: skip
+
+
+def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+    """Pixel-space diffusion: the U-Net, its step, and sample(params) -> a grid's images."""
+    model = training.make_model(config, num_classes)
+    schedule = training.make_schedule(config.diffusion)
+    size, channels = config.data.image_size, config.data.channels
+    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
+    step = training.make_train_step(
+        model, schedule, optimizer,
+        loss=config.diffusion.loss, prediction_type=config.diffusion.prediction_type,
+        snr_gamma=config.diffusion.snr_gamma or None, null_class=num_classes,
+        class_dropout=config.train.class_dropout, **common,
+    )  # fmt: skip
+    generate = pipelines.make_generate(
+        model, schedule, shape=(config.sample.num_samples, size, size, channels),
+        method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
+        learned_variance=config.diffusion.loss == "hybrid",
+        prediction_type=config.diffusion.prediction_type, **config.sample.get("options", {}),
+    )  # fmt: skip
+    labels = None
+    if num_classes is not None:
+        labels = jax.numpy.arange(config.sample.num_samples) % num_classes
+    guidance = config.sample.guidance_scale
+
+    def sample(params):
+        return generate(params, k_sample, labels, guidance)
+
+    return Parts(init, step, model, _image_batches(config, source), sample)
+
+
+def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+    """The autoencoder and its step; its "samples" are reconstructions (write_samples). With
+    `autoencoder.init_from` (a trained autoencoder's workdir) it starts from that run's EMA
+    weights; with `autoencoder.trainable = "decoder"` only the decoder side trains."""
+    ae = config.autoencoder
+    model = training.make_autoencoder(config)
+    optimizer = training.make_autoencoder_optimizer(config)
+    size, channels = config.data.image_size, config.data.channels
+    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
+    init_args = ()
+    if ae.get("trainable", "all") == "decoder" and not ae.get("init_from"):
+        raise ValueError("autoencoder.trainable='decoder' fine-tunes the decoder of a trained "
+                         "autoencoder: set autoencoder.init_from to its workdir")  # fmt: skip
+    if ae.get("init_from"):
+        params = load_autoencoder_weights(ae.init_from, jax.eval_shape(init).params)
+        init, init_args = (lambda p: training.init_state(p, optimizer)), (params,)
+    step = training.make_autoencoder_step(
+        model, optimizer, reconstruction=ae.reconstruction, kl_weight=ae.kl_weight,
+        trainable=ae.get("trainable", "all"), **common,
+    )  # fmt: skip
+    return Parts(init, step, model, _image_batches(config, source), None, init_args)
+
+
+def load_autoencoder_weights(source_workdir: str, expected) -> dict:
+    """The EMA weights of the autoencoder trained in `source_workdir`, which must have the
+    parameter shapes `expected` (this config's model)."""
+    _, params, _ = autoencoder.load(source_workdir)
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
+    if shapes(params) != shapes(expected):
+        raise ValueError(
+            f"autoencoder.init_from={source_workdir!r} holds an autoencoder of another "
+            "architecture than this config's model; use the same model settings as its run"
+        )
+    return params
+
+
+def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+    """Text-conditional latent diffusion on a frozen autoencoder trained by this program:
+    cached latents and token ids, the U-Net and text encoder, and a txt2img sample function."""
+    if "caption" not in source[0]:
+        raise ValueError(
+            f"task='latent_diffusion' trains on captions; data set {config.data.name!r} has "
+            "none (the embedded 'shapes' has)"
+        )
+    path = config.latent.get("pretrained") or None
+    if path:  # fine-tune converted weights: U-Net trained, autoencoder and text encoder frozen
+        p = training.load_pretrained_parts(config)
+        vae_model, vae_params, tok, text, unet = (p.autoencoder, p.params["autoencoder"],
+                                                  p.tokenizer, p.text_encoder, p.unet)  # fmt: skip
+        scaling, cache_key = p.autoencoder.scaling_factor, f"pretrained:{path}"
+        schedule, frozen = p.scheduler.make_schedule(), True
+        sampler = p.scheduler.options_for(config.sample.method)
+    else:
+        vae_workdir = pathlib.Path(config.latent.autoencoder_workdir).absolute()
+        vae_model, vae_params, info = autoencoder.load(vae_workdir)
+        scaling = info["scaling_factor"]
+        cache_key = f"{config.latent.autoencoder_workdir}@{info['step']}"
+        tok = tokenizer.CLIPTokenizer.default(max_length=config.text.max_length)
+        text = training.make_text_encoder(config)
+        schedule, frozen = (
+            training.make_schedule(config.diffusion),
+            config.text.get("frozen", False),
+        )
+        sampler = {"prediction_type": config.diffusion.prediction_type}
+    cache_key = latent_cache_key(config, cache_key)
+    cache = latent_cache(workdir, source, vae_model, vae_params, cache_key, tok,
+                         config.data.image_size)  # fmt: skip
+    latent_shape = cache["latent_mean"].shape[1:]
+    kind = config.latent.get("conditioning") or None
+    if kind and path:
+        raise ValueError("latent.conditioning trains a new U-Net; it cannot fine-tune "
+                         "latent.pretrained weights yet")  # fmt: skip
+    if kind:
+        cache = conditioning_cache(workdir, kind, source, cache, vae_model, vae_params, scaling,
+                                   cache_key, config)  # fmt: skip
+    if frozen:
+        optimizer = training.freeze_text_encoder(optimizer)
+    if path:
+        weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
+        init, init_args = lambda params: training.init_state(params, optimizer), (weights,)
+    else:
+        unet = training.make_latent_unet(config, latent_shape[-1], text.hidden_size)
+        init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
+        init_args = ()
+    empty_ids, empty_context = tok([""])[0], None
+    if frozen:  # encode every caption once with the (unchanging) initial text encoder
+        text_params = jax.jit(init)(*init_args).params["text_encoder"]
+        encode = jax.jit(lambda ids: text.apply({"params": text_params}, ids).last_hidden_state)
+        cache = cache | {"context": autoencoder.in_chunks(encode, cache["ids"], 512)}
+        empty_context = encode(empty_ids[None])[0]
+    step = training.make_latent_train_step(
+        unet, text, schedule, optimizer, empty_ids=empty_ids, empty_context=empty_context,
+        scaling_factor=scaling, caption_dropout=config.train.caption_dropout,
+        prediction_type=sampler.get("prediction_type", "epsilon"),
+        snr_gamma=config.diffusion.snr_gamma or None,
+        noise_augmentation=superres.low_res_schedule() if kind == "upscale" else None,
+        max_noise_level=superres.MAX_NOISE_LEVEL,
+        noise_level_power=config.train.get("noise_level_power", 1.0), **common,
+    )  # fmt: skip
+    prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
+    prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
+    make = {None: pipelines.make_txt2img, "inpaint": pipelines.make_inpaint,
+            "upscale": pipelines.make_upscale}[kind]  # fmt: skip
+    generate = make(
+        unet, text, vae_model, schedule, latent_shape=(len(prompts), *latent_shape),
+        scaling_factor=scaling, method=config.sample.method, num_steps=config.sample.num_steps,
+        **(sampler | dict(config.sample.get("options", {}))),
+    )  # fmt: skip
+    ids, uncond = tok(prompts), tok([""] * len(prompts))
+    guidance = config.sample.guidance_scale
+    inputs = sample_inputs(kind, config, len(prompts), vae_model.downsample_factor)
+
+    def sample(params):
+        if kind == "inpaint":  # the grid's own images, boxes repainted
+            return generate(params, vae_params, *inputs, ids, uncond, k_sample, guidance)
+        if kind == "upscale":  # the grid's images, downsampled, upscaled
+            return generate(params, vae_params, inputs, ids, uncond, k_sample, guidance)
+        return generate(params, vae_params, ids, uncond, k_sample, guidance)
+
+    batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())  # fmt: skip
+    return Parts(init, step, unet, batches, sample, init_args, tuple(prompts))
+
+
+def sample_inputs(kind, config: ConfigDict, n: int, f: int):
+    """The images a sample grid of an image-conditioned model starts from: n images of the
+    test split (boxes masked, or downsampled by the autoencoder's factor f to the latent
+    grid)."""
+    if kind is None:
+        return None
+    x = _eval_images(config, config.sample.get("split", "test"), n, seed=0)
+    if kind == "upscale":
+        return superres.downsample(x, f)
+    masks = inpainting.random_masks(np.random.default_rng(0), len(x), x.shape[1], kind="box",
+                                    min_cover=0.3, max_cover=0.5)  # fmt: skip
+    return x, masks
+
+
+def write_samples(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int):
+    """A grid of samples from the EMA weights (fixed key, so grids of a run compare), or of an
+    autoencoder's reconstructions. Every process computes (the parameters may be split over
+    them); process 0 writes the PNG."""
+    if run.sample is None:
+        return write_reconstructions(run, config, workdir, step)
+    x = run.sample(run.state.ema_params)
+    if jax.process_index() == 0:
+        return images.save_grid(workdir / "samples" / f"step_{step:07d}.png", np.asarray(x))
+    return None
+
+
+def _eval_images(config: ConfigDict, split: str, count: int, seed: int) -> np.ndarray:
+    """`count` images of `split` (all if fewer), drawn without replacement, in [-1, 1]."""
+    source = data.load_source(config.data.name, split=split,
+                              data_dir=config.data.data_dir or None)  # fmt: skip
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.permutation(len(source))[:count])
+    size = config.data.image_size
+    return np.stack([data.preprocess(source[int(i)]["image"], image_size=size) for i in index])
+
+
+def write_reconstructions(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int):
+    """Held-out images (odd rows) over their reconstructions (even rows), EMA weights."""
+    x = _eval_images(config, config.autoencoder.eval_split, 32, seed=0)
+    recon = autoencoder.make_codec(run.model)["reconstruct"](run.state.ema_params, x)
+    if jax.process_index() == 0:
+        grid = autoencoder.reconstruction_grid(x, np.asarray(recon))
+        path = workdir / "samples" / f"reconstructions_{step:07d}.png"
+        return images.save_grid(path, grid, ncols=8)
+    return None
+
+
+def measure_autoencoder(run: Run, config: ConfigDict, workdir: pathlib.Path) -> dict:
+    """PSNR on the held-out split and the latent scaling factor, stored in autoencoder.json."""
+    ae = config.autoencoder
+    info = autoencoder.measure(
+        run.model, run.state.ema_params,
+        train_images=_eval_images(config, config.data.split, ae.scaling_images, seed=1),
+        eval_images=_eval_images(config, ae.eval_split, ae.eval_images, seed=2),
+        key=jax.random.fold_in(run.k_sample, 1),
+        describe=shapes.describe if config.data.name == "shapes" else None,
+    )  # fmt: skip
+    info |= {"step": int(run.state.step), "eval_split": ae.eval_split, "weights": "ema"}
+    if ae.get("init_from"):  # fine-tuned: which run it started from (its encoder, if frozen)
+        source = autoencoder.load_info(ae.init_from)
+        info["init_from"] = {"workdir": str(pathlib.Path(ae.init_from).absolute()),
+                             "step": source["step"],
+                             "trainable": ae.get("trainable", "all")}  # fmt: skip
+    if jax.process_index() == 0:
+        path = autoencoder.save_info(workdir, info)
+        print(f"held-out PSNR {info['psnr_db']:.2f} dB (5th percentile "
+              f"{info['psnr_db_p5']:.2f} dB) on {info['num_eval_images']} {ae.eval_split} "
+              f"images; latent scaling factor {info['scaling_factor']:.4f} (1/std of z, "
+              f"latents {tuple(info['latent_shape'])}): {path}", flush=True)  # fmt: skip
+        if "described_alike" in info:
+            print(f"reconstructions read as their originals by shapes.describe: "
+                  f"{100 * info['described_alike']:.1f}%", flush=True)  # fmt: skip
+    return info
+
+
+def check_finite(state: training.TrainState, manager) -> None:
+    """Raise `NonFiniteLoss` if a step's loss was not finite (the state records the first)."""
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+        raise NonFiniteLoss(
+            f"the loss became non-finite at step {bad}; stopped without saving (the latest "
+            f"checkpoint, step {manager.latest_step()}, is intact). Lower optim.learning_rate or "
+            "set optim.grad_clip, then rerun to resume."
+        )
+
+
+def preemption_check():
+    """preempted(step) -> bool. One process: a SIGTERM handler. Several: JAX's preemption sync
+    point, which is True on every process at the same step once any of them got SIGTERM."""
+    if jax.process_count() > 1:
+        return multihost_utils.reached_preemption_sync_point, lambda: None
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    return (lambda step: bool(stop)), lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
+    """Run (or resume) training to config.train.num_steps; returns the final sample grid
+    (None on processes other than 0)."""
+    main = jax.process_index() == 0
+    workdir = pathlib.Path(workdir).absolute()
+    task(config)
+    source, num_classes = load_data(config)
+    if main:
+        prepare_workdir(workdir, config, num_classes)
+        print(f"workdir: {workdir}\ndevices: {jax.device_count()} on {jax.process_count()} "
+              f"process(es)", flush=True)  # fmt: skip
+    multihost_utils.sync_global_devices("jdiff workdir ready")
+    run = build(config, workdir, source, num_classes)
+    if int(run.state.step) and main:
+        print(f"resuming from step {int(run.state.step)}", flush=True)
+    preempted, restore_signals = preemption_check()
+    writer = _summary_writer(workdir) if main else None
+    try:
+        _loop(run, config, workdir, writer, preempted)
+        manager = run.manager
+        if manager.latest_step() != int(run.state.step):
+            check_finite(run.state, manager)
+            checkpoints.save(manager, int(run.state.step), run.state)
+        manager.wait_until_finished()
+        grid = write_samples(run, config, workdir, int(run.state.step))
+        if task(config) == "autoencoder":
+            measure_autoencoder(run, config, workdir)
+    finally:
+        restore_signals()
+        if writer is not None:
+            writer.close()
+        run.manager.close()
+    if main:
+        print(f"samples: {grid}\ncheckpoints: {workdir / 'checkpoints'}", flush=True)
+    return grid
+
+
+def _loop(run: Run, config: ConfigDict, workdir: pathlib.Path, writer, preempted) -> None:
+    """Steps start+1 .. num_steps: log, sample and checkpoint when due; on preemption save
+    and exit with 128 + SIGTERM."""
+    manager, start, main = run.manager, int(run.state.step), jax.process_index() == 0
+    bar = tqdm.tqdm(total=config.train.num_steps, initial=start, unit="step",
+                    dynamic_ncols=True, disable=not main)  # fmt: skip
+    batches = run.batches.iterate(start)
+    last_log = (start, time.perf_counter())
+    for n in range(start + 1, config.train.num_steps + 1):
+        batch = sharding.global_batch(next(batches), run.batch_sharding)
+        run.state, metrics = run.step(run.state, batch, run.k_train)
+        bar.update()
+        stop = preempted(n)
+        if n % config.train.log_every == 0 or n == config.train.num_steps or stop:
+            check_finite(run.state, manager)
+            rate = (n - last_log[0]) / (time.perf_counter() - last_log[1])
+            last_log = (n, time.perf_counter())
+            values = {k: float(v) for k, v in metrics.items()} | {"steps_per_s": rate}
+            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+            for k, v in values.items():
+                if writer is not None:
+                    writer.add_scalar(f"train/{k}", v, n)
+        if config.train.sample_every and n % config.train.sample_every == 0:
+            write_samples(run, config, workdir, n)
+        if stop or n % config.train.checkpoint_every == 0:
+            check_finite(run.state, manager)  # never checkpoint after a bad step
+            checkpoints.save(manager, n, run.state)
+        if stop:
+            manager.wait_until_finished()
+            if main:
+                print(f"\nSIGTERM: saved step {n} to {workdir / 'checkpoints'}; rerun to resume")
+            sys.exit(128 + signal.SIGTERM)
+    bar.close()
+
+
+def _summary_writer(workdir: pathlib.Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tb"))
