@@ -39,6 +39,7 @@ def default_workdir(config_path: str) -> pathlib.Path:
 
 
 def main(argv) -> None:
+    """Train the config's run in --workdir (resuming it); expected failures end in one line."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value

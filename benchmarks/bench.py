@@ -27,7 +27,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jdiff import pipelines, training  # noqa: E402
+from jdiff import models, pipelines, training  # noqa: E402
 
 
 def load_config(spec: str):
@@ -62,8 +62,8 @@ def main() -> None:
     # a class-conditional config (the default) benchmarks as generated: 10 classes, sampled at
     # guidance 1 through the batched cond/uncond call
     num_classes = 10 if config.model.class_conditional else None
-    model = training.make_model(config, num_classes)
-    schedule = training.make_schedule(config.diffusion)
+    model = models.make_model(config, num_classes)
+    schedule = models.make_schedule(config.diffusion)
     optimizer = training.make_optimizer(config.optim)
     init = training.make_init(
         model, optimizer, jax.random.key(0), image_shape=(size, size, channels)

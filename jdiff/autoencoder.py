@@ -131,12 +131,12 @@ def reconstruction_grid(x: np.ndarray, recon: np.ndarray, ncols: int = 8) -> np.
 def load(workdir: str | pathlib.Path) -> tuple[AutoencoderKL, Any, dict]:
     """(model, EMA parameters, autoencoder.json facts) of an autoencoder trained by train.py
     in `workdir`, rebuilt from the workdir alone; parameters on the default device."""
-    from jdiff import runs, training
+    from jdiff import models, runs
 
     workdir = pathlib.Path(workdir)
     info = load_info(workdir)
     run = runs.restore(workdir, info["step"], task="autoencoder")
-    return training.make_autoencoder(run.config), run.ema_params, info
+    return models.make_autoencoder(run.config), run.ema_params, info
 
 
 def check_same_encoder(params: Any, reference: Any, name: str = "the autoencoder") -> None:

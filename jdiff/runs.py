@@ -9,7 +9,7 @@ the state's shape and the optimizer moments are never read: a restore for sampli
 parameters twice, not four times (Adam). The callers build the networks from `Run.config`.
 
     run = runs.restore("outputs/default")            # the latest checkpoint
-    model = training.make_model(run.config, run.num_classes)
+    model = models.make_model(run.config, run.num_classes)
     images = model.apply({"params": run.ema_params}, x_t, t, class_labels=labels)
 """
 

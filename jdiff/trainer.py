@@ -31,6 +31,7 @@ from jdiff import (
     data,
     images,
     inpainting,
+    models,
     pipelines,
     sharding,
     superres,
@@ -165,8 +166,8 @@ def _image_batches(config: ConfigDict, source) -> data.Batches:
 
 def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
     """Pixel-space diffusion: the U-Net, its step, and sample(params) -> a grid's images."""
-    model = training.make_model(config, num_classes)
-    schedule = training.make_schedule(config.diffusion)
+    model = models.make_model(config, num_classes)
+    schedule = models.make_schedule(config.diffusion)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
     step = training.make_train_step(
@@ -197,7 +198,7 @@ def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, 
     `autoencoder.init_from` (a trained autoencoder's workdir) it starts from that run's EMA
     weights; with `autoencoder.trainable = "decoder"` only the decoder side trains."""
     ae = config.autoencoder
-    model = training.make_autoencoder(config)
+    model = models.make_autoencoder(config)
     optimizer = training.make_autoencoder_optimizer(config)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
@@ -238,7 +239,7 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         )
     path = config.latent.get("pretrained") or None
     if path:  # fine-tune converted weights: U-Net trained, autoencoder and text encoder frozen
-        p = training.load_pretrained_parts(config)
+        p = models.load_pretrained_parts(config)
         vae_model, vae_params, tok, text, unet = (p.autoencoder, p.params["autoencoder"],
                                                   p.tokenizer, p.text_encoder, p.unet)  # fmt: skip
         scaling, cache_key = p.autoencoder.scaling_factor, f"pretrained:{path}"
@@ -250,9 +251,9 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         scaling = info["scaling_factor"]
         cache_key = f"{config.latent.autoencoder_workdir}@{info['step']}"
         tok = tokenizer.CLIPTokenizer.default(max_length=config.text.max_length)
-        text = training.make_text_encoder(config)
+        text = models.make_text_encoder(config)
         schedule, frozen = (
-            training.make_schedule(config.diffusion),
+            models.make_schedule(config.diffusion),
             config.text.get("frozen", False),
         )
         sampler = {"prediction_type": config.diffusion.prediction_type}
@@ -273,7 +274,7 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
         init, init_args = lambda params: training.init_state(params, optimizer), (weights,)
     else:
-        unet = training.make_latent_unet(config, latent_shape[-1], text.hidden_size)
+        unet = models.make_latent_unet(config, latent_shape[-1], text.hidden_size)
         init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
         init_args = ()
     empty_ids, empty_context = tok([""])[0], None

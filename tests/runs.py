@@ -12,7 +12,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from jdiff import checkpoints, sharding, training
+from jdiff import checkpoints, models, sharding, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # every test process, this one and those it launches: the same compiler settings, so the same
@@ -36,7 +36,7 @@ def final_state(workdir) -> training.TrainState:
 def state_at(workdir, step: int | None) -> training.TrainState:
     """Checkpoint `step` (None: the latest) of a tiny-config run, on one device."""
     config = tiny_config()
-    model = training.make_model(config, num_classes=10)  # the digits' classes
+    model = models.make_model(config, num_classes=10)  # the digits' classes
     optimizer = training.make_optimizer(config.optim)
     init = training.make_init(model, optimizer, jax.random.key(0), image_shape=(8, 8, 1))
     abstract = jax.eval_shape(init)

@@ -7,6 +7,7 @@ import pytest
 
 from jdiff import inpainting, pipelines, samplers, schedules
 from jdiff.nn import UNet
+from jdiff.samplers import inpaint
 
 
 @pytest.mark.parametrize("n, jump, resample", [(250, 10, 10), (50, 10, 1), (20, 5, 3), (7, 10, 4)])
@@ -44,7 +45,7 @@ def test_repaint_equals_diffusers_repaint_scheduler(eta, monkeypatch):
     table = rng.standard_normal((len(seq), *shape)).astype(np.float32)
 
     # jdiff, with the table as its per-entry noise
-    monkeypatch.setattr(samplers, "step_noise", lambda key, i, s: jnp.asarray(table)[i])
+    monkeypatch.setattr(inpaint, "step_noise", lambda key, i, s: jnp.asarray(table)[i])
     schedule = schedules.get_schedule("linear", 1000)
     ours, unpasted = samplers.repaint(
         _toy_eps, schedule, jax.random.key(0), jnp.asarray(images), jnp.asarray(masks),

@@ -10,7 +10,7 @@ import optax
 import pytest
 from runs import launch
 
-from jdiff import autoencoder, losses, pipelines, schedules, training
+from jdiff import autoencoder, losses, models, pipelines, schedules, training
 from jdiff.nn import UNet
 from jdiff.nn import text_encoder as te
 from jdiff.nn.unet import VARIANTS
@@ -377,7 +377,7 @@ def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tiny_ldm,
 
     # make_latent_init's text-encoder initialisation (its key's second half), alone: cheaper
     # than the whole init (the U-Net's training is checked by the tests above)
-    text = training.make_text_encoder(config)
+    text = models.make_text_encoder(config)
     k_init = jax.random.split(jax.random.key(config.seed), 3)[0]
     ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
     initial = text.init(jax.random.split(k_init)[1], ids)["params"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from runs import assert_same_tree, final_state, launch, tiny_config, wait_for_checkpoint
 
-from jdiff import checkpoints, runs, trainer, training
+from jdiff import checkpoints, models, runs, trainer, training
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +141,9 @@ def test_bad_config_values_are_named(section, key, value, match):
     config = tiny_config()
     config[section][key] = value
     with pytest.raises(ValueError, match=match):
-        model = training.make_model(config, num_classes=10)
+        model = models.make_model(config, num_classes=10)
         training.make_optimizer(config.optim)
-        schedule = training.make_schedule(config.diffusion)
+        schedule = models.make_schedule(config.diffusion)
         training.make_train_step(model, schedule, training.make_optimizer(config.optim),
                                  loss=config.diffusion.loss)  # fmt: skip
 
@@ -152,8 +152,8 @@ def test_class_conditional_needs_labels():
     config = tiny_config()
     config.model.class_conditional = True
     with pytest.raises(ValueError, match="class labels"):
-        training.make_model(config, num_classes=None)
-    model = training.make_model(config, num_classes=10)
+        models.make_model(config, num_classes=None)
+    model = models.make_model(config, num_classes=10)
     assert model.num_class_embeds == 11
 
 
@@ -223,7 +223,7 @@ def test_a_workdir_without_a_run_is_named(tmp_path):
 )
 def test_configs_build_their_models(name, expected):
     config = importlib.import_module(f"configs.{name}").get_config()
-    model = training.make_model(config, 10 if config.model.class_conditional else None)
+    model = models.make_model(config, 10 if config.model.class_conditional else None)
     optimizer = training.make_optimizer(config.optim)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(
@@ -234,4 +234,4 @@ def test_configs_build_their_models(name, expected):
     assert expected is None or count == expected
     learned = config.diffusion.loss == "hybrid"
     assert model.out_channels == channels * (2 if learned else 1)
-    assert training.make_schedule(config.diffusion).num_timesteps == 1000
+    assert models.make_schedule(config.diffusion).num_timesteps == 1000

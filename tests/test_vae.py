@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from reference import perturbed
 from runs import launch
 
-from jdiff import autoencoder, interop, training
+from jdiff import autoencoder, interop, models, training
 from jdiff.nn import vae
 
 
@@ -270,11 +270,11 @@ def test_train_py_fine_tunes_the_decoder_alone(tiny_vae_workdir, tiny_vae_decode
 
 def test_vae_shapes_config_is_f4_on_32x32():
     config = importlib.import_module("configs.vae_shapes").get_config()
-    model = training.make_autoencoder(config)
+    model = models.make_autoencoder(config)
     x = jnp.zeros((1, 32, 32, 3))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     z = jax.eval_shape(lambda v: model.apply(v, x, method="encode").mean, variables)
     assert z.shape == (1, 8, 8, 4) and config.task == "autoencoder"
     config.model.variant = "huge"
     with pytest.raises(ValueError, match=r"model\.variant='huge'"):
-        training.make_autoencoder(config)
+        models.make_autoencoder(config)

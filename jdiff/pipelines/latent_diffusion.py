@@ -323,7 +323,7 @@ def load_latent_diffusion(
     import pathlib
 
     from jdiff import autoencoder as autoencoders
-    from jdiff import runs, training
+    from jdiff import models, runs
     from jdiff.tokenizer import CLIPTokenizer
 
     workdir = pathlib.Path(workdir)
@@ -334,7 +334,7 @@ def load_latent_diffusion(
             raise ValueError(f"{workdir} fine-tunes converted weights, which bring their own "
                              "autoencoder: autoencoder_workdir applies to models trained on a "
                              "train.py autoencoder")  # fmt: skip
-        p = training.load_pretrained_parts(config)
+        p = models.load_pretrained_parts(config)
         model = LatentDiffusion.from_pretrained(p)
         return model, {**tuned, "autoencoder": p.params["autoencoder"]}, config
     vae_model, vae_params, info = autoencoders.load(
@@ -344,10 +344,10 @@ def load_latent_diffusion(
         _, own_params, own = autoencoders.load(config.latent.autoencoder_workdir)
         autoencoders.check_same_encoder(vae_params, own_params, name=str(autoencoder_workdir))
         info = info | {"scaling_factor": own["scaling_factor"]}  # the one the model learnt on
-    text = training.make_text_encoder(config)
-    unet = training.make_latent_unet(config, info["latent_shape"][-1], text.hidden_size)
+    text = models.make_text_encoder(config)
+    unet = models.make_latent_unet(config, info["latent_shape"][-1], text.hidden_size)
     model = LatentDiffusion(
-        unet, text, vae_model, training.make_schedule(config.diffusion),
+        unet, text, vae_model, models.make_schedule(config.diffusion),
         CLIPTokenizer.default(max_length=config.text.max_length), info["scaling_factor"],
         image_size=config.data.image_size,
         sampler_options=(("prediction_type", config.diffusion.prediction_type),),

@@ -1,0 +1,125 @@
+"""Networks and schedules from a config: the U-Net, the latent U-Net with its image
+conditioning, the text encoder, the autoencoder, the noise schedule, and pretrained parts for
+fine-tuning. The one place that turns `config.model` / `config.text` / `config.diffusion` into
+modules (`train.py`, `jdiff.runs` and the pipelines all build through it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from jdiff import schedules, superres
+from jdiff.nn import VARIANTS, UNet, text_encoder, vae
+from jdiff.nn.text_encoder import CLIPTextModel
+from jdiff.nn.vae import AutoencoderKL
+from jdiff.schedules import Schedule
+
+
+def make_schedule(diffusion: Any) -> Schedule:
+    """The noise schedule of `config.diffusion` (its beta_start/beta_end unused by "cosine")."""
+    betas = {}
+    if diffusion.schedule != "cosine":
+        betas = {"beta_start": diffusion.get("beta_start"), "beta_end": diffusion.get("beta_end")}
+    return schedules.get_schedule(diffusion.schedule, diffusion.num_timesteps, **betas)
+
+
+def make_model(
+    config: Any,
+    num_classes: int | None = None,
+    *,
+    channels: int | None = None,
+    context_dim: int | None = None,
+    extra_channels: int = 0,
+    class_embeds: int | None = None,
+) -> UNet:
+    """The U-Net of `config.model` (a `VARIANTS` name plus field overrides) for the data's
+    channels (or `channels`, e.g. an autoencoder's latent channels): 2 x channels out for a
+    learned variance, a null class added to `num_classes`, cross-attention on a `context` of
+    width `context_dim` (a text encoder's), `extra_channels` more input channels (image
+    conditioning by concatenation: masks, masked-image latents, low-resolution images) and
+    `class_embeds` class embeddings (a super-resolution model's noise levels)."""
+    model = config.model
+    if model.variant not in VARIANTS:
+        raise ValueError(f"model.variant={model.variant!r}; expected one of {sorted(VARIANTS)}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model.overrides.items()}
+    fields = {**VARIANTS[model.variant], **overrides}
+    channels = channels or config.data.channels
+    learned = config.diffusion.loss == "hybrid"
+    fields.update(in_channels=channels + extra_channels,
+                  out_channels=channels * (2 if learned else 1))  # fmt: skip
+    if context_dim is not None:
+        fields["cross_attention_dim"] = context_dim
+    if model.get("class_conditional", False):
+        if num_classes is None:
+            raise ValueError("model.class_conditional needs a data set with class labels")
+        fields["num_class_embeds"] = num_classes + 1  # the last is the null class
+    if class_embeds is not None:
+        fields["num_class_embeds"] = class_embeds
+    return UNet(**fields, dtype=_dtype(model.dtype), remat=model.remat)
+
+
+CONDITIONINGS = ("inpaint", "upscale")
+
+
+def make_latent_unet(config: Any, channels: int, context_dim: int) -> UNet:
+    """The U-Net of a latent text-conditional config, with the input channels and class
+    embeddings its `latent.conditioning` needs: "inpaint" (mask + masked-image latents, SD's
+    9-channel layout at c = 4), "upscale" (the low-resolution RGB image + 351 noise levels,
+    SD x4's design), or none."""
+    kind = config.latent.get("conditioning") or None
+    if kind is not None and kind not in CONDITIONINGS:
+        raise ValueError(f"latent.conditioning={kind!r}; expected one of {CONDITIONINGS} or None")
+    extra = {"inpaint": channels + 1, "upscale": 3}.get(kind, 0)
+    levels = superres.MAX_NOISE_LEVEL + 1 if kind == "upscale" else None
+    return make_model(config, channels=channels, context_dim=context_dim, extra_channels=extra,
+                      class_embeds=levels)  # fmt: skip
+
+
+def make_text_encoder(config: Any) -> CLIPTextModel:
+    """The text encoder of `config.text` (a `jdiff.nn.text_encoder.VARIANTS` name plus field
+    overrides; positions = the tokenizer's `max_length`), in `config.model.dtype`."""
+    text = config.text
+    if text.variant not in text_encoder.VARIANTS:
+        raise ValueError(
+            f"text.variant={text.variant!r}; expected one of {sorted(text_encoder.VARIANTS)}"
+        )
+    fields = {**text_encoder.VARIANTS[text.variant], **dict(text.overrides.items())}
+    fields["max_position_embeddings"] = text.max_length
+    return CLIPTextModel(**fields, dtype=_dtype(config.model.dtype))
+
+
+def load_pretrained_parts(config: Any):
+    """`jdiff.interop.load_pretrained(config.latent.pretrained)` for fine-tuning: the U-Net in
+    `config.model.dtype` (and `remat`), the text encoder in it too, the autoencoder float32."""
+    import dataclasses
+
+    from jdiff import interop
+
+    p = interop.load_pretrained(config.latent.pretrained)
+    if not p.is_latent or p.text_encoder is None:
+        raise ValueError(f"latent.pretrained={config.latent.pretrained!r} is not a latent "
+                         "text-to-image model (Stable Diffusion)")  # fmt: skip
+    dtype = _dtype(config.model.dtype)
+    return dataclasses.replace(p, unet=p.unet.clone(dtype=dtype, remat=config.model.remat),
+                               text_encoder=p.text_encoder.clone(dtype=dtype))  # fmt: skip
+
+
+def make_autoencoder(config: Any) -> AutoencoderKL:
+    """The autoencoder of `config.model` (a `jdiff.nn.vae.VARIANTS` name plus field overrides)
+    for the data's channels."""
+    model = config.model
+    if model.variant not in vae.VARIANTS:
+        raise ValueError(f"model.variant={model.variant!r}; expected one of {sorted(vae.VARIANTS)}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model.overrides.items()}
+    fields = {**vae.VARIANTS[model.variant], **overrides}
+    channels = config.data.channels
+    fields.update(in_channels=channels, out_channels=channels)
+    return AutoencoderKL(**fields, dtype=_dtype(model.dtype))
+
+
+def _dtype(name: str):
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"model.dtype={name!r}; expected one of {sorted(dtypes)}")
+    return dtypes[name]

@@ -1,0 +1,450 @@
+"""What `sample.py` does, as library calls: a `Request` (its flags, typed) and the tasks.
+
+    request = sampling.Request(num_samples=16, prompts=("a red circle at the top left",))
+    sampling.sample_workdir(pathlib.Path("outputs/ldm_shapes"), request)
+    sampling.sample_pretrained(pathlib.Path("stable-diffusion-v1-5"), request)
+
+A diffusion workdir samples (class labels cycling 0..K-1, guided at `guidance_scale`), or
+repaints `init_image` under `mask` / `outpaint` with RePaint; a text-conditional latent run (or
+pretrained Stable Diffusion) does txt2img, img2img, inpainting / outpainting (its own sampler
+when trained for it, RePaint on latents otherwise) and, a super-resolution run, `upscale`.
+Every task writes a grid PNG and an .npz (image tasks also a side-by-side comparison) and prints
+their paths. Expected failures (a file that is not there, an option that does not apply) are
+ValueError / FileNotFoundError naming the option as sample.py spells it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdiff import (
+    data,
+    diffusion,
+    images,
+    inpainting,
+    models,
+    pipelines,
+    runs,
+    samplers,
+    superres,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What to sample, as sample.py's flags name it; None: the model's or the task's default.
+
+    Workdir runs: `step` (latest), `ema`, `vae` (another autoencoder for a latent run).
+    Sampler: `method` (ddim; pretrained: its scheduler's), `num_steps`, `seed`, `num_samples`
+    (64; pretrained text models: one per prompt), `guidance_scale` (1 for class models, the
+    config's for text models, 7.5 pretrained), `eta`. Text: `prompts`, `negative_prompt`.
+    Image tasks: `init_image` (+ `strength`: img2img 0.8, inpainting 1), `mask` or `outpaint`
+    (+ `overlap`), `upscale` (+ `noise_level`), `projection`, RePaint's `jump_length` and
+    `jump_n_sample`. Pretrained weights: `prediction_type`, `image_size`, `allow_pickle`,
+    `dtype`, `output_dir` (./samples).
+    """
+
+    step: int | None = None
+    ema: bool = True
+    vae: str | None = None
+    method: str | None = None
+    num_steps: int = 50
+    seed: int = 0
+    num_samples: int | None = None
+    guidance_scale: float | None = None
+    eta: float | None = None
+    trajectory: bool = False
+    prompts: tuple[str, ...] = ()
+    negative_prompt: str | None = None
+    init_image: str | None = None
+    strength: float | None = None
+    mask: str | None = None
+    outpaint: str | None = None
+    overlap: int = 4
+    upscale: str | None = None
+    noise_level: int = 20
+    projection: float | None = None
+    jump_length: int | None = None
+    jump_n_sample: int | None = None
+    prediction_type: str | None = None
+    image_size: int | None = None
+    allow_pickle: bool = False
+    dtype: str = "float32"
+    output_dir: str | None = None
+
+    @property
+    def repaints(self) -> bool:
+        """Whether an image is to be repainted (`mask`) or extended (`outpaint`)."""
+        return bool(self.mask or self.outpaint)
+
+
+def load_run(workdir: pathlib.Path, step: int | None = None):
+    """(config, num_classes, model, schedule, run) of a diffusion train.py workdir."""
+    config, task, _ = runs.read_config(workdir)
+    if task == "autoencoder":
+        raise ValueError(
+            f"{workdir} holds an autoencoder (task={config.task!r}), not a diffusion model: its "
+            "reconstructions are in samples/ and its PSNR and scaling factor in autoencoder.json"
+        )
+    run = runs.restore(workdir, step)
+    model = models.make_model(config, run.num_classes)
+    return config, run.num_classes, model, models.make_schedule(config.diffusion), run
+
+
+def trajectory_strip(config, model, schedule, params, key, frames: int = 10,
+                     num_classes: int | None = None) -> np.ndarray:  # fmt: skip
+    """Two rows of `frames` images (uint8 [2H+pad, frames*(W+pad)+pad, C]): a data image noised
+    at evenly spaced t (q_sample), and a sample's states at evenly spaced steps of a DDPM run
+    (T steps would be slow: 100)."""
+    size, channels = config.data.image_size, config.data.channels
+    source = data.load_source(config.data.name, split=config.data.split,
+                              data_dir=config.data.data_dir or None)  # fmt: skip
+    x0 = data.preprocess(source[0]["image"], image_size=size)[None]
+    t = np.linspace(0, schedule.num_timesteps - 1, frames).round().astype(np.int32)
+    k_noise, k_sample = jax.random.split(key)
+    noise = jax.random.normal(k_noise, (1, size, size, channels))
+    forward = jax.vmap(lambda ti: diffusion.q_sample(schedule, x0, ti[None], noise)[0])(t)
+    generate = pipelines.make_generate(
+        model, schedule, shape=(1, size, size, channels), method="ddpm", num_steps=100,
+        learned_variance=config.diffusion.loss == "hybrid", return_trajectory=True,
+        prediction_type=config.diffusion.prediction_type, null_class=num_classes,
+    )  # fmt: skip
+    labels = None if model.num_class_embeds is None else jnp.zeros(1, int)
+    _, states = jax.jit(generate)(params, k_sample, labels)
+    reverse = states[np.linspace(0, len(states) - 1, frames).round().astype(int), 0]
+    return images.make_grid(images.to_uint8(np.concatenate([forward, reverse])), ncols=frames)
+
+
+def sample_workdir(workdir: pathlib.Path, r: Request) -> None:
+    """Sample (or repaint) with any diffusion train.py workdir; outputs to workdir/samples/."""
+    _, task, _ = runs.read_config(workdir)
+    if task == "latent_diffusion":
+        return sample_text(workdir, r)
+    if r.vae:
+        raise ValueError(f"--vae applies to latent diffusion runs; {workdir} holds a {task} run")
+    config, num_classes, model, schedule, state = load_run(workdir, r.step)
+    params = state.ema_params if r.ema else state.params
+    if r.upscale:
+        raise ValueError("--upscale needs a super-resolution run (configs/sr_shapes.py); "
+                         f"{workdir} holds a pixel-space model")  # fmt: skip
+    out = workdir / "samples"
+    if r.repaints:
+        return repaint_pixels(model, schedule, params, config.data.image_size,
+                              config.data.channels, num_classes,
+                              {"prediction_type": config.diffusion.prediction_type}, out, r,
+                              f"_step{int(state.step)}")  # fmt: skip
+    size, channels, n = config.data.image_size, config.data.channels, r.num_samples or 64
+    method = r.method or "ddim"
+    generate = pipelines.make_generate(
+        model, schedule, shape=(n, size, size, channels), method=method,
+        num_steps=r.num_steps, null_class=num_classes,
+        learned_variance=config.diffusion.loss == "hybrid",
+        prediction_type=config.diffusion.prediction_type,
+        **({} if r.eta is None else {"eta": r.eta}),
+    )  # fmt: skip
+    labels = None if num_classes is None else jnp.arange(n) % num_classes
+    key = jax.random.key(r.seed)
+    scale = 1.0 if r.guidance_scale is None else r.guidance_scale
+    # the scale compiled in: at 1 (the default) the conditional model alone, one U-Net call
+    x = np.asarray(jax.jit(functools.partial(generate, guidance_scale=scale))(params, key, labels))
+    eta = "" if r.eta is None else f"_eta{r.eta:g}"
+    guided = "" if num_classes is None or scale == 1 else f"_cfg{scale:g}"
+    stem = f"{method}{r.num_steps}{eta}{guided}_seed{r.seed}_step{int(state.step)}"
+    save_samples(out, stem, x, labels=np.asarray(labels if labels is not None else []))
+    if r.trajectory:
+        strip = trajectory_strip(config, model, schedule, params, key, num_classes=num_classes)
+        path = images.save_png(out / f"trajectory_seed{r.seed}.png", strip,
+                               scale=max(1, 64 // config.data.image_size))  # fmt: skip
+        print(f"trajectory: {path}")
+
+
+def save_samples(out: pathlib.Path, stem: str, x, **arrays) -> None:
+    """Samples x ([N, H, W, C] in [-1, 1]) as out/stem.png (a grid) and out/stem.npz (uint8
+    `images` and `arrays`); prints both paths."""
+    x = np.asarray(x)
+    grid = images.save_grid(out / f"{stem}.png", x)
+    npz = out / f"{stem}.npz"
+    np.savez(npz, images=images.to_uint8(x), **arrays)
+    print(f"samples: {grid}\narrays: {npz}")
+
+
+def load_image(
+    path: str, size: int, channels: int = 3, *, flag: str = "--init_image"
+) -> np.ndarray:
+    """An image file as float32 [size, size, channels] in [-1, 1] (centre-cropped, resized;
+    one channel: greyscale). A file that cannot be read is a FileNotFoundError naming `flag`."""
+    from PIL import Image
+
+    try:
+        image = np.asarray(Image.open(path).convert("RGB" if channels == 3 else "L"))
+    except (FileNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"{flag} {path}: {e}") from None
+    return data.preprocess(image.reshape(*image.shape[:2], -1), image_size=size)
+
+
+def load_mask(path: str, size: int, *, flag: str = "--mask") -> np.ndarray:
+    """A mask image as float32 [size, size, 1] in [0, 1] (white = 1 = repaint), centre-cropped
+    as `load_image` crops the image, resized with nearest neighbours."""
+    from PIL import Image
+
+    try:
+        mask = Image.open(path).convert("L")
+    except (FileNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"{flag} {path}: {e}") from None
+    w, h = mask.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    mask = mask.crop(box).resize((size, size), Image.Resampling.NEAREST)
+    return (np.asarray(mask, np.float32) / 255.0)[..., None]
+
+
+def image_task(r: Request, size: int, channels: int, n: int, multiple: int):
+    """The inputs of `mask` / `outpaint`: (images [n, H, W, C], masks [n, H, W, 1], canvas or
+    None), the image repeated n times; outpainting grows the canvas (to `multiple`)."""
+    if r.mask and r.outpaint:
+        raise ValueError("pass --mask (inpainting) or --outpaint, not both")
+    if not r.init_image:
+        flag = "--mask" if r.mask else "--outpaint"
+        raise ValueError(f"{flag} needs --init_image (the image to repaint or extend)")
+    init = np.repeat(load_image(r.init_image, size, channels)[None], n, 0)
+    if r.mask:
+        return init, inpainting.check_masks(load_mask(r.mask, size), init), None
+    canvas = inpainting.outpaint_canvas(init, **inpainting.parse_sides(r.outpaint),
+                                        overlap=r.overlap, multiple=multiple)  # fmt: skip
+    return canvas.image, canvas.masks, canvas
+
+
+def check_repaint(r: Request) -> None:
+    """Refuse the options RePaint does not take."""
+    if r.method not in (None, "ddim") or r.strength is not None:
+        raise ValueError(
+            "--mask/--outpaint repaint with RePaint's DDIM steps from noise: no --method or "
+            "--strength (use --eta, --jump_length, --jump_n_sample)"
+        )
+
+
+def repaint_options(r: Request) -> dict:
+    """The RePaint settings given in the request."""
+    given = {"eta": r.eta, "jump_length": r.jump_length, "jump_n_sample": r.jump_n_sample}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def repaint_stem(r: Request, options: dict, guidance: float | None) -> str:
+    """The file stem of a RePaint result: mode, steps x jump length x jumps, η, scale, seed."""
+    o = samplers.REPAINT_DEFAULTS | options
+    mode = "outpaint" if r.outpaint else "repaint"
+    cfg = "" if guidance is None else f"_cfg{guidance:g}"
+    return (f"{mode}_{r.num_steps}x{o['jump_length']}x{o['jump_n_sample']}_eta{o['eta']:g}"
+            f"{cfg}_seed{r.seed}")  # fmt: skip
+
+
+def save_image_task(out: pathlib.Path, stem: str, x, inputs, masks, canvas, **arrays) -> None:
+    """Write the results (grid PNG), a side-by-side comparison (input with the repainted area
+    grey | result, one pair per row) and an .npz of results, inputs and masks; print paths."""
+    x = np.asarray(x)
+    if canvas is not None:  # blend the overlap band, crop the padding
+        x = canvas.finish(x)
+        inputs, masks = inputs[:, : x.shape[1], : x.shape[2]], masks[:, : x.shape[1], : x.shape[2]]
+    shown = np.where(masks >= 0.5, 0.0, inputs)
+    save_results(out, stem, x, shown, inputs=images.to_uint8(inputs),
+                 masks=masks[..., 0].astype(np.uint8), **arrays)  # fmt: skip
+
+
+def save_results(out: pathlib.Path, stem: str, x, shown, **arrays) -> None:
+    """Results (grid PNG), the comparison (`shown` | result, a pair per row) and an .npz."""
+    grid = images.save_grid(out / f"{stem}.png", x)
+    pairs = np.stack([shown, x], 1).reshape(-1, *x.shape[1:])
+    comparison = images.save_grid(out / f"{stem}_comparison.png", pairs, ncols=2)
+    npz = out / f"{stem}.npz"
+    np.savez(npz, images=images.to_uint8(x), **arrays)
+    print(f"results: {grid}\ncomparison: {comparison}\narrays: {npz}")
+
+
+def repaint_pixels(model, schedule, params, size, channels, num_classes, settings, out, r,
+                   suffix="") -> None:  # fmt: skip
+    """`mask` / `outpaint` with a pixel-space model: RePaint, classifier-free guided for a
+    class-conditional model (labels cycling 0..K-1); `settings`: the model's sampler settings
+    (prediction_type, ...) that RePaint takes."""
+    check_repaint(r)
+    if r.projection is not None:
+        raise ValueError("--projection is for latent models; a pixel model's known region is "
+                         "kept exactly without it")  # fmt: skip
+    n = r.num_samples or 8
+    inputs, masks, canvas = image_task(r, size, channels, n, model.downsample_factor)
+    settings = {k: v for k, v in settings.items() if k in samplers.REPAINT_DEFAULTS}
+    options = settings | repaint_options(r)
+    inpaint = pipelines.make_repaint(model, schedule, shape=inputs.shape,
+                                     num_steps=r.num_steps, null_class=num_classes,
+                                     **options)  # fmt: skip
+    labels = None if num_classes is None else jnp.arange(n) % num_classes
+    scale = 1.0 if r.guidance_scale is None else r.guidance_scale
+    print(f"repainting {n} image(s) of {inputs.shape[1]}x{inputs.shape[2]} with RePaint, "
+          f"{r.num_steps} steps (the first call compiles)", flush=True)  # fmt: skip
+    x = jax.jit(inpaint)(params, inputs, masks, jax.random.key(r.seed), labels, scale)
+    stem = repaint_stem(r, options, scale if num_classes is not None else None) + suffix
+    save_image_task(out, stem, x, inputs, masks, canvas,
+                    labels=np.asarray(labels if labels is not None else []))  # fmt: skip
+
+
+def sample_text(workdir: pathlib.Path, r: Request) -> None:
+    """txt2img (or img2img, inpainting, upscaling) from a latent text-conditional run."""
+    model, params, config = pipelines.load_latent_diffusion(
+        workdir, r.step, ema=r.ema, autoencoder_workdir=r.vae
+    )
+    out = workdir / "samples"
+    if r.vae:
+        out = out / f"with_{pathlib.Path(r.vae).absolute().name}"
+    prompts = list(r.prompts) or list(config.sample.get("prompts", ()))
+    method = r.method or "ddim"
+    guidance = config.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale
+    # the sampler options of the config (η = 1 for DDIM) when its sampler is the one asked for
+    options = dict(config.sample.get("options", {})) if method == config.sample.method else {}
+    generate_text(model, params, prompts, r.num_samples or 64, method, guidance, options,
+                  config.data.image_size, out, r)  # fmt: skip
+
+
+def generate_text(model, params, prompts, n, method, guidance, options, size, out, r) -> None:
+    """txt2img, img2img (`init_image`), inpainting / outpainting (`mask` / `outpaint`) or
+    super-resolution (`upscale`) for `prompts` cycled to n images; writes a grid (and for the
+    image tasks a comparison) and an .npz to `out`."""
+    if r.eta is not None:
+        options["eta"] = r.eta
+    if r.upscale:
+        return upscale_text(model, params, list(r.prompts), n, method, guidance, options, size,
+                            out, r)  # fmt: skip
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable)")
+    prompts = (prompts * n)[:n]
+    if r.repaints and not model.is_inpainting:
+        return repaint_text(model, params, prompts, n, guidance, options, size, out, r)
+    common = {"negative_prompts": r.negative_prompt, "guidance_scale": guidance,
+              "num_steps": r.num_steps, "method": method, **options}  # fmt: skip
+    key = jax.random.key(r.seed)
+    print(f"sampling {n} image(s) with {method} x {r.num_steps} steps, guidance "
+          f"{guidance:g} (the first call compiles)", flush=True)  # fmt: skip
+    eta = f"_eta{options['eta']:g}" if "eta" in options else ""
+    suffix = f"_{method}{r.num_steps}{eta}_cfg{guidance:g}_seed{r.seed}"
+    if r.repaints:  # a model trained for inpainting
+        if r.projection is not None:
+            raise ValueError("--projection is RePaint's (models not trained for inpainting); "
+                             "this model sees the known pixels itself")  # fmt: skip
+        multiple = model.autoencoder.downsample_factor * model.unet.downsample_factor
+        inputs, masks, canvas = image_task(r, size, 3, n, multiple)
+        strength = 1.0 if r.strength is None else r.strength
+        x = model.inpaint(params, inputs, masks, prompts, key, strength=strength, paste=True,
+                          **common)  # fmt: skip
+        stem = f"{'outpaint' if canvas else 'inpaint'}_s{strength:g}{suffix}"
+        return save_image_task(out, stem, x, inputs, masks, canvas, prompts=np.asarray(prompts))
+    if r.init_image:
+        init = load_image(r.init_image, size)
+        strength = 0.8 if r.strength is None else r.strength
+        x = model.img2img(params, np.repeat(init[None], n, 0), prompts, key,
+                          strength=strength, **common)  # fmt: skip
+        stem = f"img2img_s{strength:g}"
+    else:
+        x = model.txt2img(params, prompts, key, **common)
+        stem = "txt2img"
+    save_samples(out, f"{stem}{suffix}", x, prompts=np.asarray(prompts))
+
+
+def upscale_text(model, params, prompts, n, method, guidance, options, size, out, r) -> None:
+    """`upscale` with a super-resolution latent model: the image, centre-cropped and resized
+    to the model's low resolution (its image size / the autoencoder's factor), repeated n
+    times, upscaled with the prompts (default: the empty prompt)."""
+    if not model.is_upscaler:
+        raise ValueError("--upscale needs a super-resolution model (train configs/sr_shapes.py)")
+    if r.init_image or r.repaints:
+        raise ValueError("--upscale takes its image itself: no --init_image, --mask, --outpaint")
+    low = load_image(r.upscale, size // model.autoencoder.downsample_factor, 3,
+                            flag="--upscale")  # fmt: skip
+    low = np.repeat(low[None], n, 0)
+    prompts = ((prompts or [""]) * n)[:n]
+    level = r.noise_level
+    if r.projection is not None:
+        options = options | {"project_low_res": r.projection}
+    print(f"upscaling {n} time(s) {low.shape[1]}x{low.shape[2]} -> {size}x{size} with {method} "
+          f"x {r.num_steps} steps, noise level {level} (the first call compiles)",
+          flush=True)  # fmt: skip
+    x = model.upscale(params, low, jax.random.key(r.seed), prompts,
+                      negative_prompts=r.negative_prompt, guidance_scale=guidance,
+                      noise_level=level, num_steps=r.num_steps, method=method,
+                      **options)  # fmt: skip
+    x = np.asarray(x)
+    bicubic = np.asarray(superres.upsample(low, x.shape[1:3]))
+    stem = f"upscale_{method}{r.num_steps}_noise{level}_cfg{guidance:g}_seed{r.seed}"
+    save_results(out, stem, x, bicubic, inputs=images.to_uint8(low), prompts=np.asarray(prompts))
+
+
+def repaint_text(model, params, prompts, n, guidance, options, size, out, r) -> None:
+    """`mask` / `outpaint` with a text-conditional latent model not trained for inpainting:
+    RePaint on its latents, one prompt per image."""
+    check_repaint(r)
+    multiple = model.autoencoder.downsample_factor * model.unet.downsample_factor
+    inputs, masks, canvas = image_task(r, size, 3, n, multiple)
+    repaint = {k: v for k, v in options.items() if k in samplers.REPAINT_DEFAULTS}
+    repaint |= repaint_options(r)
+    if r.projection is not None:
+        repaint["project_known_pixels"] = r.projection
+    print(f"repainting {n} image(s) of {inputs.shape[1]}x{inputs.shape[2]} with RePaint, "
+          f"{r.num_steps} steps, guidance {guidance:g} (the first call compiles)",
+          flush=True)  # fmt: skip
+    x = model.inpaint(params, inputs, masks, prompts, jax.random.key(r.seed),
+                      negative_prompts=r.negative_prompt, guidance_scale=guidance,
+                      num_steps=r.num_steps, **repaint)  # fmt: skip
+    save_image_task(out, repaint_stem(r, repaint, guidance), x, inputs, masks, canvas,
+                    prompts=np.asarray(prompts))  # fmt: skip
+
+
+def sample_pretrained(path: pathlib.Path, r: Request) -> None:
+    """Generate from converted Stable Diffusion (txt2img, img2img, inpainting) or DDPM
+    weights; outputs to `output_dir` (./samples)."""
+    from jdiff import interop
+
+    print(f"loading {path}", flush=True)
+    p = interop.load_pretrained(
+        path,
+        prediction_type=r.prediction_type,
+        image_size=r.image_size,
+        allow_pickle=r.allow_pickle,
+        dtype=jnp.dtype(r.dtype),  # U-Net and text encoder; the VAE stays float32
+    )
+    out = pathlib.Path(r.output_dir or "samples").absolute()
+    method = r.method or p.scheduler.method
+    if p.is_latent:
+        model = pipelines.LatentDiffusion.from_pretrained(p)
+        guidance = 7.5 if r.guidance_scale is None else r.guidance_scale
+        prompts = list(r.prompts)
+        n = r.num_samples or len(prompts)
+        return generate_text(model, p.params, prompts, n, method, guidance, {}, p.image_size,
+                             out, r)  # fmt: skip
+    if p.unet.num_class_embeds is not None:
+        raise ValueError("class-conditional pretrained U-Nets are not supported by sample.py")
+    if r.upscale:
+        raise ValueError(f"--upscale needs a super-resolution model; {path} is a pixel-space "
+                         "U-Net")  # fmt: skip
+    if r.repaints:
+        return repaint_pixels(p.unet, p.scheduler.make_schedule(), p.params["unet"],
+                              p.image_size, p.unet.in_channels, None, p.scheduler.options,
+                              out, r)  # fmt: skip
+    if r.prompts or r.init_image:
+        raise ValueError(f"{path} is a pixel-space U-Net without a text encoder: it takes no "
+                         "--prompt, and --init_image only with --mask or --outpaint")  # fmt: skip
+    n, size = r.num_samples or 64, p.image_size
+    options = p.scheduler.options_for(method)
+    if r.eta is not None:
+        options["eta"] = r.eta
+    channels = p.unet.in_channels
+    generate = pipelines.make_generate(
+        p.unet, p.scheduler.make_schedule(), shape=(n, size, size, channels), method=method,
+        num_steps=r.num_steps, learned_variance=p.unet.out_channels == 2 * channels,
+        **options,
+    )  # fmt: skip
+    print(f"sampling {n} image(s) with {method} x {r.num_steps} steps", flush=True)
+    x = np.asarray(jax.jit(generate)(p.params["unet"], jax.random.key(r.seed)))
+    save_samples(out, f"{method}{r.num_steps}_seed{r.seed}", x)
