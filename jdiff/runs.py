@@ -96,7 +96,7 @@ def restore(
     """
     import orbax.checkpoint as ocp
 
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).absolute()  # orbax reads no metadata of a relative path
     config, found, info = read_config(workdir)
     if task is not None and found != task:
         raise ValueError(f"{workdir} holds a {found!r} run, not {TASKS[task]}")

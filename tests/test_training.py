@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import pathlib
 import shutil
 import signal
 
@@ -42,7 +43,7 @@ def test_train_writes_checkpoints_config_metrics_and_samples(uninterrupted):
     )
 
 
-def test_runs_restore_reads_any_checkpoint_without_the_optimizer(uninterrupted):
+def test_runs_restore_reads_any_checkpoint_without_the_optimizer(uninterrupted, monkeypatch):
     workdir = uninterrupted[0]
     state = final_state(workdir)
     run = runs.restore(workdir)
@@ -51,6 +52,8 @@ def test_runs_restore_reads_any_checkpoint_without_the_optimizer(uninterrupted):
     assert_same_tree(run.params, state.params)
     assert_same_tree(run.weights(), state.ema_params)
     assert runs.restore(workdir, 2).step == 2
+    monkeypatch.chdir(workdir.parent)  # a relative workdir, as configs name them
+    assert_same_tree(runs.restore(pathlib.Path(workdir.name)).params, state.params)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint 3 .*available: \[2, 4\]"):
         runs.restore(workdir, 3)
     with pytest.raises(ValueError, match="holds a 'diffusion' run, not an autoencoder"):
