@@ -1,9 +1,11 @@
 """Latent pipelines (text-to-image, image-to-image, inpainting with an inpainting model or
-RePaint with any model, super-resolution): pure `make_*` factories of functions to jit, each
-encode -> noise -> guided model -> sample -> decode with the autoencoder."""
+RePaint with any model, super-resolution): pure `make_*` factories of functions to jit. Each
+is encode -> noise -> guided model -> sample -> decode with the autoencoder, written once in
+`_Skeleton`; a factory says only what it encodes, concatenates and starts from."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -31,6 +33,59 @@ def decode_latents(autoencoder: AutoencoderKL, vae_params, z, scaling_factor: fl
     in the autoencoder's own dtype, clipped)."""
     images = autoencoder.apply({"params": vae_params}, z / scaling_factor, method="decode")
     return jnp.clip(images, -1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skeleton:
+    """What every latent factory shares, written once: encode -> noise -> guided model ->
+    sample -> decode. Each `make_*` builds one and its function to jit only says what it
+    encodes, what it concatenates to the latents and where it starts."""
+
+    unet: UNet
+    text_encoder: CLIPTextModel
+    autoencoder: AutoencoderKL
+    schedule: Schedule
+    latent_shape: tuple[int, int, int, int]
+    scaling_factor: float
+    method: str
+    num_steps: int
+    guidance_rescale: float
+    options: dict
+
+    def encode(self, vae_params, images, key=None):
+        """`encode_latents` with this autoencoder: [N, H, W, 3] -> [N, h, w, c]."""
+        return encode_latents(self.autoencoder, vae_params, images, self.scaling_factor, key)
+
+    def decode(self, vae_params, z):
+        """`decode_latents` with this autoencoder: [N, h, w, c] -> [N, H, W, 3]."""
+        return decode_latents(self.autoencoder, vae_params, z, self.scaling_factor)
+
+    def guided(self, params, ids, uncond_ids, guidance_scale, extra=None, class_labels=None):
+        """The classifier-free guided model function: the prompts' and the negative (or
+        empty) prompts' encodings as `context`; `extra` [N, h, w, k] concatenated to the
+        U-Net's input and `class_labels` [N] passed to it, the same in both halves."""
+
+        def encode(tokens):
+            return self.text_encoder.apply({"params": params["text_encoder"]},
+                                           tokens).last_hidden_state  # fmt: skip
+
+        cond = Conditioning(context=encode(ids), class_labels=class_labels, concat=extra)
+        null = cond.replace(context=encode(uncond_ids))
+        fn = conditioning.make_model_fn(self.unet, params["unet"])
+        return guidance.classifier_free(fn, cond, null, guidance_scale,
+                                        guidance_rescale=self.guidance_rescale)  # fmt: skip
+
+    def denoise(self, fn, key, *, z0=None, noise=None, start_step=0):
+        """Sampled latents [N, h, w, c]: from `noise` (x_T; drawn from `key` when None), or,
+        given clean latents z0, from z0 noised with `noise` to grid step `start_step`."""
+        x_T = noise
+        if z0 is not None:
+            x_T = samplers.add_noise(self.schedule, z0, noise, method=self.method,
+                                     num_steps=self.num_steps, start_step=start_step,
+                                     **self.options)  # fmt: skip
+        return samplers.sample(fn, self.schedule, key, self.latent_shape, method=self.method,
+                               num_steps=self.num_steps, x_T=x_T, start_step=start_step,
+                               **self.options)  # fmt: skip
 
 
 def make_txt2img(
@@ -64,12 +119,12 @@ def make_txt2img(
       retrace.
     """
 
+    sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
+                   method, num_steps, guidance_rescale, options)  # fmt: skip
+
     def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None):
-        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
-                           guidance_rescale)  # fmt: skip
-        z = samplers.sample(fn, schedule, key, latent_shape, method=method, num_steps=num_steps,
-                            x_T=latents, **options)  # fmt: skip
-        return decode_latents(autoencoder, vae_params, z, scaling_factor)
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale)
+        return sk.decode(vae_params, sk.denoise(fn, key, noise=latents))
 
     return generate
 
@@ -106,19 +161,17 @@ def make_img2img(
       guidance_scale=7.5) -> images [N, H, W, 3]. `strength` and `num_steps` are compiled in.
     """
     start = img2img_start_step(num_steps, strength)
+    sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
+                   method, num_steps, guidance_rescale, options)  # fmt: skip
 
     def generate(params, vae_params, init_images, ids, uncond_ids, key, guidance_scale=7.5):
         k_encode, k_noise, k_sample = jax.random.split(key, 3)
-        z = encode_latents(autoencoder, vae_params, init_images, scaling_factor, k_encode)
+        z = sk.encode(vae_params, init_images, k_encode)
         if start < num_steps:
+            fn = sk.guided(params, ids, uncond_ids, guidance_scale)
             noise = jax.random.normal(k_noise, z.shape)
-            z = samplers.add_noise(schedule, z, noise, method=method, num_steps=num_steps,
-                                   start_step=start, **options)  # fmt: skip
-            fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
-                               guidance_rescale)  # fmt: skip
-            z = samplers.sample(fn, schedule, k_sample, latent_shape, method=method, x_T=z,
-                                num_steps=num_steps, start_step=start, **options)  # fmt: skip
-        return decode_latents(autoencoder, vae_params, z, scaling_factor)
+            z = sk.denoise(fn, k_sample, z0=z, noise=noise, start_step=start)
+        return sk.decode(vae_params, z)
 
     return generate
 
@@ -175,21 +228,17 @@ def make_inpaint(
     if start == num_steps:
         raise ValueError("strength=0 leaves nothing to inpaint; use 0 < strength <= 1")
 
+    sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
+                   method, num_steps, guidance_rescale, options)  # fmt: skip
+
     def generate(params, vae_params, init_images, masks, ids, uncond_ids, key,
                  guidance_scale=7.5, latents=None):  # fmt: skip
         k_encode, k_noise, k_sample = jax.random.split(key, 3)
         extra = inpaint_extra(autoencoder, vae_params, init_images, masks, scaling_factor)
         noise = jax.random.normal(k_noise, latent_shape) if latents is None else latents
-        x_T = noise
-        if start > 0:
-            z = encode_latents(autoencoder, vae_params, init_images, scaling_factor, k_encode)
-            x_T = samplers.add_noise(schedule, z, noise, method=method, num_steps=num_steps,
-                                     start_step=start, **options)  # fmt: skip
-        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
-                           guidance_rescale, extra=extra)  # fmt: skip
-        z = samplers.sample(fn, schedule, k_sample, latent_shape, method=method, x_T=x_T,
-                            num_steps=num_steps, start_step=start, **options)  # fmt: skip
-        return decode_latents(autoencoder, vae_params, z, scaling_factor)
+        z0 = sk.encode(vae_params, init_images, k_encode) if start > 0 else None
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale, extra=extra)
+        return sk.decode(vae_params, sk.denoise(fn, k_sample, z0=z0, noise=noise, start_step=start))
 
     return generate
 
@@ -232,18 +281,18 @@ def make_latent_repaint(
     guidance.check_share(project_known_pixels, "project_known_pixels")  # at build time
     prediction_type = options.get("prediction_type", samplers.REPAINT_DEFAULTS["prediction_type"])
     f = autoencoder.downsample_factor
+    sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
+                   "repaint", num_steps, guidance_rescale, options)  # fmt: skip
 
     def inpaint(params, vae_params, images, masks, ids, uncond_ids, key, guidance_scale=7.5):
-        z0 = encode_latents(autoencoder, vae_params, images, scaling_factor)
-        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
-                           guidance_rescale)  # fmt: skip
+        z0 = sk.encode(vae_params, images)
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale)
 
         def decode(z):
-            return decode_latents(autoencoder, vae_params, z, scaling_factor)
+            return sk.decode(vae_params, z)
 
         def known_pixels(z):
-            x = masks * decode(z) + (1.0 - masks) * images
-            return encode_latents(autoencoder, vae_params, x, scaling_factor)
+            return sk.encode(vae_params, masks * decode(z) + (1.0 - masks) * images)
 
         if project_known_pixels > 0:
             fn = guidance.project_prediction(fn, schedule, known_pixels,
@@ -257,22 +306,6 @@ def make_latent_repaint(
         return (x, decode(z_unpasted)) if return_unpasted else x
 
     return inpaint
-
-
-def _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale, rescale,
-                  extra=None, class_labels=None):  # fmt: skip
-    """The classifier-free guided model function of a text-conditional latent model: the
-    prompts' and the negative (or empty) prompts' encodings as `context`; `extra` [N, h, w, k]
-    concatenated to the U-Net's input channels and `class_labels` [N] passed to it, the same
-    in both halves."""
-
-    def encode(tokens):
-        return text_encoder.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
-
-    cond = Conditioning(context=encode(ids), class_labels=class_labels, concat=extra)
-    null = cond.replace(context=encode(uncond_ids))
-    fn = conditioning.make_model_fn(unet, params["unet"])
-    return guidance.classifier_free(fn, cond, null, guidance_scale, guidance_rescale=rescale)
 
 
 def make_upscale(
@@ -316,6 +349,8 @@ def make_upscale(
     guidance.check_share(project_low_res, "project_low_res")  # at build time
     low_schedule = superres.low_res_schedule()
     f = autoencoder.downsample_factor
+    sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
+                   method, num_steps, guidance_rescale, options)  # fmt: skip
 
     def upscale(params, vae_params, low_res, ids, uncond_ids, key, guidance_scale=1.0,
                 noise_level=superres.DEFAULT_NOISE_LEVEL):  # fmt: skip
@@ -326,20 +361,16 @@ def make_upscale(
             low = superres.upsample(low, (h, w))
         level = jnp.full((n,), noise_level, jnp.int32)
         noisy = diffusion.q_sample(low_schedule, low, level, jax.random.normal(k_aug, low.shape))
-        fn = _guided_model(unet, text_encoder, params, ids, uncond_ids, guidance_scale,
-                           guidance_rescale, extra=noisy, class_labels=level)  # fmt: skip
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale, extra=noisy, class_labels=level)
 
         def consistent(z):
-            x = decode_latents(autoencoder, vae_params, z, scaling_factor)
-            x = superres.project_consistent(x, low, f)
-            return encode_latents(autoencoder, vae_params, x, scaling_factor)
+            return sk.encode(vae_params, superres.project_consistent(sk.decode(vae_params, z),
+                                                                     low, f))  # fmt: skip
 
         if project_low_res > 0:
             fn = guidance.project_prediction(fn, schedule, consistent, share=project_low_res,
                                              prediction_type=options.get("prediction_type",
                                                                          "epsilon"))  # fmt: skip
-        z = samplers.sample(fn, schedule, k_sample, latent_shape, method=method,
-                            num_steps=num_steps, **options)  # fmt: skip
-        return decode_latents(autoencoder, vae_params, z, scaling_factor)
+        return sk.decode(vae_params, sk.denoise(fn, k_sample))
 
     return upscale
