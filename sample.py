@@ -47,11 +47,10 @@ The flags become one `jdiff.sampling.Request`; `jdiff.sampling` does the rest.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import app, flags, logging
 
-from jdiff import samplers, sampling, sharding
+from jdiff import cli, samplers, sampling, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.")
 _PRETRAINED = flags.DEFINE_string(
@@ -160,7 +159,8 @@ def request() -> sampling.Request:
 
 
 def main(argv) -> None:
-    """Sample from --workdir or --pretrained as the flags ask; expected failures end in one line."""
+    """Sample from --workdir or --pretrained as the flags ask; expected failures end in one line
+    (`jdiff.cli`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
@@ -170,14 +170,11 @@ def main(argv) -> None:
     if _PRETRAINED.value and _VAE.value:
         raise app.UsageError("--vae swaps the autoencoder of a latent --workdir run; "
                              "--pretrained weights bring their own")  # fmt: skip
-    try:
-        if _PRETRAINED.value:
-            sampling.sample_pretrained(pathlib.Path(_PRETRAINED.value), request())
-        else:
-            sampling.sample_workdir(pathlib.Path(_WORKDIR.value).absolute(), request())
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    if _PRETRAINED.value:
+        sampling.sample_pretrained(pathlib.Path(_PRETRAINED.value), request())
+    else:
+        sampling.sample_workdir(pathlib.Path(_WORKDIR.value).absolute(), request())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -18,13 +18,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import sharding, trainer
+from jdiff import cli, sharding, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent
+DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
 
+if __name__ == "__main__":  # ml_collections applies --config.KEY overrides as the flag is defined
+    cli.check_config_argv(sys.argv, DEFAULT_CONFIG)
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    str(ROOT / "configs" / "default.py"),
+    DEFAULT_CONFIG,
     "Config file (path[:variant]).",
     lock_config=True,
 )
@@ -39,7 +42,8 @@ def default_workdir(config_path: str) -> pathlib.Path:
 
 
 def main(argv) -> None:
-    """Train the config's run in --workdir (resuming it); expected failures end in one line."""
+    """Train the config's run in --workdir (resuming it); expected failures end in one line
+    (`jdiff.cli`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
@@ -52,11 +56,8 @@ def main(argv) -> None:
     sharding.initialize_distributed(coordinator_address=d.coordinator_address,
                                     num_processes=d.num_processes, process_id=d.process_id,
                                     auto=d.auto, timeout_s=d.timeout_s)  # fmt: skip
-    try:
-        trainer.train(config, workdir)
-    except (trainer.NonFiniteLoss, FileNotFoundError) as e:  # a missing data set or autoencoder
-        sys.exit(f"error: {e}")
+    trainer.train(config, workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main, trainer.NonFiniteLoss)

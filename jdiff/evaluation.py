@@ -210,6 +210,33 @@ def prompt_adherence(images: np.ndarray, prompts: list[str]) -> dict:
 # ----------------------------------------------------------------------------- reference networks
 
 
+def read_samples(path: pathlib.Path) -> dict:
+    """The arrays of a sample.py `.npz`, refused with a ValueError naming the file when it is
+    not one: not an .npz, no uint8 "images" [N, H, W, C] (e.g. floats, which would be read as
+    black), or labels / prompts that do not match them in number."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a sample.py .npz)")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz (sample.py writes one beside each grid)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stored = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npz ({e})") from None
+    x = stored.get("images")
+    if x is None:
+        raise ValueError(f"{path} holds no 'images' array (has {sorted(stored)})")
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3) or not len(x):
+        raise ValueError(f"{path}: 'images' is {x.dtype} {list(x.shape)}; expected uint8 "
+                         "[N, H, W, 1 or 3] (0..255), as sample.py writes")  # fmt: skip
+    for name in ("labels", "prompts"):
+        if name in stored and stored[name].size and len(stored[name]) != len(x):
+            raise ValueError(f"{path}: {len(stored[name])} {name} for {len(x)} images")
+    return stored
+
+
 def load_images(path) -> np.ndarray:
     """uint8 [N, H, W, 3] from an `.npz` (its "images") or a folder of image files (sorted by
     name; all of one size). Greyscale becomes RGB."""
@@ -404,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {e}") from None
     if folder:
         parser.error("a folder of samples needs --reference or --clip")
-    stored = np.load(args.samples)
+    stored = read_samples(args.samples)
     if "prompts" in stored:  # text-to-image samples of the embedded shapes: the rule checker
         result = prompt_adherence(stored["images"], [str(p) for p in stored["prompts"]])
         return _write(result, out)
@@ -415,4 +442,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from jdiff import cli
+
+    cli.guarded(main)()

@@ -40,3 +40,20 @@ def save_grid(path: str | pathlib.Path, x: np.ndarray, *, ncols: int | None = No
     """Save [-1, 1] samples [N, H, W, C] as one PNG grid, a small grid enlarged to >= 512 px."""
     grid = make_grid(to_uint8(x), ncols=ncols)
     return save_png(path, grid, scale=max(1, 512 // grid.shape[0]))
+
+
+def check_same_size(mask: tuple[str, str], image: tuple[str, str]) -> None:
+    """Refuse a mask file (flag, path) whose pixel size is not its image's (flag, path): both
+    are cropped and resized alike, so any other size would move the mask. ValueError naming
+    both; FileNotFoundError naming the flag of a file that cannot be read."""
+    sizes = []
+    for flag, path in (mask, image):
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except OSError as e:
+            raise FileNotFoundError(f"{flag} {path}: {e}") from None
+    if sizes[0] != sizes[1]:
+        (w, h), (iw, ih) = sizes
+        raise ValueError(f"{mask[0]} {mask[1]} is {w}x{h} pixels, {image[0]} {image[1]} "
+                         f"{iw}x{ih}: give a mask of the image's size")  # fmt: skip

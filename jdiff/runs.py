@@ -20,11 +20,14 @@ import pathlib
 from typing import Any
 
 import jax
+from absl import logging
 
 from jdiff import checkpoints
 
 TASKS = {"diffusion": "a diffusion model", "autoencoder": "an autoencoder",
          "latent_diffusion": "a latent diffusion model"}  # fmt: skip
+REQUIRED = {"diffusion": ("data", "model", "diffusion"), "autoencoder": ("data", "model"),
+            "latent_diffusion": ("data", "model", "diffusion", "latent", "text")}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,6 +72,10 @@ def read_config(workdir: str | pathlib.Path) -> tuple[Any, str, dict]:
     task = config.get("task", "diffusion")
     if task not in TASKS:
         raise ValueError(f"{workdir}: task {task!r} is not one of {sorted(TASKS)}")
+    missing = [k for k in REQUIRED[task] if k not in config]
+    if missing:
+        raise ValueError(f"{workdir}/config.json lacks the section(s) {', '.join(missing)} a "
+                         f"{task} run has: not written by train.py, or edited")  # fmt: skip
     return config, task, stored
 
 
@@ -92,6 +99,8 @@ def restore(
 
     Raises:
       FileNotFoundError: not a workdir, or no such checkpoint (naming the available ones).
+      checkpoints.CheckpointDamaged: no intact checkpoint (with step: that one is damaged);
+        with step None a damaged newest one is reported on stderr and the next older used.
       ValueError: the workdir holds another task than `task`.
     """
     import orbax.checkpoint as ocp
@@ -104,22 +113,35 @@ def restore(
     manager = checkpoints.make_manager(directory)
     try:
         available = list(manager.all_steps())
-        step = manager.latest_step() if step is None else step
     finally:
         manager.close()
-    if step is None or step not in available:
+    if not available or (step is not None and step not in available):
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory} "
                                 f"(available: {sorted(available)}); train first")  # fmt: skip
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    item = directory / str(step) / "default"  # the manager's one item
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(item).item_metadata.tree
-        wanted = {k: stored[k] for k in ("params", "ema_params", "step")}
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted
-        )
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        state = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))  # fmt: skip
+
+    def read(s: int):
+        item = directory / str(s) / "default"  # the manager's one item
+        verbosity = logging.get_verbosity()  # orbax warns that the item has no step metadata
+        logging.set_verbosity(logging.ERROR)
+        try:
+            return _read(item)
+        finally:
+            logging.set_verbosity(verbosity)
+
+    def _read(item: pathlib.Path):
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(item).item_metadata.tree
+            wanted = {k: stored[k] for k in ("params", "ema_params", "step")}
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted
+            )
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            return checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))  # fmt: skip
+
+    # the newest intact one, or exactly the one asked for (CheckpointDamaged if it is not)
+    _, state, _ = checkpoints.restore_intact([step] if step is not None else available,
+                                             directory, read)  # fmt: skip
     return Run(workdir, config, found, int(state["step"]), state["params"],
                state["ema_params"], info)  # fmt: skip

@@ -78,6 +78,26 @@ class Request:
     dtype: str = "float32"
     output_dir: str | None = None
 
+    def check(self) -> None:
+        """Refuse values no task takes (`validate.InputError` naming the flag): non-finite or
+        out-of-range numbers, empty counts, unreadable prompts."""
+        from jdiff.validate import InputError, integer, number
+
+        rules = {
+            "num_steps": integer(1, 10_000), "seed": integer(0), "num_samples": integer(1, 100_000),
+            "guidance_scale": number(0.0, 100.0), "eta": number(0.0, 10.0),
+            "strength": number(0.0, 1.0), "overlap": integer(0), "noise_level": integer(0, 350),
+            "projection": number(0.0, 1.0), "jump_length": integer(1), "jump_n_sample": integer(1),
+            "image_size": integer(8, 4096), "step": integer(0),
+        }  # fmt: skip
+        for name, rule in rules.items():
+            value = getattr(self, name)
+            if value is not None and (fits := rule.check(value)) is not None:
+                raise InputError(f"--{name}={value!r}: expected {fits}")
+        for text in (*self.prompts, self.negative_prompt or ""):
+            if any("\udc80" <= c <= "\udcff" for c in text):  # undecodable argv bytes
+                raise InputError(f"--prompt {text!r}: not valid UTF-8 text")
+
     @property
     def repaints(self) -> bool:
         """Whether an image is to be repainted (`mask`) or extended (`outpaint`)."""
@@ -123,6 +143,7 @@ def trajectory_strip(config, model, schedule, params, key, frames: int = 10,
 
 def sample_workdir(workdir: pathlib.Path, r: Request) -> None:
     """Sample (or repaint) with any diffusion train.py workdir; outputs to workdir/samples/."""
+    r.check()
     _, task, _ = runs.read_config(workdir)
     if task == "latent_diffusion":
         return sample_text(workdir, r)
@@ -133,6 +154,7 @@ def sample_workdir(workdir: pathlib.Path, r: Request) -> None:
     if r.upscale:
         raise ValueError("--upscale needs a super-resolution run (configs/sr_shapes.py); "
                          f"{workdir} holds a pixel-space model")  # fmt: skip
+    check_pixel_request(r, f"{workdir} holds a pixel-space model", num_classes)
     out = workdir / "samples"
     if r.repaints:
         return repaint_pixels(model, schedule, params, config.data.image_size,
@@ -162,6 +184,26 @@ def sample_workdir(workdir: pathlib.Path, r: Request) -> None:
         path = images.save_png(out / f"trajectory_seed{r.seed}.png", strip,
                                scale=max(1, 64 // config.data.image_size))  # fmt: skip
         print(f"trajectory: {path}")
+
+
+def check_pixel_request(r: Request, what: str, num_classes: int | None) -> None:
+    """Refuse, by flag, what a pixel-space model does not take (`what` says which model)."""
+    from jdiff.validate import InputError
+
+    if r.prompts or r.negative_prompt is not None:
+        raise InputError(f"--prompt / --negative_prompt: {what} without a text encoder")
+    if r.init_image and not r.repaints:
+        raise InputError(f"--init_image: {what}; it repaints an image with --mask or "
+                         "--outpaint (img2img needs a latent text model)")  # fmt: skip
+    if r.strength is not None and not r.repaints:
+        raise InputError(f"--strength applies to img2img; {what}")
+    if r.projection is not None:
+        raise InputError(f"--projection applies to latent models; {what}")
+    if not r.repaints and (r.jump_length is not None or r.jump_n_sample is not None):
+        raise InputError("--jump_length / --jump_n_sample are RePaint's: pass --mask or --outpaint")
+    if num_classes is None and r.guidance_scale not in (None, 1.0):
+        raise InputError(f"--guidance_scale={r.guidance_scale:g}: {what} that is unconditional "
+                         "(classifier-free guidance needs a class-conditional one)")  # fmt: skip
 
 
 def save_samples(out: pathlib.Path, stem: str, x, **arrays) -> None:
@@ -214,6 +256,7 @@ def image_task(r: Request, size: int, channels: int, n: int, multiple: int):
         raise ValueError(f"{flag} needs --init_image (the image to repaint or extend)")
     init = np.repeat(load_image(r.init_image, size, channels)[None], n, 0)
     if r.mask:
+        images.check_same_size(("--mask", r.mask), ("--init_image", r.init_image))
         return init, inpainting.check_masks(load_mask(r.mask, size), init), None
     canvas = inpainting.outpaint_canvas(init, **inpainting.parse_sides(r.outpaint),
                                         overlap=r.overlap, multiple=multiple)  # fmt: skip
@@ -406,6 +449,7 @@ def sample_pretrained(path: pathlib.Path, r: Request) -> None:
     weights; outputs to `output_dir` (./samples)."""
     from jdiff import interop
 
+    r.check()
     print(f"loading {path}", flush=True)
     p = interop.load_pretrained(
         path,
@@ -432,9 +476,7 @@ def sample_pretrained(path: pathlib.Path, r: Request) -> None:
         return repaint_pixels(p.unet, p.scheduler.make_schedule(), p.params["unet"],
                               p.image_size, p.unet.in_channels, None, p.scheduler.options,
                               out, r)  # fmt: skip
-    if r.prompts or r.init_image:
-        raise ValueError(f"{path} is a pixel-space U-Net without a text encoder: it takes no "
-                         "--prompt, and --init_image only with --mask or --outpaint")  # fmt: skip
+    check_pixel_request(r, f"{path} is a pixel-space U-Net", None)
     n, size = r.num_samples or 64, p.image_size
     options = p.scheduler.options_for(method)
     if r.eta is not None:

@@ -37,13 +37,14 @@ from jdiff import (
     superres,
     tokenizer,
     training,
+    validate,
 )
 from jdiff.caches import captions, conditioning_cache, latent_cache, latent_cache_key
 from jdiff.data import shapes
 
 # settings that shape the model or its data: a resume must not change them
 COMPATIBLE = ("task", "model", "diffusion", "text", "latent", "data.name", "data.image_size",
-              "data.channels", "autoencoder.trainable")  # fmt: skip
+              "data.channels", "autoencoder.trainable", "optim.accumulate_steps")  # fmt: skip
 
 
 class NonFiniteLoss(RuntimeError):
@@ -66,6 +67,8 @@ def prepare_workdir(
     if (workdir / checkpoints.RUN_INFO).exists():
         saved = checkpoints.read_run_info(workdir)["config"]
         changed = [k for k in COMPATIBLE if _lookup(saved, k) != _lookup(current, k)]
+        if bool(_lookup(saved, "optim.grad_clip")) != bool(_lookup(current, "optim.grad_clip")):
+            changed.append("optim.grad_clip (on or off: the optimizer state's shape)")
         if changed:
             raise ValueError(
                 f"{workdir} holds a run whose {', '.join(changed)} differ from this config's; "
@@ -394,13 +397,14 @@ def measure_autoencoder(run: Run, config: ConfigDict, workdir: pathlib.Path) -> 
 
 
 def check_finite(state: training.TrainState, manager) -> None:
-    """Raise `NonFiniteLoss` if a step's loss was not finite (the state records the first)."""
+    """Raise `NonFiniteLoss` if a step went non-finite (the state records the first, numbered
+    as the checkpoints are)."""
     bad = int(state.nonfinite_step)
     if bad >= 0:
         raise NonFiniteLoss(
-            f"the loss became non-finite at step {bad}; stopped without saving (the latest "
-            f"checkpoint, step {manager.latest_step()}, is intact). Lower optim.learning_rate or "
-            "set optim.grad_clip, then rerun to resume."
+            f"the loss, its gradient or the updated parameters became non-finite at step {bad}; "
+            f"stopped without saving (the latest checkpoint, step {manager.latest_step()}, is "
+            "intact). Lower optim.learning_rate or set optim.grad_clip, then rerun to resume."
         )
 
 
@@ -419,6 +423,8 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
     (None on processes other than 0)."""
     main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).absolute()
+    validate.check_config(config)  # at the door: before data, compiles or writes
+    validate.check_workdir(workdir)
     task(config)
     source, num_classes = load_data(config)
     if main:
@@ -437,7 +443,7 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
         if manager.latest_step() != int(run.state.step):
             check_finite(run.state, manager)
             checkpoints.save(manager, int(run.state.step), run.state)
-        manager.wait_until_finished()
+        checkpoints.finish(manager)
         grid = write_samples(run, config, workdir, int(run.state.step))
         if task(config) == "autoencoder":
             measure_autoencoder(run, config, workdir)
@@ -479,7 +485,7 @@ def _loop(run: Run, config: ConfigDict, workdir: pathlib.Path, writer, preempted
             check_finite(run.state, manager)  # never checkpoint after a bad step
             checkpoints.save(manager, n, run.state)
         if stop:
-            manager.wait_until_finished()
+            checkpoints.finish(manager)
             if main:
                 print(f"\nSIGTERM: saved step {n} to {workdir / 'checkpoints'}; rerun to resume")
             sys.exit(128 + signal.SIGTERM)

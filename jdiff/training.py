@@ -4,9 +4,9 @@
 loss's gradient and applies an optax update and the EMA: for diffusion models the loss draws t
 per example and noises in closed form (`make_train_step`); for the autoencoder of latent
 diffusion it is reconstruction + KL (`make_autoencoder_step`); `make_step` is their shared part.
-A step whose loss or gradient is not finite leaves the state as it was and records its number
-in `state.nonfinite_step`, so no bad parameters reach a checkpoint. Only the `make_*` factories
-read a config.
+A step whose loss, gradient or updated parameters are not finite leaves the state as it was
+and records its number in `state.nonfinite_step`, so no bad parameters reach a checkpoint.
+Only the `make_*` factories read a config.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TrainState:
     params: Any
     ema_params: Any
     opt_state: Any
-    nonfinite_step: jax.Array  # int32 [], the first step with a non-finite loss, or -1
+    nonfinite_step: jax.Array  # int32 [], the first step (1-based) that went non-finite, or -1
 
 
 def ema_decay(num_updates: jax.Array, max_decay: float) -> jax.Array:
@@ -113,10 +113,13 @@ def make_step(
         ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), state.ema_params, params)
 
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        # the updated parameters too: a huge learning rate overflows them from finite gradients
+        finite = (
+            jnp.isfinite(value) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        )
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        first_bad = jnp.where(
-            (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+        first_bad = jnp.where(  # numbered as checkpoints are: the state after it has step + 1
+            (state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step
         )
         new_state = TrainState(
             step=state.step + 1,

@@ -29,6 +29,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """(workdir, grid): the tiny config trained 4 steps in one go (checkpoints at 2 and 4),
+    shared by the training tests and the bad-input table (which must not change it)."""
+    from runs import tiny_config
+
+    from jdiff import trainer
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    grid = trainer.train(tiny_config(), workdir)
+    return workdir, grid
+
+
+@pytest.fixture(scope="session")
 def tiny_vae_workdir(tmp_path_factory):
     """configs/vae_shapes.py:tiny trained by train.py (3 steps, f = 2): the autoencoder the
     latent-diffusion tests build on."""

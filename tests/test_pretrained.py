@@ -229,7 +229,7 @@ def test_jdiff_checkpoint_cli_round_trip(sd_dirs, loaded, tmp_path, capsys):
                   "--format", "diffusers"])  # fmt: skip
     pipe = torch_pipeline(tmp_path / "diffusers")
     assert type(pipe.scheduler) is PNDMScheduler
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(ValueError, match="not an empty directory"):
         cli.main([str(sd_dirs["sd1"]), "--output", str(tmp_path / "ckpt")])
 
 
@@ -518,7 +518,7 @@ def test_sample_py_pretrained(sd_dirs, tmp_path):
     assert (tmp_path / "txt2img_pndm4_cfg7.5_seed0.png").exists()
     bad = subprocess.run([*command[:2], f"--pretrained={tmp_path / 'nowhere'}", "--prompt=x"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert bad.returncode == 1 and "error:" in bad.stderr and "does not exist" in bad.stderr
+    assert bad.returncode == 2 and "error:" in bad.stderr and "does not exist" in bad.stderr
 
 
 def test_train_py_fine_tunes_pretrained_weights(sd_dirs, loaded, tmp_path):

@@ -228,7 +228,7 @@ def test_train_py_trains_and_measures_an_autoencoder(tiny_vae_workdir):
     assert (tmp_path / "checkpoints" / "3").exists()
     process = launch(tmp_path, script="sample.py")
     out = process.communicate(timeout=300)[0]
-    assert process.returncode == 1 and "holds an autoencoder" in out, out[-2000:]
+    assert process.returncode == 2 and "holds an autoencoder" in out, out[-2000:]
 
     config.model.overrides = {"block_out_channels": (8, 16), "norm_num_groups": 4}
     with pytest.raises(ValueError, match="model differ"):

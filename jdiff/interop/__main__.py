@@ -1,5 +1,6 @@
-"""`python -m jdiff.interop`: see `jdiff.interop.cli`."""
+"""`python -m jdiff.interop`: see `jdiff.interop.cli`; expected failures end in one line."""
 
+from jdiff import cli
 from jdiff.interop.cli import main
 
-main()
+cli.guarded(main)()

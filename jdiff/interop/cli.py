@@ -17,9 +17,9 @@ from jdiff.interop.pretrained import load_pretrained
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m jdiff.interop SOURCE --output DIR` (a diffusers directory or single file to a
-    jdiff checkpoint, or with `--format diffusers` to a diffusers-format directory)."""
+    jdiff checkpoint, or with `--format diffusers` to a diffusers-format directory). Bad input
+    raises ValueError / OSError; `python -m jdiff.interop` turns them into one line."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m jdiff.interop",
@@ -54,17 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)  # fmt: skip
     output = pathlib.Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        sys.exit(f"error: {output} exists and is not empty; choose a new directory")
-    try:
-        pretrained = load_pretrained(
-            args.source,
-            prediction_type=args.prediction_type,
-            image_size=args.image_size,
-            allow_pickle=args.allow_pickle,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"--output {output} exists and is not an empty directory; choose another")
+    pretrained = load_pretrained(
+        args.source,
+        prediction_type=args.prediction_type,
+        image_size=args.image_size,
+        allow_pickle=args.allow_pickle,
+    )
     write = write_converted if args.format == "jdiff" else save_pretrained
     written = write(pretrained, output)
     counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -19,9 +19,9 @@ def read_weights(path: str | pathlib.Path, *, allow_pickle: bool = False) -> dic
     """A state dict from a safetensors file (or a sharded one's `.index.json`), as numpy arrays
     in the file's dtype (bfloat16 included).
 
-    Pickle-based files (`.ckpt`, `.bin`, `.pt`, `.pth`) can run code when unpickled: refused
-    unless `allow_pickle`, and then read with `torch.load(weights_only=True)` (which refuses
-    code objects) and converted to float32.
+    A damaged safetensors file is a ValueError naming it. Pickle-based files (`.ckpt`, `.bin`,
+    `.pt`, `.pth`) can run code when unpickled: refused unless `allow_pickle`, and then read
+    with `torch.load(weights_only=True)` (which refuses code objects) and converted to float32.
     """
     from safetensors.numpy import load_file
 
@@ -35,7 +35,13 @@ def read_weights(path: str | pathlib.Path, *, allow_pickle: bool = False) -> dic
             out |= read_weights(path.parent / shard, allow_pickle=allow_pickle)
         return out
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError: a random, truncated or foreign file
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"{path} is not a readable .safetensors file ({e}); download or "
+                             "copy it again") from None  # fmt: skip
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise ValueError(

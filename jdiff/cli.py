@@ -1,0 +1,129 @@
+"""The programs' door: every expected failure of `train.py`, `sample.py`, `python -m
+jdiff.interop` and `python -m jdiff.evaluation` ends in one line on stderr and exit status 2.
+
+    error: config.train.keep_checkpoints=0: expected an integer >= 1
+
+A traceback is shown only for what is not expected (a bug), or for everything with
+`JDIFF_DEBUG=1` in the environment. Expected are `validate.InputError` and the other
+ValueErrors the library raises for bad input, file errors (missing, unreadable, read-only,
+disk full), undecodable text, a damaged checkpoint and a run that went non-finite.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from jdiff.validate import InputError, unknown_key
+
+DEBUG = "JDIFF_DEBUG"
+
+
+def expected() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input or a bad file, not a bug."""
+    from jdiff.checkpoints import CheckpointDamaged
+
+    kinds: list[type[BaseException]] = [ValueError, OSError, UnicodeError, CheckpointDamaged]
+    try:
+        from safetensors import SafetensorError
+
+        kinds.append(SafetensorError)
+    except ImportError:  # an older safetensors: its errors are OSError / ValueError
+        pass
+    return tuple(kinds)
+
+
+def describe(error: BaseException) -> str:
+    """One line for an expected error: file errors name the file and say what would help."""
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, InputError):
+        where = f"{error.filename}: " if error.filename else ""
+        writable = " (choose a directory you may write to)"
+        hint = {errno.ENOSPC: " (the disk is full: free space, or choose another --workdir)",
+                errno.EACCES: writable, errno.EROFS: writable}.get(error.errno, "")  # fmt: skip
+        return f"{where}{error.strerror}{hint}"
+    text = str(error).strip() or type(error).__name__
+    if type(error).__name__ == "SafetensorError":
+        text = f"not a readable .safetensors file ({text})"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on stderr and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def guarded(main: Callable[..., object], *extra: type[BaseException]) -> Callable[..., object]:
+    """`main` with its expected failures (`expected()` and `extra`) as one line and exit 2."""
+
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (*expected(), *extra) as e:
+            if os.environ.get(DEBUG):
+                raise
+            fail(describe(e))
+
+    return run
+
+
+def run_absl(main: Callable[[list[str]], None], *extra: type[BaseException]) -> None:
+    """`absl.app.run(main)` behind the door: flag errors and usage errors are one line too."""
+    from absl import app, flags
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(f"{e} (--helpshort lists the flags)")
+
+    def usage_checked(argv):
+        try:
+            main(argv)
+        except app.UsageError as e:
+            fail(str(e))
+
+    app.run(guarded(usage_checked, *extra), flags_parser=parse)
+
+
+def check_config_argv(argv: list[str], default: str) -> None:
+    """Before ml_collections reads `--config` (it applies the overrides as the flag is
+    defined): the config file exists and loads, and every `--config.KEY` override names a key
+    it has (else the nearest ones). Fails with one line."""
+    path = default
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    config = load_config(path)
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if (why := unknown_key(config, key)) is not None:
+                fail(why)
+
+
+def load_config(spec: str):
+    """The ConfigDict of `path[:variant]`, failing with one line for a missing or broken file."""
+    import importlib.util
+    import pathlib
+
+    name, _, variant = spec.partition(":")
+    path = pathlib.Path(name)
+    if not path.is_file():
+        configs = pathlib.Path(__file__).resolve().parent.parent / "configs"
+        known = ", ".join(sorted(p.name for p in configs.glob("*.py"))) if configs.is_dir() else ""
+        fail(f"--config {spec}: no such file{f' (configs/ has {known})' if known else ''}")
+    try:
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+    except Exception as e:  # a config file is user code: any failure is its author's to fix
+        if os.environ.get(DEBUG):
+            raise
+        fail(f"--config {spec}: {type(e).__name__}: {describe(e)}")
