@@ -83,7 +83,7 @@ _GUIDANCE = flags.DEFINE_float(
     "Classifier-free guidance (default: 1 for class models, the config's for text models).",
 )
 _ETA = flags.DEFINE_float("eta", None, "DDIM's η (0 deterministic, 1 DDPM-like); ddim only.")
-_EMA = flags.DEFINE_bool("ema", True, "Sample with the EMA weights.")
+_EMA = flags.DEFINE_bool("ema", None, "Sample with the EMA weights (default; --noema: raw).")
 _TRAJECTORY = flags.DEFINE_bool("trajectory", False, "Also write the forward/reverse strip.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt(s) (latent text models).")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (latent text models).")
@@ -100,13 +100,15 @@ _OUTPAINT = flags.DEFINE_string(
     "Extend --init_image: comma-separated left=,right=,top=,bottom= pixels (or width=,height=).",
 )
 _OVERLAP = flags.DEFINE_integer(
-    "overlap", 4, "--outpaint: pixels of the original repainted and blended at each new side."
+    "overlap",
+    None,
+    "--outpaint: pixels of the original repainted and blended at each new side (4).",
 )
 _UPSCALE = flags.DEFINE_string(
     "upscale", None, "Super-resolve this image (a super-resolution run, configs/sr_shapes.py)."
 )
 _NOISE_LEVEL = flags.DEFINE_integer(
-    "noise_level", 20, "--upscale: noise augmentation of the low-resolution input (0..350)."
+    "noise_level", None, "--upscale: noise augmentation of the low-resolution input (0..350; 20)."
 )
 _PROJECTION = flags.DEFINE_float(
     "projection",
@@ -133,9 +135,9 @@ _ALLOW_PICKLE = flags.DEFINE_bool(
 )
 _DTYPE = flags.DEFINE_enum(
     "dtype",
-    "float32",
+    None,
     ["float32", "bfloat16"],
-    "--pretrained: U-Net and text-encoder compute dtype (VAE: float32).",
+    "--pretrained: U-Net and text-encoder compute dtype (float32; the VAE stays float32).",
 )
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "--pretrained: where to write (default ./samples)."
@@ -167,9 +169,6 @@ def main(argv) -> None:
     print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
     if (_WORKDIR.value is None) == (_PRETRAINED.value is None):
         raise app.UsageError("pass exactly one of --workdir (a train.py run) or --pretrained")
-    if _PRETRAINED.value and _VAE.value:
-        raise app.UsageError("--vae swaps the autoencoder of a latent --workdir run; "
-                             "--pretrained weights bring their own")  # fmt: skip
     if _PRETRAINED.value:
         sampling.sample_pretrained(pathlib.Path(_PRETRAINED.value), request())
     else:

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import cli, sharding, trainer
+from jdiff import cli, sharding, trainer, validate
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
@@ -47,6 +47,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
+    validate.check_applies(config, cli.overridden_keys(sys.argv))
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = pathlib.Path(_WORKDIR.value or default_workdir(config_path))

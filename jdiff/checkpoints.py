@@ -4,19 +4,25 @@ and a checksum of every file of every step so a damaged one is found and skipped
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
 killed at any moment (even `kill -9`) resumes from the last complete checkpoint. A save waits
 for the one before it, whose files are then hashed into `MANIFEST` inside its step directory
-(SHA-256 and size of each): a `kill -9` costs at most the interval in progress. A restore
-checks the manifest, then that the restored arrays are finite; a step that fails either (or
-that orbax cannot read) is reported by path and the next older one is tried. On several
-processes every one calls these functions; orbax writes one checkpoint for all of them and
-process 0 the manifests.
+(SHA-256 and size of each): a `kill -9` costs at most the interval in progress. A save
+that the disk has no room for is refused before it starts, and one that fails as it writes
+(the disk filled meanwhile, a file-size limit, no permission) ends the run with
+`CheckpointWriteFailed` naming the step, the reason and the intact steps to resume from.
+A restore checks the manifest, then that the restored arrays are finite; a step that fails
+either (or that orbax cannot read) is reported by path and the next older one is tried. On
+several processes every one calls these functions; orbax writes one checkpoint for all of
+them and process 0 the manifests.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from jdiff.validate import OS_HINTS
 
 MANIFEST = "jdiff_sha256.json"  # in each step directory: {relative path: [bytes, sha256]}
 
@@ -41,6 +49,46 @@ class CheckpointDamaged(RuntimeError):
     """No checkpoint of a directory could be restored intact (each one's reason is named)."""
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file-size limit, no permission): the
+    message names the step, the directory, the system's reason and the steps still intact."""
+
+
+def write_failed(manager: ocp.CheckpointManager, step: int | None, e: BaseException | str,
+                 code: int | None = None) -> CheckpointWriteFailed:  # fmt: skip
+    """`e`, raised by orbax while writing checkpoint `step` (None: the one in flight), or a
+    reason with its errno `code`, as one `CheckpointWriteFailed`; orbax reports an OS error
+    as "[os_error_code='28']" in its text."""
+    text = str(e)
+    if code is None and isinstance(e, OSError):
+        code = e.errno
+    if code is None and (found := re.search(r"os_error_code='?(\d+)", text)):
+        code = int(found.group(1))
+    if step is None and (found := re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)):
+        step = int(found.group(1))
+    if isinstance(e, BaseException):
+        text = os.strerror(code) if code else text.strip().splitlines()[0][:300]
+    hint = f" ({OS_HINTS[code]})" if code in OS_HINTS else ""
+    manager.reload()
+    kept = ", ".join(map(str, manager.all_steps())) or "none"
+    name = "a checkpoint" if step is None else f"checkpoint {step}"
+    return CheckpointWriteFailed(
+        f"{name} could not be written to {manager.directory}: {text}{hint}. The checkpoints "
+        f"saved before it are intact ({kept}): rerun to resume from the newest"
+    )
+
+
+def check_space(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Refuse to start checkpoint `step` where the disk has not room for its arrays (and 64
+    MiB to spare): a save that fills the disk fails half-written (`CheckpointWriteFailed`)."""
+    need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))  # global sizes
+    free = shutil.disk_usage(manager.directory).free
+    if free < need + (64 << 20):
+        mib = 1 << 20
+        raise write_failed(manager, step, f"it needs {need / mib:.0f} MiB and {free / mib:.0f} "
+                           "MiB are free", errno.ENOSPC)  # fmt: skip
+
+
 def step_dir(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
     """The directory of checkpoint `step`."""
     return pathlib.Path(manager.directory) / str(step)
@@ -50,12 +98,19 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Save `state` as checkpoint `step` asynchronously (`finish` waits for it), after the save
     in flight, if any, has finished and been given its manifest."""
     finish(manager)
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    check_space(manager, step, state)
+    try:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except (OSError, ValueError) as e:  # orbax's OS errors arrive as ValueError("OUT_OF_RANGE...")
+        raise write_failed(manager, step, e) from e
 
 
 def finish(manager: ocp.CheckpointManager) -> None:
     """Wait for the save in flight and write the manifest of every step that lacks one."""
-    manager.wait_until_finished()
+    try:
+        manager.wait_until_finished()
+    except (OSError, ValueError) as e:
+        raise write_failed(manager, None, e) from e
     if jax.process_index() == 0:
         for step in manager.all_steps():
             if not (step_dir(manager, step) / MANIFEST).exists():

@@ -11,22 +11,24 @@ disk full), undecodable text, a damaged checkpoint and a run that went non-finit
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from jdiff.validate import InputError, unknown_key
+from jdiff.validate import OS_HINTS, InputError, unknown_key
 
 DEBUG = "JDIFF_DEBUG"
 
 
 def expected() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input or a bad file, not a bug."""
-    from jdiff.checkpoints import CheckpointDamaged
+    from jdiff.checkpoints import CheckpointDamaged, CheckpointWriteFailed
 
-    kinds: list[type[BaseException]] = [ValueError, OSError, UnicodeError, CheckpointDamaged]
+    kinds: list[type[BaseException]] = [
+        ValueError, OSError, UnicodeError, CheckpointDamaged, CheckpointWriteFailed,
+    ]  # fmt: skip
     try:
         from safetensors import SafetensorError
 
@@ -40,9 +42,7 @@ def describe(error: BaseException) -> str:
     """One line for an expected error: file errors name the file and say what would help."""
     if isinstance(error, OSError) and error.strerror and not isinstance(error, InputError):
         where = f"{error.filename}: " if error.filename else ""
-        writable = " (choose a directory you may write to)"
-        hint = {errno.ENOSPC: " (the disk is full: free space, or choose another --workdir)",
-                errno.EACCES: writable, errno.EROFS: writable}.get(error.errno, "")  # fmt: skip
+        hint = f" ({OS_HINTS[error.errno]})" if error.errno in OS_HINTS else ""
         return f"{where}{error.strerror}{hint}"
     text = str(error).strip() or type(error).__name__
     if type(error).__name__ == "SafetensorError":
@@ -70,9 +70,79 @@ def guarded(main: Callable[..., object], *extra: type[BaseException]) -> Callabl
     return run
 
 
+class _BackgroundReports(logging.Filter):
+    """Drops the error reports (each with its traceback) that orbax's background threads and
+    asyncio log for a failed checkpoint write (a full disk printed some 2,000 lines): the
+    failure reaches the program as one exception (`checkpoints.CheckpointWriteFailed`), and
+    its one line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        return not (record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+class _ClosedLoopReports:
+    """sys.stderr without the tracebacks tensorstore prints (bypassing sys.excepthook) for
+    each callback it still makes into orbax's event loop once a failed write has closed it:
+    a traceback whose every frame is asyncio's and that ends in "Event loop is closed". Any
+    other text, tracebacks included, passes as written (a line starting a traceback is held
+    until the traceback ends)."""
+
+    _START = "Traceback (most recent call last):"
+    _END = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        self._stream, self._pending, self._held = stream, "", []
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            self._line(line + "\n")
+        if not self._held and not self._START.startswith(self._pending):
+            self._stream.write(self._pending)  # a progress bar's "\r..." shows at once
+            self._pending = ""
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if not self._held and line.rstrip("\n") != self._START:
+            self._stream.write(line)
+            return
+        self._held.append(line)
+        if line.startswith(" "):  # a frame
+            return
+        if len(self._held) > 1:  # the traceback's last line
+            frames = [x for x in self._held if x.lstrip().startswith("File ")]
+            ours = all(os.path.join("asyncio", "base_events.py") in x for x in frames)
+            if not (ours and line.rstrip("\n") == self._END):
+                self._stream.write("".join(self._held))
+            self._held = []
+
+    def flush(self) -> None:
+        self._stream.write("".join(self._held) + self._pending)
+        self._held, self._pending = [], ""
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def quiet_background_reports() -> None:
+    """Unless JDIFF_DEBUG is set: `_BackgroundReports` on the loggers orbax (absl's) and
+    asyncio write through, and no report of the callbacks tensorstore still makes into
+    orbax's event loop once a failed write has closed it."""
+    if not os.environ.get(DEBUG):
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(_BackgroundReports())
+        sys.stderr = _ClosedLoopReports(sys.stderr)
+
+
 def run_absl(main: Callable[[list[str]], None], *extra: type[BaseException]) -> None:
     """`absl.app.run(main)` behind the door: flag errors and usage errors are one line too."""
     from absl import app, flags
+
+    quiet_background_reports()
 
     def parse(argv):
         try:
@@ -100,11 +170,14 @@ def check_config_argv(argv: list[str], default: str) -> None:
         elif arg.startswith("--config="):
             path = arg.split("=", 1)[1]
     config = load_config(path)
-    for arg in argv[1:]:
-        if arg.startswith("--config."):
-            key = arg[len("--config.") :].split("=", 1)[0]
-            if (why := unknown_key(config, key)) is not None:
-                fail(why)
+    for key in overridden_keys(argv):
+        if (why := unknown_key(config, key)) is not None:
+            fail(why)
+
+
+def overridden_keys(argv: list[str]) -> list[str]:
+    """The dotted keys that `--config.KEY=value` arguments of `argv` set."""
+    return [a[len("--config.") :].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
 
 
 def load_config(spec: str):

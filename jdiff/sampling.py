@@ -15,7 +15,6 @@ ValueError / FileNotFoundError naming the option as sample.py spells it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 
@@ -34,74 +33,9 @@ from jdiff import (
     samplers,
     superres,
 )
+from jdiff.request import BY_SOURCE, Request, Target, refuse_inapplicable
 
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What to sample, as sample.py's flags name it; None: the model's or the task's default.
-
-    Workdir runs: `step` (latest), `ema`, `vae` (another autoencoder for a latent run).
-    Sampler: `method` (ddim; pretrained: its scheduler's), `num_steps`, `seed`, `num_samples`
-    (64; pretrained text models: one per prompt), `guidance_scale` (1 for class models, the
-    config's for text models, 7.5 pretrained), `eta`. Text: `prompts`, `negative_prompt`.
-    Image tasks: `init_image` (+ `strength`: img2img 0.8, inpainting 1), `mask` or `outpaint`
-    (+ `overlap`), `upscale` (+ `noise_level`), `projection`, RePaint's `jump_length` and
-    `jump_n_sample`. Pretrained weights: `prediction_type`, `image_size`, `allow_pickle`,
-    `dtype`, `output_dir` (./samples).
-    """
-
-    step: int | None = None
-    ema: bool = True
-    vae: str | None = None
-    method: str | None = None
-    num_steps: int = 50
-    seed: int = 0
-    num_samples: int | None = None
-    guidance_scale: float | None = None
-    eta: float | None = None
-    trajectory: bool = False
-    prompts: tuple[str, ...] = ()
-    negative_prompt: str | None = None
-    init_image: str | None = None
-    strength: float | None = None
-    mask: str | None = None
-    outpaint: str | None = None
-    overlap: int = 4
-    upscale: str | None = None
-    noise_level: int = 20
-    projection: float | None = None
-    jump_length: int | None = None
-    jump_n_sample: int | None = None
-    prediction_type: str | None = None
-    image_size: int | None = None
-    allow_pickle: bool = False
-    dtype: str = "float32"
-    output_dir: str | None = None
-
-    def check(self) -> None:
-        """Refuse values no task takes (`validate.InputError` naming the flag): non-finite or
-        out-of-range numbers, empty counts, unreadable prompts."""
-        from jdiff.validate import InputError, integer, number
-
-        rules = {
-            "num_steps": integer(1, 10_000), "seed": integer(0), "num_samples": integer(1, 100_000),
-            "guidance_scale": number(0.0, 100.0), "eta": number(0.0, 10.0),
-            "strength": number(0.0, 1.0), "overlap": integer(0), "noise_level": integer(0, 350),
-            "projection": number(0.0, 1.0), "jump_length": integer(1), "jump_n_sample": integer(1),
-            "image_size": integer(8, 4096), "step": integer(0),
-        }  # fmt: skip
-        for name, rule in rules.items():
-            value = getattr(self, name)
-            if value is not None and (fits := rule.check(value)) is not None:
-                raise InputError(f"--{name}={value!r}: expected {fits}")
-        for text in (*self.prompts, self.negative_prompt or ""):
-            if any("\udc80" <= c <= "\udcff" for c in text):  # undecodable argv bytes
-                raise InputError(f"--prompt {text!r}: not valid UTF-8 text")
-
-    @property
-    def repaints(self) -> bool:
-        """Whether an image is to be repainted (`mask`) or extended (`outpaint`)."""
-        return bool(self.mask or self.outpaint)
+__all__ = ["Request", "sample_pretrained", "sample_workdir"]
 
 
 def load_run(workdir: pathlib.Path, step: int | None = None):
@@ -145,16 +79,15 @@ def sample_workdir(workdir: pathlib.Path, r: Request) -> None:
     """Sample (or repaint) with any diffusion train.py workdir; outputs to workdir/samples/."""
     r.check()
     _, task, _ = runs.read_config(workdir)
+    refuse_inapplicable(r, Target(f"{workdir} holds a {task} run", "workdir",
+                                  latent=task == "latent_diffusion"), BY_SOURCE)  # fmt: skip
     if task == "latent_diffusion":
         return sample_text(workdir, r)
-    if r.vae:
-        raise ValueError(f"--vae applies to latent diffusion runs; {workdir} holds a {task} run")
     config, num_classes, model, schedule, state = load_run(workdir, r.step)
-    params = state.ema_params if r.ema else state.params
-    if r.upscale:
-        raise ValueError("--upscale needs a super-resolution run (configs/sr_shapes.py); "
-                         f"{workdir} holds a pixel-space model")  # fmt: skip
-    check_pixel_request(r, f"{workdir} holds a pixel-space model", num_classes)
+    kind = "unconditional" if num_classes is None else "class-conditional"
+    refuse_inapplicable(r, Target(f"{workdir} holds a pixel-space {kind} model", "workdir",
+                                  classes=num_classes is not None))  # fmt: skip
+    params = state.ema_params if r.use_ema else state.params
     out = workdir / "samples"
     if r.repaints:
         return repaint_pixels(model, schedule, params, config.data.image_size,
@@ -184,26 +117,6 @@ def sample_workdir(workdir: pathlib.Path, r: Request) -> None:
         path = images.save_png(out / f"trajectory_seed{r.seed}.png", strip,
                                scale=max(1, 64 // config.data.image_size))  # fmt: skip
         print(f"trajectory: {path}")
-
-
-def check_pixel_request(r: Request, what: str, num_classes: int | None) -> None:
-    """Refuse, by flag, what a pixel-space model does not take (`what` says which model)."""
-    from jdiff.validate import InputError
-
-    if r.prompts or r.negative_prompt is not None:
-        raise InputError(f"--prompt / --negative_prompt: {what} without a text encoder")
-    if r.init_image and not r.repaints:
-        raise InputError(f"--init_image: {what}; it repaints an image with --mask or "
-                         "--outpaint (img2img needs a latent text model)")  # fmt: skip
-    if r.strength is not None and not r.repaints:
-        raise InputError(f"--strength applies to img2img; {what}")
-    if r.projection is not None:
-        raise InputError(f"--projection applies to latent models; {what}")
-    if not r.repaints and (r.jump_length is not None or r.jump_n_sample is not None):
-        raise InputError("--jump_length / --jump_n_sample are RePaint's: pass --mask or --outpaint")
-    if num_classes is None and r.guidance_scale not in (None, 1.0):
-        raise InputError(f"--guidance_scale={r.guidance_scale:g}: {what} that is unconditional "
-                         "(classifier-free guidance needs a class-conditional one)")  # fmt: skip
 
 
 def save_samples(out: pathlib.Path, stem: str, x, **arrays) -> None:
@@ -249,27 +162,14 @@ def load_mask(path: str, size: int, *, flag: str = "--mask") -> np.ndarray:
 def image_task(r: Request, size: int, channels: int, n: int, multiple: int):
     """The inputs of `mask` / `outpaint`: (images [n, H, W, C], masks [n, H, W, 1], canvas or
     None), the image repeated n times; outpainting grows the canvas (to `multiple`)."""
-    if r.mask and r.outpaint:
-        raise ValueError("pass --mask (inpainting) or --outpaint, not both")
-    if not r.init_image:
-        flag = "--mask" if r.mask else "--outpaint"
-        raise ValueError(f"{flag} needs --init_image (the image to repaint or extend)")
     init = np.repeat(load_image(r.init_image, size, channels)[None], n, 0)
     if r.mask:
         images.check_same_size(("--mask", r.mask), ("--init_image", r.init_image))
         return init, inpainting.check_masks(load_mask(r.mask, size), init), None
+    overlap = 4 if r.overlap is None else r.overlap
     canvas = inpainting.outpaint_canvas(init, **inpainting.parse_sides(r.outpaint),
-                                        overlap=r.overlap, multiple=multiple)  # fmt: skip
+                                        overlap=overlap, multiple=multiple)  # fmt: skip
     return canvas.image, canvas.masks, canvas
-
-
-def check_repaint(r: Request) -> None:
-    """Refuse the options RePaint does not take."""
-    if r.method not in (None, "ddim") or r.strength is not None:
-        raise ValueError(
-            "--mask/--outpaint repaint with RePaint's DDIM steps from noise: no --method or "
-            "--strength (use --eta, --jump_length, --jump_n_sample)"
-        )
 
 
 def repaint_options(r: Request) -> dict:
@@ -314,10 +214,6 @@ def repaint_pixels(model, schedule, params, size, channels, num_classes, setting
     """`mask` / `outpaint` with a pixel-space model: RePaint, classifier-free guided for a
     class-conditional model (labels cycling 0..K-1); `settings`: the model's sampler settings
     (prediction_type, ...) that RePaint takes."""
-    check_repaint(r)
-    if r.projection is not None:
-        raise ValueError("--projection is for latent models; a pixel model's known region is "
-                         "kept exactly without it")  # fmt: skip
     n = r.num_samples or 8
     inputs, masks, canvas = image_task(r, size, channels, n, model.downsample_factor)
     settings = {k: v for k, v in settings.items() if k in samplers.REPAINT_DEFAULTS}
@@ -335,11 +231,28 @@ def repaint_pixels(model, schedule, params, size, channels, num_classes, setting
                     labels=np.asarray(labels if labels is not None else []))  # fmt: skip
 
 
+def latent_target(model, what: str, source: str, method: str) -> Target:
+    """The `Target` of a latent model: `what` is "DIR holds" or "PATH is"."""
+    kind = ("a latent super-resolution model" if model.is_upscaler
+            else "a latent inpainting model" if model.is_inpainting
+            else "a latent text-to-image model")  # fmt: skip
+    return Target(
+        f"{what} {kind}",
+        source,
+        latent=True,
+        text=True,
+        inpainting=model.is_inpainting,
+        upscaler=model.is_upscaler,
+        method=method,
+    )
+
+
 def sample_text(workdir: pathlib.Path, r: Request) -> None:
     """txt2img (or img2img, inpainting, upscaling) from a latent text-conditional run."""
     model, params, config = pipelines.load_latent_diffusion(
-        workdir, r.step, ema=r.ema, autoencoder_workdir=r.vae
+        workdir, r.step, ema=r.use_ema, autoencoder_workdir=r.vae
     )
+    refuse_inapplicable(r, latent_target(model, f"{workdir} holds", "workdir", "ddim"))
     out = workdir / "samples"
     if r.vae:
         out = out / f"with_{pathlib.Path(r.vae).absolute().name}"
@@ -374,9 +287,6 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
     eta = f"_eta{options['eta']:g}" if "eta" in options else ""
     suffix = f"_{method}{r.num_steps}{eta}_cfg{guidance:g}_seed{r.seed}"
     if r.repaints:  # a model trained for inpainting
-        if r.projection is not None:
-            raise ValueError("--projection is RePaint's (models not trained for inpainting); "
-                             "this model sees the known pixels itself")  # fmt: skip
         multiple = model.autoencoder.downsample_factor * model.unet.downsample_factor
         inputs, masks, canvas = image_task(r, size, 3, n, multiple)
         strength = 1.0 if r.strength is None else r.strength
@@ -400,15 +310,11 @@ def upscale_text(model, params, prompts, n, method, guidance, options, size, out
     """`upscale` with a super-resolution latent model: the image, centre-cropped and resized
     to the model's low resolution (its image size / the autoencoder's factor), repeated n
     times, upscaled with the prompts (default: the empty prompt)."""
-    if not model.is_upscaler:
-        raise ValueError("--upscale needs a super-resolution model (train configs/sr_shapes.py)")
-    if r.init_image or r.repaints:
-        raise ValueError("--upscale takes its image itself: no --init_image, --mask, --outpaint")
     low = load_image(r.upscale, size // model.autoencoder.downsample_factor, 3,
                             flag="--upscale")  # fmt: skip
     low = np.repeat(low[None], n, 0)
     prompts = ((prompts or [""]) * n)[:n]
-    level = r.noise_level
+    level = 20 if r.noise_level is None else r.noise_level
     if r.projection is not None:
         options = options | {"project_low_res": r.projection}
     print(f"upscaling {n} time(s) {low.shape[1]}x{low.shape[2]} -> {size}x{size} with {method} "
@@ -427,7 +333,6 @@ def upscale_text(model, params, prompts, n, method, guidance, options, size, out
 def repaint_text(model, params, prompts, n, guidance, options, size, out, r) -> None:
     """`mask` / `outpaint` with a text-conditional latent model not trained for inpainting:
     RePaint on its latents, one prompt per image."""
-    check_repaint(r)
     multiple = model.autoencoder.downsample_factor * model.unet.downsample_factor
     inputs, masks, canvas = image_task(r, size, 3, n, multiple)
     repaint = {k: v for k, v in options.items() if k in samplers.REPAINT_DEFAULTS}
@@ -450,18 +355,20 @@ def sample_pretrained(path: pathlib.Path, r: Request) -> None:
     from jdiff import interop
 
     r.check()
+    refuse_inapplicable(r, Target(f"{path} holds pretrained weights", "pretrained"), BY_SOURCE)
     print(f"loading {path}", flush=True)
     p = interop.load_pretrained(
         path,
         prediction_type=r.prediction_type,
         image_size=r.image_size,
         allow_pickle=r.allow_pickle,
-        dtype=jnp.dtype(r.dtype),  # U-Net and text encoder; the VAE stays float32
+        dtype=jnp.dtype(r.dtype or "float32"),  # U-Net and text encoder; the VAE stays float32
     )
     out = pathlib.Path(r.output_dir or "samples").absolute()
     method = r.method or p.scheduler.method
     if p.is_latent:
         model = pipelines.LatentDiffusion.from_pretrained(p)
+        refuse_inapplicable(r, latent_target(model, f"{path} is", "pretrained", method))
         guidance = 7.5 if r.guidance_scale is None else r.guidance_scale
         prompts = list(r.prompts)
         n = r.num_samples or len(prompts)
@@ -469,14 +376,12 @@ def sample_pretrained(path: pathlib.Path, r: Request) -> None:
                              out, r)  # fmt: skip
     if p.unet.num_class_embeds is not None:
         raise ValueError("class-conditional pretrained U-Nets are not supported by sample.py")
-    if r.upscale:
-        raise ValueError(f"--upscale needs a super-resolution model; {path} is a pixel-space "
-                         "U-Net")  # fmt: skip
+    refuse_inapplicable(r, Target(f"{path} is a pixel-space unconditional U-Net", "pretrained",
+                                  method=method))  # fmt: skip
     if r.repaints:
         return repaint_pixels(p.unet, p.scheduler.make_schedule(), p.params["unet"],
                               p.image_size, p.unet.in_channels, None, p.scheduler.options,
                               out, r)  # fmt: skip
-    check_pixel_request(r, f"{path} is a pixel-space U-Net", None)
     n, size = r.num_samples or 64, p.image_size
     options = p.scheduler.options_for(method)
     if r.eta is not None:

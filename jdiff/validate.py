@@ -18,6 +18,14 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+OS_HINTS = {  # what would help when a file cannot be written, by errno
+    errno.ENOSPC: "the disk is full: free space, or choose another --workdir",
+    errno.EDQUOT: "the disk quota is used up: free space, or choose another --workdir",
+    errno.EFBIG: "a file-size limit (ulimit -f) stops it: raise it",
+    errno.EACCES: "choose a directory you may write to",
+    errno.EROFS: "choose a directory you may write to",
+}
+
 
 class InputError(ValueError):
     """Bad input from a user: the message names the input, what is wrong and what would fit."""
@@ -174,8 +182,7 @@ def check_config(config) -> None:
 
 def _check_together(config) -> None:
     def get(key, default=None):
-        value = _get(config, key)
-        return default if value is _MISSING else value
+        return _value(config, key, default)
 
     if get("diffusion.schedule") in ("linear", "scaled_linear", "sigmoid"):
         if get("diffusion.beta_start", 0.0) >= get("diffusion.beta_end", 1.0):
@@ -196,6 +203,51 @@ def _check_together(config) -> None:
             multiple = 2 ** (levels - 1)
             raise InputError(f"config.data.image_size={size}: the U-Net's {levels} levels halve "
                              f"it {levels - 1} times; use a multiple of {multiple}")  # fmt: skip
+
+
+def _value(config, key, default=None):
+    value = _get(config, key)
+    return default if value is _MISSING else value
+
+
+def _class_model(c) -> bool:
+    return _value(c, "task", "diffusion") == "diffusion" and bool(
+        _value(c, "model.class_conditional")
+    )
+
+
+# key: (whether it applies to the config, what it applies to). Checked for the keys a
+# command line sets (`--config.KEY=`): a config's own defaults may hold values its model
+# does not use (the default's class_dropout with class_conditional=False).
+APPLIES = {
+    "train.class_dropout": (_class_model, "a class-conditional model (model.class_conditional)"),
+    "sample.guidance_scale": (
+        lambda c: _class_model(c) or _value(c, "task") == "latent_diffusion",
+        "a class-conditional or text-conditional model",
+    ),
+    "sample.options.eta": (lambda c: _value(c, "sample.method") == "ddim",
+                           "sample.method='ddim'"),
+    "diffusion.beta_start": (lambda c: _value(c, "diffusion.schedule") != "cosine",
+                             "the linear, scaled_linear and sigmoid schedules (not cosine)"),
+    "diffusion.beta_end": (lambda c: _value(c, "diffusion.schedule") != "cosine",
+                           "the linear, scaled_linear and sigmoid schedules (not cosine)"),
+    "diffusion.snr_gamma": (lambda c: _value(c, "diffusion.loss", "simple") == "simple",
+                            "diffusion.loss='simple' (the hybrid loss has its own weighting)"),
+    "latent.mask_variants": (lambda c: _value(c, "latent.conditioning") == "inpaint",
+                             "latent.conditioning='inpaint'"),
+    "train.noise_level_power": (lambda c: _value(c, "latent.conditioning") == "upscale",
+                                "latent.conditioning='upscale'"),
+}  # fmt: skip
+
+
+def check_applies(config, keys) -> None:
+    """Refuse (`InputError`) the first of `keys` (dotted, as `--config.KEY=` sets them) that
+    `config` would not use, naming what it applies to."""
+    for key in keys:
+        if key in APPLIES and not APPLIES[key][0](config):
+            value = _value(config, key)
+            raise InputError(f"config.{key}={value!r} does not apply to this config; it "
+                             f"applies to {APPLIES[key][1]}")  # fmt: skip
 
 
 def flat_keys(config, prefix: str = "") -> list[str]:

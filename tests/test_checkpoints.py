@@ -3,15 +3,20 @@ newest step (truncated, zeroed bytes, a missing file, non-finite values) is repo
 and the next older one is used, by the loaders and by a resuming train.py; a failed write
 (a full disk) loses nothing that was saved."""
 
+import collections
 import errno
 import json
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from runs import assert_same_tree, state_at, tiny_config
+from runs import ROOT, XLA_FLAGS, assert_same_tree, state_at, tiny_config
 
 from jdiff import checkpoints, cli, runs, trainer, training
 
@@ -100,19 +105,53 @@ def test_non_finite_values_without_a_manifest_fall_back(run_copy, capsys):
     assert restored.step == 4 and "non-finite" in capsys.readouterr().err
 
 
-def test_a_full_disk_loses_nothing_saved(run_copy, monkeypatch):
+def test_a_full_disk_is_refused_before_the_save_and_loses_nothing(run_copy, monkeypatch):
+    """No room for the next checkpoint: the run stops before writing it, saying which steps
+    are intact; a write that raises on its own (no permission) is reported the same way."""
     config = tiny_config(num_steps=6)
-
-    def full(self, step, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(run_copy / "checkpoints"))
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
-    with pytest.raises(OSError) as e:
+    free = collections.namedtuple("usage", "total used free")(1 << 30, 1 << 30, 10 << 20)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(checkpoints.CheckpointWriteFailed) as e:
         trainer.train(config, run_copy)
-    assert "disk is full" in cli.describe(e.value) and "checkpoints" in cli.describe(e.value)
+    message = cli.describe(e.value)
+    assert message.startswith(f"checkpoint 6 could not be written to {run_copy / 'checkpoints'}")
+    assert "MiB are free (the disk is full" in message and "intact (2, 4)" in message
+    assert not any(p.name.startswith("6") for p in (run_copy / "checkpoints").iterdir())
+    monkeypatch.undo()
+
+    def denied(self, step, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(run_copy / "checkpoints"))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", denied)
+    with pytest.raises(checkpoints.CheckpointWriteFailed, match="may write to"):
+        trainer.train(config, run_copy)
     monkeypatch.undo()
     assert checkpoints.verify(run_copy / "checkpoints" / "4") is None
     assert runs.restore(run_copy).step == 4
+
+
+def test_a_write_failing_midway_is_one_line_and_the_rerun_loses_nothing(run_copy, uninterrupted):
+    """A real failing write inside orbax's background save (a file-size limit: the chunks
+    fail with EFBIG as a full disk's fail with ENOSPC): train.py ends with one line naming the
+    step and the intact checkpoints, none of orbax's tracebacks; the rerun redoes the step and
+    reaches the state of the run that never failed."""
+    shutil.rmtree(run_copy / "checkpoints" / "4")
+    command = (f"trap '' XFSZ; ulimit -f 1024; exec {shlex.quote(sys.executable)} "
+               f"{ROOT / 'train.py'} --config={ROOT / 'configs' / 'default.py'}:tiny "
+               f"--config.mesh.data=1 --workdir={run_copy}")  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    env.pop(cli.DEBUG, None)
+    done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert errors == [f"error: checkpoint 4 could not be written to {run_copy / 'checkpoints'}: "
+                      "File too large (a file-size limit (ulimit -f) stops it: raise it). The "
+                      "checkpoints saved before it are intact (2): rerun to resume from the "
+                      "newest"], done.stderr[-3000:]  # fmt: skip
+    assert checkpoints.verify(run_copy / "checkpoints" / "2") is None
+    trainer.train(tiny_config(), run_copy)
+    assert_same_tree(state_at(run_copy, 4), state_at(uninterrupted[0], 4))
 
 
 def test_the_guard_checks_updated_parameters_and_numbers_steps_as_checkpoints_do():

@@ -286,6 +286,19 @@ def test_repaint_and_outpaint_with_a_text_model(tiny_ldm):
             model.inpaint(params, init, masks, prompts, jax.random.key(0), **kwargs)
     with pytest.raises(ValueError, match="mask values must lie in"):
         model.inpaint(params, init, masks * 2, prompts, jax.random.key(0))
+    # sample.py's options that this model or task would ignore: refused by name
+    from jdiff import sampling
+    from jdiff.validate import InputError
+
+    mask = {"init_image": "x.png", "mask": "m.png"}
+    for given, fragment in (({"jump_length": 2}, "--jump_length does not apply"),
+                            (mask | {"strength": 0.5}, "RePaint starts from noise"),
+                            ({"noise_level": 3}, "--noise_level"),
+                            ({"upscale": "low.png"}, "super-resolution"),
+                            ({"trajectory": True}, "--trajectory"),
+                            ({"dtype": "bfloat16"}, "--dtype")):  # fmt: skip
+        with pytest.raises(InputError, match=fragment):
+            sampling.sample_workdir(tiny_ldm[0], sampling.Request(prompts=("a",), **given))
 
 
 @pytest.mark.parametrize("kind", ["inpaint", "upscale"])

@@ -519,6 +519,20 @@ def test_sample_py_pretrained(sd_dirs, tmp_path):
     bad = subprocess.run([*command[:2], f"--pretrained={tmp_path / 'nowhere'}", "--prompt=x"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "error:" in bad.stderr and "does not exist" in bad.stderr
+    # options these weights would ignore: refused by name, nothing written
+    from jdiff import sampling
+    from jdiff.validate import InputError
+
+    out = tmp_path / "refused"
+    for given, fragment in (({"eta": 0.5}, "--eta does not apply.*sampling with pndm"),
+                            ({"step": 3}, "--step does not apply"),
+                            ({"trajectory": True}, "--trajectory"),
+                            ({"jump_length": 2}, "--jump_length"),
+                            ({"upscale": "low.png"}, "--upscale")):  # fmt: skip
+        r = sampling.Request(prompts=("x",), output_dir=str(out), **given)
+        with pytest.raises(InputError, match=fragment):
+            sampling.sample_pretrained(sd_dirs["sd1"], r)
+    assert not out.exists()
 
 
 def test_train_py_fine_tunes_pretrained_weights(sd_dirs, loaded, tmp_path):
