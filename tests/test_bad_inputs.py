@@ -2,11 +2,11 @@
 `error:` line naming the problem and no traceback, before anything is compiled or written.
 
 The cases run as real processes (`train.py`, `sample.py`, `python -m jdiff.evaluation`,
-`python -m jdiff.interop`), a few at a time, once for the whole table; the tests then read
-their outcomes. sample.py's cases use the shared tiny run, which none of them may change.
+`python -m jdiff.interop`), a few at a time, once for the whole table, each forked from one
+process that imported the libraries (`forked_programs.py`); the tests then read their
+outcomes. sample.py's cases use the shared tiny run, which none of them may change.
 """
 
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -199,24 +199,28 @@ def fill(arg, run, folder, new):
 
 @pytest.fixture(scope="module")
 def outcomes(uninterrupted, tmp_path_factory):
-    """{case id: (exit status, output)} of every case, run 3 at a time; also checks that the
-    tiny run is unchanged by them."""
+    """{case id: (exit status, output)} of every case, 3 at a time (`forked_programs.py`:
+    processes forked from one that imported the libraries once); also checks that the tiny
+    run is unchanged by them."""
     run = uninterrupted[0]
     folder = tmp_path_factory.mktemp("bad_files")
     write_bad_files(folder, run)
     before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
     env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
     env.pop("JDIFF_DEBUG", None)
-
-    def one(case):
-        name, program, args, _ = case
+    cases = []
+    for name, program, args, _ in CASES:
         new = tmp_path_factory.mktemp(f"new_{name}")
-        command = [sys.executable, *PROGRAMS[program], *(fill(a, run, folder, new) for a in args)]
-        done = subprocess.run(command, env=env, capture_output=True, timeout=300, cwd=folder)
-        return name, (done.returncode, (done.stdout + done.stderr).decode(errors="replace"))
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        results = dict(pool.map(one, CASES))
+        argv = [*PROGRAMS[program], *(fill(a, run, folder, new) for a in args)]
+        argv = [{"bytes": list(a)} if isinstance(a, bytes) else a for a in argv]
+        cases.append({"name": name, "argv": argv})
+    (folder / "cases.json").write_text(json.dumps(cases))
+    command = [sys.executable, str(ROOT / "tests" / "forked_programs.py"), "cases.json",
+               "outcomes.json", "--parallel=3", "--timeout=300"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800,
+                          cwd=folder)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {k: tuple(v) for k, v in json.loads((folder / "outcomes.json").read_text()).items()}
     after = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
     results["_run_unchanged"] = before == after
     return results

@@ -106,13 +106,14 @@ def test_non_finite_values_without_a_manifest_fall_back(run_copy, capsys):
 
 
 def test_a_full_disk_is_refused_before_the_save_and_loses_nothing(run_copy, monkeypatch):
-    """No room for the next checkpoint: the run stops before writing it, saying which steps
+    """No room for the next checkpoint: the save stops before writing it, saying which steps
     are intact; a write that raises on its own (no permission) is reported the same way."""
-    config = tiny_config(num_steps=6)
+    state = state_at(run_copy, 4)
+    manager = checkpoints.make_manager(run_copy / "checkpoints")
     free = collections.namedtuple("usage", "total used free")(1 << 30, 1 << 30, 10 << 20)
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: free)
     with pytest.raises(checkpoints.CheckpointWriteFailed) as e:
-        trainer.train(config, run_copy)
+        checkpoints.save(manager, 6, state)
     message = cli.describe(e.value)
     assert message.startswith(f"checkpoint 6 could not be written to {run_copy / 'checkpoints'}")
     assert "MiB are free (the disk is full" in message and "intact (2, 4)" in message
@@ -124,8 +125,9 @@ def test_a_full_disk_is_refused_before_the_save_and_loses_nothing(run_copy, monk
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", denied)
     with pytest.raises(checkpoints.CheckpointWriteFailed, match="may write to"):
-        trainer.train(config, run_copy)
+        checkpoints.save(manager, 6, state)
     monkeypatch.undo()
+    manager.close()
     assert checkpoints.verify(run_copy / "checkpoints" / "4") is None
     assert runs.restore(run_copy).step == 4
 

@@ -1,9 +1,13 @@
 """Attention for the U-Net: DDPM's spatial self-attention and Stable Diffusion's transformer.
 
-Every attention goes through `jax.nn.dot_product_attention`, whose `implementation` is
-selectable: None lets JAX choose, "xla" runs everywhere, "cudnn" is the fused flash kernel on
-NVIDIA GPUs (float16/bfloat16 only). Names mirror diffusers' `Attention`, `FeedForward`,
-`BasicTransformerBlock` and `Transformer2DModel` parameter trees.
+Every attention goes through `attention`, whose `implementation` is selectable: "xla" is
+`jax.nn.dot_product_attention`'s plain path (the scores of all queries and keys at once),
+"cudnn" its fused flash kernel on NVIDIA GPUs (float16/bfloat16 only), "chunked" the pure-JAX
+memory-efficient path (`chunked_attention`: queries in blocks, keys in blocks with a running
+log-sum-exp, never the whole score matrix; any backend). None picks per backend when traced:
+"chunked" on the CPU (where it is also the fastest), JAX's own choice elsewhere. Names mirror
+diffusers' `Attention`, `FeedForward`, `BasicTransformerBlock` and `Transformer2DModel`
+parameter trees.
 """
 
 from __future__ import annotations
@@ -17,7 +21,93 @@ from jaxtyping import Array, Float
 
 from jdiff.nn.layers import group_norm
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
+BLOCK_Q = 256  # queries per block of the chunked path
+BLOCK_K = 4096  # keys per block: one block up to 4,096 tokens (SD at 512 px)
+
+
+def _blocks(a: jax.Array, size: int, axis: int = 1):
+    """`a` padded along `axis` to a multiple of `size` and split there: [n, ..., size, ...]."""
+    length = a.shape[axis]
+    n = -(-length // size)
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, n * size - length)
+    a = jnp.pad(a, pad)
+    a = a.reshape(*a.shape[:axis], n, size, *a.shape[axis + 1 :])
+    return jnp.moveaxis(a, axis, 0)
+
+
+def chunked_attention(
+    q: Float[Array, "b lq h d"],
+    k: Float[Array, "b lk h d"],
+    v: Float[Array, "b lk h d"],
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> Float[Array, "b lq h d"]:
+    """softmax(q kᵀ / sqrt(d)) v, exact, without the [lq, lk] scores: `block_q` queries at a time
+    (`lax.map`), and for each, `block_k` keys at a time with the running maximum m, sum l and
+    output o of the online softmax (Milakov & Gimelshein 2018; Rabe & Staats 2021):
+    m' = max(m, max s), l' = l e^{m - m'} + Σ e^{s - m'}, o' = o e^{m - m'} + e^{s - m'} v.
+    Each query block is rematerialised in the backward pass (`jax.checkpoint`), so training
+    holds [block_q, block_k] scores at a time, not [lq, lk]. Padded keys are masked out; the
+    softmax runs in float32 whatever the inputs' dtype."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    block_q, block_k = min(block_q, lq), min(block_k, lk)
+    scale = 1.0 / float(d) ** 0.5
+    kb, vb = _blocks(k, block_k), _blocks(v, block_k)  # [nk, b, block_k, h, d]
+    valid = _blocks(jnp.ones((1, lk), bool), block_k)  # [nk, 1, block_k]
+
+    @jax.checkpoint
+    def query_block(qi):  # [b, block_q, h, d] -> [b, block_q, h, d]
+        def key_block(carry, inputs):
+            m, total, o = carry
+            kj, vj, ok = inputs
+            s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32)
+            s = jnp.where(ok[:, None, None, :], s * scale, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            total = total * correction + p.sum(-1)
+            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vj.dtype), vj,
+                            preferred_element_type=jnp.float32)  # fmt: skip
+            return (m_new, total, o * correction[..., None] + pv), None
+
+        shape = (b, h, qi.shape[1])
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros((*shape, d), jnp.float32))  # fmt: skip
+        if kb.shape[0] == 1:  # one key block: no scan
+            (_, total, o), _ = key_block(init, (kb[0], vb[0], valid[0]))
+        else:
+            (_, total, o), _ = jax.lax.scan(key_block, init, (kb, vb, valid))
+        return jnp.swapaxes(o / total[..., None], 1, 2).astype(q.dtype)
+
+    qb = _blocks(q, block_q)  # [nq, b, block_q, h, d]
+    out = jax.lax.map(query_block, qb) if qb.shape[0] > 1 else query_block(qb[0])[None]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, -1, h, d)
+    return out[:, :lq]
+
+
+def resolve(implementation: str | None) -> str | None:
+    """The implementation None stands for on the default backend: "chunked" on the CPU."""
+    if implementation is None and jax.default_backend() == "cpu":
+        return "chunked"
+    return implementation
+
+
+def attention(q, k, v, *, implementation: str | None = None, mask=None):
+    """Attention over [b, l, heads, d] inputs by `implementation` (see the module's text);
+    `mask` (broadcastable to [b, heads, lq, lk], True = attend) takes the "xla" / "cudnn"
+    path."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    implementation = resolve(implementation)
+    if implementation == "chunked" and mask is None:
+        return chunked_attention(q, k, v)
+    if implementation == "chunked":
+        implementation = "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def multi_head_attention(
@@ -34,12 +124,10 @@ def multi_head_attention(
     Args:
       q, k, v: projections, heads concatenated on the last axis.
       heads: number of heads.
-      implementation: `jax.nn.dot_product_attention`'s (None, "xla" or "cudnn").
+      implementation: None (per backend), "xla", "cudnn" or "chunked" (`attention`).
       upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`, which
         SD 2.x's v-models need in float16 to keep q kᵀ finite).
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
     dtype = q.dtype
     if upcast:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
@@ -47,7 +135,7 @@ def multi_head_attention(
     def split(a):
         return a.reshape(*a.shape[:2], heads, a.shape[-1] // heads)
 
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=implementation)
+    out = attention(split(q), split(k), split(v), implementation=implementation)
     return out.reshape(q.shape).astype(dtype)
 
 

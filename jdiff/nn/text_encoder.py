@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jdiff.nn.attention import attention
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # OpenCLIP
@@ -50,7 +52,7 @@ class _Attention(nn.Module):
             return a.reshape(*a.shape[:2], self.heads, width // self.heads)
 
         q, k, v = (project(f"{n}_proj", x) for n in "qkv")
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = attention(q, k, v, mask=mask, implementation=self.implementation)
         return nn.Dense(width, dtype=self.dtype, name="out_proj")(out.reshape(x.shape))
 
 
