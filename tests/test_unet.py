@@ -214,8 +214,7 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
 
 
 def test_attention_implementations_agree_on_the_whole_unet(tiny):
-    """The default (chunked on the CPU) and the explicit paths: the same U-Net output within
-    float32 rounding."""
+    """The default and the explicit paths: the same U-Net output within float32 rounding."""
     model, params, x = tiny
     t = jnp.array([5.0, 500.0])
     ref = model.clone(attention_implementation="xla").apply({"params": params}, x, t)

@@ -4,8 +4,9 @@ Every attention goes through `attention`, whose `implementation` is selectable: 
 `jax.nn.dot_product_attention`'s plain path (the scores of all queries and keys at once),
 "cudnn" its fused flash kernel on NVIDIA GPUs (float16/bfloat16 only), "chunked" the pure-JAX
 memory-efficient path (`chunked_attention`: queries in blocks, keys in blocks with a running
-log-sum-exp, never the whole score matrix; any backend). None picks per backend when traced:
-"chunked" on the CPU (where it is also the fastest), JAX's own choice elsewhere. Names mirror
+log-sum-exp, never the whole score matrix; any backend). None picks per backend and size when
+traced: "chunked" on the CPU from 1,024 x 1,024 tokens (where it is also the fastest), JAX's
+own choice otherwise. Names mirror
 diffusers' `Attention`, `FeedForward`, `BasicTransformerBlock` and `Transformer2DModel`
 parameter trees.
 """
@@ -89,9 +90,14 @@ def chunked_attention(
     return out[:, :lq]
 
 
-def resolve(implementation: str | None) -> str | None:
-    """The implementation None stands for on the default backend: "chunked" on the CPU."""
-    if implementation is None and jax.default_backend() == "cpu":
+CHUNKED_FROM = 1 << 20  # query x key tokens from which None is "chunked" on the CPU
+
+
+def resolve(implementation: str | None, lq: int, lk: int) -> str | None:
+    """The implementation None stands for on the default backend, for lq queries and lk
+    keys: "chunked" on the CPU from 1,024 x 1,024 (faster there, and far smaller; below it the
+    plain path is as fast and compiles sooner), JAX's choice (None) elsewhere."""
+    if implementation is None and jax.default_backend() == "cpu" and lq * lk >= CHUNKED_FROM:
         return "chunked"
     return implementation
 
@@ -102,7 +108,7 @@ def attention(q, k, v, *, implementation: str | None = None, mask=None):
     path."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
-    implementation = resolve(implementation)
+    implementation = resolve(implementation, q.shape[1], k.shape[1])
     if implementation == "chunked" and mask is None:
         return chunked_attention(q, k, v)
     if implementation == "chunked":
