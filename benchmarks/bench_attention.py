@@ -14,9 +14,7 @@ import argparse
 import functools
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,16 +25,6 @@ SHAPES = [  # (name, batch, query tokens, key tokens, heads, head width)
     ("SD1.5 512px self 64x64", 2, 4096, 4096, 8, 40),
     ("SD1.5 512px cross 64x64 x 77", 2, 4096, 77, 8, 40),
 ]
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(compiled, *args) -> None:
@@ -52,6 +40,7 @@ def main() -> None:
     import jax
     import numpy as np
     import torch
+    from bench import timed  # benchmarks/bench.py: the median of warm calls
 
     from jdiff.nn import attention
 
