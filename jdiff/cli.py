@@ -11,9 +11,11 @@ disk full), undecodable text, a damaged checkpoint and a run that went non-finit
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -87,41 +89,64 @@ class _ClosedLoopReports:
     each callback it still makes into orbax's event loop once a failed write has closed it:
     a traceback whose every frame is asyncio's and that ends in "Event loop is closed". Any
     other text, tracebacks included, passes as written (a line starting a traceback is held
-    until the traceback ends)."""
+    until the traceback ends). Each thread's text is read apart: the main thread's error line
+    written while a background thread prints a traceback neither breaks it nor is held."""
 
     _START = "Traceback (most recent call last):"
     _END = "RuntimeError: Event loop is closed"
 
     def __init__(self, stream):
-        self._stream, self._pending, self._held = stream, "", []
+        self._stream, self._lock = stream, threading.Lock()
+        self._pending: dict[int, str] = {}
+        self._held: dict[int, list[str]] = {}
 
     def write(self, text: str) -> int:
-        self._pending += text
-        while "\n" in self._pending:
-            line, self._pending = self._pending.split("\n", 1)
-            self._line(line + "\n")
-        if not self._held and not self._START.startswith(self._pending):
-            self._stream.write(self._pending)  # a progress bar's "\r..." shows at once
-            self._pending = ""
+        me = threading.get_ident()
+        with self._lock:
+            pending = self._pending.pop(me, "") + text
+            while "\n" in pending:
+                line, pending = pending.split("\n", 1)
+                self._line(me, line + "\n")
+            if me not in self._held and not self._START.startswith(pending):
+                self._stream.write(pending)  # a progress bar's "\r..." shows at once
+            elif pending:
+                self._pending[me] = pending
         return len(text)
 
-    def _line(self, line: str) -> None:
-        if not self._held and line.rstrip("\n") != self._START:
+    def _line(self, me: int, line: str) -> None:
+        held = self._held.get(me)
+        if held is None and line.rstrip("\n") != self._START:
             self._stream.write(line)
             return
-        self._held.append(line)
+        held = self._held.setdefault(me, [])
+        held.append(line)
         if line.startswith(" "):  # a frame
             return
-        if len(self._held) > 1:  # the traceback's last line
-            frames = [x for x in self._held if x.lstrip().startswith("File ")]
+        if len(held) > 1:  # the traceback's last line
+            frames = [x for x in held if x.lstrip().startswith("File ")]
             ours = all(os.path.join("asyncio", "base_events.py") in x for x in frames)
             if not (ours and line.rstrip("\n") == self._END):
-                self._stream.write("".join(self._held))
-            self._held = []
+                self._stream.write("".join(held))
+            del self._held[me]
 
     def flush(self) -> None:
-        self._stream.write("".join(self._held) + self._pending)
-        self._held, self._pending = [], ""
+        """Writes out what the calling thread holds (another thread's traceback in the middle
+        is its own to finish) and flushes the stream."""
+        with self._lock:
+            me = threading.get_ident()
+            self._stream.write("".join(self._held.pop(me, [])) + self._pending.pop(me, ""))
+        self._stream.flush()
+
+    def close_reports(self) -> None:
+        """At exit: whatever other threads still hold, but for a traceback that so far is
+        asyncio's own (the closed-loop one, cut short by the exit)."""
+        with self._lock:
+            for me in set(self._held) | set(self._pending):
+                held = self._held.pop(me, [])
+                frames = [x for x in held if x.lstrip().startswith("File ")]
+                if not all(os.path.join("asyncio", "base_events.py") in x for x in frames):
+                    self._stream.write("".join(held))
+                self._stream.write(self._pending.pop(me, ""))
         self._stream.flush()
 
     def __getattr__(self, name):
@@ -136,6 +161,7 @@ def quiet_background_reports() -> None:
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(_BackgroundReports())
         sys.stderr = _ClosedLoopReports(sys.stderr)
+        atexit.register(sys.stderr.close_reports)
 
 
 def run_absl(main: Callable[[list[str]], None], *extra: type[BaseException]) -> None:

@@ -246,3 +246,49 @@ def test_the_table_covers_every_program():
     assert {p: programs.count(p) for p in PROGRAMS} == {
         p: programs.count(p) for p in PROGRAMS if programs.count(p) >= 6
     }
+
+
+def test_closed_loop_reports_are_dropped_even_when_another_thread_writes_between():
+    """The traceback tensorstore prints from its thread once orbax's loop is closed goes,
+    though the main thread's error line lands in its middle (as it did in CI); the error
+    line, another thread's real traceback and a progress bar's partial line all stay."""
+    import io
+    import threading
+
+    from jdiff.cli import _ClosedLoopReports
+
+    base = "/usr/lib/python3.11/asyncio/base_events.py"
+    closed = [
+        "Traceback (most recent call last):\n",
+        f'  File "{base}", line 806, in call_soon_threadsafe\n',
+        "    self._check_closed()\n",
+        f'  File "{base}", line 519, in _check_closed\n',
+        "    raise RuntimeError('Event loop is closed')\n",
+        "RuntimeError: Event loop is closed\n",
+    ]
+    real = ["Traceback (most recent call last):\n", '  File "x.py", line 1\n', "ValueError: no\n"]
+    out = io.StringIO()
+    stream = _ClosedLoopReports(out)
+    halfway, resumed = threading.Event(), threading.Event()
+
+    def background():
+        for i, line in enumerate(closed):
+            if i == 3:
+                halfway.set()
+                resumed.wait(10)
+            stream.write(line[:5])  # in pieces, as print writes them
+            stream.write(line[5:])
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    assert halfway.wait(10)
+    stream.write(" 50%|#####     | 2/4\r")
+    print("error: checkpoint 4 could not be written", file=stream, flush=True)
+    resumed.set()
+    thread.join(10)
+    for line in real[:2]:
+        stream.write(line)
+    stream.close_reports()  # the exit: a traceback cut short that is not asyncio's stays
+    assert out.getvalue() == " 50%|#####     | 2/4\rerror: checkpoint 4 could not be written\n" + (
+        "".join(real[:2])
+    )
