@@ -70,3 +70,19 @@ def tiny_vae_decoder_workdir(tiny_vae_workdir, tmp_path_factory):
     config.mesh.data = 1
     trainer.train(config, workdir)
     return workdir
+
+
+# the modules by their time in CI, longest first: two workers take them in this order (a long
+# one left for last would run alone); the rest follow in their own order
+LONGEST_FIRST = [
+    "test_latent", "test_sharding", "test_training", "test_image_conditioned", "test_evaluation",
+    "test_pretrained", "test_bad_inputs", "test_checkpoints",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order

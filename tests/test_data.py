@@ -82,3 +82,20 @@ def test_missing_data_set_fails_fast_with_the_fix(tmp_path):
         data.load_source("cifar10", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown data set 'no_such_set'"):
         data.load_source("no_such_set", data_dir=str(tmp_path))
+
+
+def test_processes_starting_together_prepare_a_data_set_once(tmp_path):
+    """Two processes (two test workers, two hosts on one disk) asking for an unprepared
+    embedded data set at once: both get all of it, neither fails on the other's files."""
+    import subprocess
+    import sys
+
+    read = "import sys; from jdiff import data; print(len(data.load_source('digits', " + (
+        "split='test', data_dir=sys.argv[1])))"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", read, str(tmp_path)], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (out, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0 and out.split()[-1] == "300", err[-2000:]

@@ -9,9 +9,12 @@ only its own rows).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import filelock
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -35,8 +38,15 @@ def load_source(name: str, *, split: str = "train", data_dir: str | None = None)
       FileNotFoundError: a catalogue data set is not prepared here; the message says how to.
     """
     if name in EMBEDDED:
-        builder = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()  # a no-op once prepared
+        make = functools.partial(EMBEDDED[name], data_dir=data_dir, file_format="array_record")
+        folder = pathlib.Path(make().data_dir).parent  # <data_dir>/<name>
+        folder.mkdir(parents=True, exist_ok=True)
+        # processes starting together (test workers, a pod's hosts on one disk) prepare it once:
+        # the others wait, then read it (a builder made after the wait: one made before it
+        # knows no splits)
+        with filelock.FileLock(folder / ".prepare.lock", timeout=600):
+            builder = make()
+            builder.download_and_prepare()  # a no-op once prepared
         return builder.as_data_source(split=split)
     try:
         # download=False: with no network, tfds would otherwise retry for minutes
