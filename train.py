@@ -1,6 +1,7 @@
 """Train a diffusion model, or the autoencoder of a latent diffusion model.
 
     python train.py [--config configs/<name>.py[:variant]] [--workdir DIR] [--config.key=value]
+    python train.py --config ... --compile_for v5e:4x4   # sized for a TPU topology, no TPU
 
 With no arguments: the embedded default (configs/default.py, 8x8 digits, offline) into
 ./outputs/default. A config with `task = "autoencoder"` (configs/vae_shapes.py) trains an
@@ -18,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import cli, sharding, trainer, validate
+from jdiff import aot, cli, sharding, trainer, validate
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
@@ -32,6 +33,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default ./outputs/<config>).")
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, "Only compile the train step for this TPU topology (v5e:2x2, "
+    "v5p:4x4x4, ...; libtpu needed, no TPU) and report its per-chip memory, FLOPs and "
+    "estimated time (jdiff.aot); nothing is trained or written.",
+)  # fmt: skip
 
 
 def default_workdir(config_path: str) -> pathlib.Path:
@@ -49,6 +55,9 @@ def main(argv) -> None:
     config = _CONFIG.value
     validate.check_applies(config, cli.overridden_keys(sys.argv))
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+    if _COMPILE_FOR.value:
+        aot.run(config, _COMPILE_FOR.value, flag="--compile_for")
+        return
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = pathlib.Path(_WORKDIR.value or default_workdir(config_path))
     print(f"config: {config_path}", flush=True)

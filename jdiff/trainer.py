@@ -33,6 +33,7 @@ from jdiff import (
     inpainting,
     models,
     pipelines,
+    programs,
     sharding,
     superres,
     tokenizer,
@@ -139,11 +140,9 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
     optimizer = training.make_optimizer(config.optim)
     k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
-    common = {"ema_max_decay": config.train.ema_max_decay,
-              "accumulate_steps": config.optim.accumulate_steps}  # fmt: skip
     make_parts = {"diffusion": _diffusion_parts, "autoencoder": _autoencoder_parts,
                   "latent_diffusion": _latent_parts}[task(config)]  # fmt: skip
-    parts = make_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common)
+    parts = make_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample)
 
     abstract = jax.eval_shape(parts.init, *parts.init_args)
     state_sh = sharding.tree_shardings(mesh, abstract, min_size=config.mesh.fsdp_min_size)
@@ -167,18 +166,13 @@ def _image_batches(config: ConfigDict, source) -> data.Batches:
                         process_count=jax.process_count())  # fmt: skip
 
 
-def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample):
     """Pixel-space diffusion: the U-Net, its step, and sample(params) -> a grid's images."""
     model = models.make_model(config, num_classes)
     schedule = models.make_schedule(config.diffusion)
     size, channels = config.data.image_size, config.data.channels
     init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
-    step = training.make_train_step(
-        model, schedule, optimizer,
-        loss=config.diffusion.loss, prediction_type=config.diffusion.prediction_type,
-        snr_gamma=config.diffusion.snr_gamma or None, null_class=num_classes,
-        class_dropout=config.train.class_dropout, **common,
-    )  # fmt: skip
+    step = programs.diffusion_step(config, model, schedule, optimizer, num_classes)
     generate = pipelines.make_generate(
         model, schedule, shape=(config.sample.num_samples, size, size, channels),
         method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
@@ -196,7 +190,7 @@ def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_
     return Parts(init, step, model, _image_batches(config, source), sample)
 
 
-def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample):
     """The autoencoder and its step; its "samples" are reconstructions (write_samples). With
     `autoencoder.init_from` (a trained autoencoder's workdir) it starts from that run's EMA
     weights; with `autoencoder.trainable = "decoder"` only the decoder side trains."""
@@ -212,10 +206,7 @@ def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, 
     if ae.get("init_from"):
         params = load_autoencoder_weights(ae.init_from, jax.eval_shape(init).params)
         init, init_args = (lambda p: training.init_state(p, optimizer)), (params,)
-    step = training.make_autoencoder_step(
-        model, optimizer, reconstruction=ae.reconstruction, kl_weight=ae.kl_weight,
-        trainable=ae.get("trainable", "all"), **common,
-    )  # fmt: skip
+    step = programs.autoencoder_step(config, model, optimizer)
     return Parts(init, step, model, _image_batches(config, source), None, init_args)
 
 
@@ -232,7 +223,7 @@ def load_autoencoder_weights(source_workdir: str, expected) -> dict:
     return params
 
 
-def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample, common):
+def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample):
     """Text-conditional latent diffusion on a frozen autoencoder trained by this program:
     cached latents and token ids, the U-Net and text encoder, and a txt2img sample function."""
     if "caption" not in source[0]:
@@ -286,14 +277,10 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         encode = jax.jit(lambda ids: text.apply({"params": text_params}, ids).last_hidden_state)
         cache = cache | {"context": autoencoder.in_chunks(encode, cache["ids"], 512)}
         empty_context = encode(empty_ids[None])[0]
-    step = training.make_latent_train_step(
-        unet, text, schedule, optimizer, empty_ids=empty_ids, empty_context=empty_context,
-        scaling_factor=scaling, caption_dropout=config.train.caption_dropout,
+    step = programs.latent_step(
+        config, unet, text, schedule, optimizer, empty_ids=empty_ids,
+        empty_context=empty_context, scaling_factor=scaling, kind=kind,
         prediction_type=sampler.get("prediction_type", "epsilon"),
-        snr_gamma=config.diffusion.snr_gamma or None,
-        noise_augmentation=superres.low_res_schedule() if kind == "upscale" else None,
-        max_noise_level=superres.MAX_NOISE_LEVEL,
-        noise_level_power=config.train.get("noise_level_power", 1.0), **common,
     )  # fmt: skip
     prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
     prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]

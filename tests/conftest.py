@@ -4,6 +4,10 @@ import os
 import pathlib
 import sys
 
+# the suite runs on the CPU (with libtpu installed, for the TPU compiles, JAX would first try
+# to start a TPU backend in every process); set JAX_PLATFORMS to run it elsewhere
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax
 import pytest
 

@@ -35,6 +35,7 @@ def preload() -> None:
     import orbax.checkpoint  # noqa: F401
     import tensorflow_datasets  # noqa: F401
 
+    import jdiff.aot
     import jdiff.evaluation
     import jdiff.interop
     import jdiff.sampling

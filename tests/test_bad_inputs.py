@@ -21,6 +21,8 @@ from runs import ROOT, XLA_FLAGS
 
 DEFAULT = f"--config={ROOT / 'configs' / 'default.py'}"
 TINY = f"{DEFAULT}:tiny"
+SD_TINY = f"--config={ROOT / 'configs' / 'sd_finetune.py'}:tiny"
+LDM_TINY = f"--config={ROOT / 'configs' / 'ldm_shapes.py'}:tiny"
 
 # (id, program, arguments, a fragment the error line must contain). "{run}": the tiny trained
 # workdir; "{f}": a folder of bad files the fixture writes; "{new}": a fresh directory per case
@@ -153,6 +155,22 @@ CASES = [
     ("interop-output-full", "interop", ["{f}/random.safetensors", "--output={f}"], "--output"),
     ("interop-output-file", "interop", ["{f}/random.safetensors", "--output={f}/notes.txt"],
      "--output"),
+    # python -m jdiff.aot, and train.py --compile_for (refused before any compile)
+    ("aot-no-topology", "aot", [TINY], "--topology is required"),
+    ("aot-unknown-chip", "aot", [TINY, "--topology=v9:2x2"], "expected <chip>:<shape>"),
+    ("aot-no-shape", "aot", [TINY, "--topology=v5e"], "expected <chip>:<shape>"),
+    ("aot-no-such-topology", "aot", [TINY, "--topology=v5e:3x7"], "libtpu has no such"),
+    ("aot-batch", "aot", [TINY, "--topology=v5e:2x2", "--config.data.batch_size=6"],
+     "does not split over the mesh's 4 chips"),
+    ("aot-fsdp", "aot", [TINY, "--topology=v5e:2x2", "--config.mesh.fsdp=3"], "fsdp=3"),
+    ("aot-unknown-key", "aot", [TINY, "--topology=v5e:2x2", "--config.mesh.fsdp_size=2"],
+     "config.mesh has no key"),
+    ("aot-pretrained", "aot", [SD_TINY, "--topology=v5e:2x2", "--config.latent.pretrained={f}"],
+     "to size it without its weights"),
+    ("aot-autoencoder", "aot", [LDM_TINY, "--topology=v5e:2x2",
+                                "--config.latent.autoencoder_workdir={new}"],
+     "holds no trained autoencoder"),
+    ("compile-for", "train", [TINY, "--compile_for=v5p:2x"], "--compile_for 'v5p:2x'"),
 ]  # fmt: skip
 
 PROGRAMS = {
@@ -160,6 +178,7 @@ PROGRAMS = {
     "sample": [str(ROOT / "sample.py")],
     "evaluation": ["-m", "jdiff.evaluation"],
     "interop": ["-m", "jdiff.interop"],
+    "aot": ["-m", "jdiff.aot"],
 }
 
 

@@ -1,0 +1,84 @@
+"""Compiling for a TPU topology that is not attached (jdiff.aot): the report of a tiny run
+compiled by libtpu for v5e:2x2 with fsdp 2, the collectives read from HLO, and SD's
+architectures sized without their weights."""
+
+import importlib
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import pytest
+from runs import ROOT
+
+from jdiff import aot
+
+
+def test_a_tiny_run_compiled_for_v5e_2x2_reports_its_chips(tmp_path):
+    """The tiny config, data 2 x fsdp 2 (every array split: fsdp_min_size 1), compiled by
+    `python -m jdiff.aot` for four v5e chips: the parameters, EMA and optimizer state per chip
+    are the shardings' shares, the step all-gathers the parameters and reduces gradients."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the [tpu] extra")
+    out = tmp_path / "report.json"
+    command = [sys.executable, "-m", "jdiff.aot", f"--config={ROOT}/configs/default.py:tiny",
+               "--topology=v5e:2x2", "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=1",
+               f"--json={out}"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert "compiled for v5e:2x2 (4 x TPU v5e, 16 GiB HBM each)" in done.stdout
+    assert "of 16: fits" in done.stdout and "all-gather" in done.stdout
+    assert report["chips"] == 4 and report["mesh"] == {"data": 2, "fsdp": 2}
+    assert report["batch_per_chip"] == 2.0  # the tiny config's 8 over four chips
+
+    config = importlib.import_module("configs.default").get_config("tiny")
+    state = jax.eval_shape(aot.train_program(config).init)
+    whole = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state.params))
+    shares = report["state"]
+    # split in two but for arrays with no even axis (a 3-channel kernel's bias, scalars)
+    assert whole / 2 <= shares["parameters"] < 0.55 * whole
+    assert shares["ema"] == shares["parameters"]
+    assert 2 * shares["parameters"] <= shares["optimizer"] < 2.2 * shares["parameters"]  # Adam
+    memory = report["memory"]
+    assert memory["arguments"] >= sum(shares.values()) and memory["aliased"] > 0  # donated
+    assert report["fits"] and 0 < report["total_bytes"] < 2**30
+    assert 1e6 < report["flops"] < 1e12 and report["estimate_s"] > 0 and 0 < report["mfu"] < 1
+    ops = report["collectives"]
+    assert ops["all-gather"][0] > 0 and ops["all-gather"][1] > 0
+    assert ("reduce-scatter" in ops) or ("all-reduce" in ops)
+
+
+def test_collectives_are_read_from_compiled_hlo():
+    hlo = "\n".join([
+        "  %ag = f32[8,128]{1,0:T(8,128)} all-gather(f32[4,128]{1,0} %p), dimensions={0}",
+        "  %ar = (f32[64]{0}, bf16[2,3]{1,0}) all-reduce(%a, %b), to_apply=%add",
+        "  %s = (f32[4]{0}, f32[8]{0}) all-gather-start(f32[4]{0} %q), dimensions={0}",
+        "  %d = f32[8]{0} all-gather-done((f32[4]{0}, f32[8]{0}) %s)",
+        "  %rs = bf16[16,2]{1,0} reduce-scatter(bf16[32,2]{1,0} %g), dimensions={0}",
+        "  %x = f32[8,128]{1,0} add(%ag, %ag)",
+    ])  # fmt: skip
+    assert aot.collectives(hlo) == {
+        "all-gather": (2, 8 * 128 * 4 + 8 * 4),  # the async one by its -start, its output
+        "reduce-scatter": (1, 16 * 2 * 2),
+        "all-reduce": (1, 64 * 4 + 6 * 2),
+    }
+
+
+def test_stable_diffusion_is_sized_without_its_weights():
+    """latent.pretrained=sd_v1 / sd_v2_1: the U-Net and text encoder of SD 1.5 and 2.1, their
+    parameter counts those of the released models (diffusers' and transformers' counts), and
+    the batch that train.py's fine-tuning feeds (cached latents and caption encodings)."""
+    config = importlib.import_module("configs.sd_finetune").get_config()
+    counts = {}
+    for name in ("sd_v1", "sd_v2_1"):
+        config.latent.pretrained = name
+        program = aot.train_program(config)
+        params = jax.eval_shape(program.init).params
+        counts[name] = [sum(math.prod(a.shape) for a in jax.tree.leaves(params[part]))
+                        for part in ("unet", "text_encoder")]  # fmt: skip
+    assert counts == {"sd_v1": [859_520_964, 123_060_480], "sd_v2_1": [865_910_724, 340_387_840]}
+    shapes = {k: (v.shape, str(v.dtype)) for k, v in program.batch.items()}
+    assert shapes == {"latent_mean": ((8, 32, 32, 4), "float32"),
+                      "latent_std": ((8, 32, 32, 4), "float32"), "ids": ((8, 77), "int32"),
+                      "context": ((8, 77, 1024), "bfloat16")}  # fmt: skip
