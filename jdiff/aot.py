@@ -153,6 +153,9 @@ def topology_devices(topology: str, flag: str = "--topology") -> list:
                          "not installed: pip install -e '.[tpu]'")  # fmt: skip
     from jax.experimental import topologies
 
+    # libtpu's lockfile keeps a second process off a host's chips; this one uses none, so
+    # compiles may run side by side (and on a TPU VM beside its training)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     probes: list[str] = []
     try:
         with _captured_output(probes):

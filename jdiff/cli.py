@@ -207,7 +207,8 @@ def overridden_keys(argv: list[str]) -> list[str]:
 
 
 def load_config(spec: str):
-    """The ConfigDict of `path[:variant]`, failing with one line for a missing or broken file."""
+    """The ConfigDict of `path[:variant]`, failing with one line for a missing or broken file
+    (the folder above the file's becomes importable, for its imports of its siblings)."""
     import importlib.util
     import pathlib
 
@@ -217,6 +218,11 @@ def load_config(spec: str):
         configs = pathlib.Path(__file__).resolve().parent.parent / "configs"
         known = ", ".join(sorted(p.name for p in configs.glob("*.py"))) if configs.is_dir() else ""
         fail(f"--config {spec}: no such file{f' (configs/ has {known})' if known else ''}")
+    # a config imports its siblings as <its folder>.<name> (configs.default): the folder
+    # above is importable, whatever the working directory
+    above = str(path.resolve().parent.parent)
+    if above not in sys.path:
+        sys.path.append(above)
     try:
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)

@@ -35,9 +35,9 @@ def preload() -> None:
     import orbax.checkpoint  # noqa: F401
     import tensorflow_datasets  # noqa: F401
 
-    import jdiff.aot
     import jdiff.evaluation
     import jdiff.interop
+    import jdiff.programs
     import jdiff.sampling
     import jdiff.trainer  # noqa: F401
 
