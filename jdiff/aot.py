@@ -11,9 +11,11 @@ attached, and what it needs of each chip.
 builds the step on this CPU. The report, per chip: parameters, EMA and optimizer state as the
 shardings split them; the compiled program's arguments, temporaries (activations, gradients)
 and code against the chip's HBM; FLOPs and HBM traffic; an estimated step time and MFU; the
-collectives in the program. A latent model's U-Net is sized from `latent.pretrained` (a
-diffusers directory's config files, or an architecture of `ARCHITECTURES`) or, for a new one,
-from its autoencoder's stored config.
+collectives in the program. `--program=sample` compiles the sampler instead (the whole
+denoising loop, guidance, encoder and decoder: one call for `sample.num_samples` images).
+The programs come from `jdiff.programs`: a latent model's networks are sized from
+`latent.pretrained` (a diffusers directory's config files, or one of
+`programs.ARCHITECTURES`) or, for a new one, from its autoencoder's stored config.
 """
 
 from __future__ import annotations
@@ -28,13 +30,12 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import models, programs, sharding, training, validate
+from jdiff import programs, sharding, validate
 from jdiff.validate import InputError
 
 
@@ -55,22 +56,8 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 32, 918, 1640),
 }
 
-# latent.pretrained architectures sized without their weights: (U-Net variant, text encoder
-# variant, latent channels, the autoencoder's downsampling factor)
-ARCHITECTURES = {"sd_v1": ("sd_v1", "clip_vit_l14", 4, 8),
-                 "sd_v2_1": ("sd_v2_1", "openclip_vit_h14", 4, 8)}  # fmt: skip
-
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Program:
-    """A task's train step as the trainer builds it, and the shapes of one global batch."""
-
-    init: Any  # () -> the step-0 TrainState
-    step: Any  # (state, batch, key) -> (state, metrics)
-    batch: dict[str, jax.ShapeDtypeStruct]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +65,12 @@ class Report:
     """What the compiled step needs of each chip (bytes) and does per step."""
 
     topology: str
+    program: str  # "train step" or "sampler"
     chip: Chip
     chips: int
     mesh: dict[str, int]
     batch_per_chip: float
-    state: dict[str, int]  # parameters / ema / optimizer: their per-chip shards
+    state: dict[str, int]  # {"parameters", "EMA parameters", ...: their per-chip shards}
     memory: dict[str, int]  # arguments / outputs / aliased / temporaries / code
     flops: float
     bytes_accessed: float
@@ -90,6 +78,7 @@ class Report:
     estimated_by: str  # "compiler" or "roofline"
     collectives: dict[str, tuple[int, int]]  # op -> (count, bytes of results)
     compile_s: float
+    loop: dict | None = None  # a sampler's model calls its loop repeats (in the totals above)
 
     @property
     def total_bytes(self) -> int:
@@ -167,137 +156,18 @@ def topology_devices(topology: str, flag: str = "--topology") -> list:
     return list(description.devices)
 
 
-def train_program(config) -> Program:
-    """The config's init and step (as `trainer.build` makes them) and its batch's shapes,
-    without data, weights or caches."""
-    from jdiff import trainer
-
-    task = trainer.task(config)
-    key = jax.random.key(config.seed)
-    b, size, channels = config.data.batch_size, config.data.image_size, config.data.channels
-    if task == "autoencoder":
-        model, optimizer = (
-            models.make_autoencoder(config),
-            training.make_autoencoder_optimizer(config),
-        )
-        init = training.make_init(model, optimizer, key, image_shape=(size, size, channels))
-        step = programs.autoencoder_step(config, model, optimizer)
-        return Program(init, step, {"image": _spec((b, size, size, channels))})
-    optimizer = training.make_optimizer(config.optim)
-    if task == "diffusion":
-        classes = _num_classes(config)
-        model = models.make_model(config, classes)
-        init = training.make_init(model, optimizer, key, image_shape=(size, size, channels))
-        step = programs.diffusion_step(config, model, models.make_schedule(config.diffusion),
-                                       optimizer, classes)  # fmt: skip
-        batch = {"image": _spec((b, size, size, channels)), "label": _spec((b,), jnp.int32)}
-        return Program(init, step, batch)
-    return _latent_program(config, optimizer, key)
+PROGRAMS = ("train", "sample")
 
 
-def _latent_program(config, optimizer, key) -> Program:
-    pretrained = config.latent.get("pretrained") or None
-    kind = config.latent.get("conditioning") or None
-    if pretrained:
-        unet, text, latent_channels, factor = _pretrained_architecture(config, pretrained)
-        frozen = True
-    else:
-        text = models.make_text_encoder(config)
-        latent_channels, factor = _autoencoder_shape(config)
-        unet = models.make_latent_unet(config, latent_channels, text.hidden_size)
-        frozen = config.text.get("frozen", False)
-    if config.data.image_size % factor:
-        raise InputError(f"data.image_size={config.data.image_size} is not a multiple of the "
-                         f"autoencoder's factor {factor}")  # fmt: skip
-    h = config.data.image_size // factor
-    b, length = config.data.batch_size, text.max_position_embeddings
-    latent = (b, h, h, latent_channels)
-    batch = {"latent_mean": _spec(latent), "latent_std": _spec(latent),
-             "ids": _spec((b, length), jnp.int32)}  # fmt: skip
-    empty_context = None
-    if frozen:  # trained as train.py does: the captions' encodings cached, the encoder still
-        optimizer = training.freeze_text_encoder(optimizer)  # in the state (frozen)
-        batch["context"] = _spec((b, length, text.hidden_size), text.dtype)
-        empty_context = jnp.zeros((length, text.hidden_size))
-    if kind:
-        batch["extra"] = _spec((b, h, h, unet.in_channels - latent_channels))
-    init = training.make_latent_init(unet, text, optimizer, key, latent_shape=latent[1:])
-    prediction = config.diffusion.prediction_type
-    step = programs.latent_step(
-        config, unet, text, models.make_schedule(config.diffusion), optimizer,
-        empty_ids=jnp.zeros(length, jnp.int32), empty_context=empty_context,
-        scaling_factor=1.0, prediction_type=prediction, kind=kind,  # a constant: no cost
-    )  # fmt: skip
-    return Program(init, step, batch)
-
-
-def _pretrained_architecture(config, pretrained: str):
-    """(U-Net, text encoder, latent channels, factor) of `latent.pretrained` from config
-    files alone: an `ARCHITECTURES` name or a diffusers-format directory."""
-    from jdiff.interop import configs as foreign
-    from jdiff.interop import files
-    from jdiff.nn import UNet, text_encoder, vae
-    from jdiff.nn.unet import VARIANTS
-
-    dtype = models._dtype(config.model.dtype)
-    root = pathlib.Path(pretrained)
-    if pretrained in ARCHITECTURES:
-        unet_variant, text_variant, channels, factor = ARCHITECTURES[pretrained]
-        unet = UNet(**VARIANTS[unet_variant])
-        text = text_encoder.CLIPTextModel(**text_encoder.VARIANTS[text_variant])
-    elif all((root / part / "config.json").is_file() for part in ("unet", "vae", "text_encoder")):
-        read = lambda part: files.read_json(root / part / "config.json")  # noqa: E731
-        unet = UNet(**foreign.unet_config_from_diffusers(read("unet")))
-        ae = vae.AutoencoderKL(**foreign.vae_config_from_diffusers(read("vae")))
-        text = text_encoder.CLIPTextModel(
-            **foreign.text_encoder_config_from_transformers(read("text_encoder"))
-        )
-        channels, factor = ae.latent_channels, ae.downsample_factor
-    else:
-        raise InputError(f"latent.pretrained={pretrained!r}: to size it without its weights, "
-                         f"name a diffusers-format directory (unet/, vae/, text_encoder/ "
-                         f"config.json) or one of {sorted(ARCHITECTURES)}")  # fmt: skip
-    return (unet.clone(dtype=dtype, remat=config.model.remat), text.clone(dtype=dtype),
-            channels, factor)  # fmt: skip
-
-
-def _autoencoder_shape(config) -> tuple[int, int]:
-    """(latent channels, factor) of a new latent model's autoencoder, from the config its
-    workdir stored (`latent.autoencoder_workdir`)."""
-    from ml_collections import ConfigDict
-
-    from jdiff import checkpoints
-
-    workdir = pathlib.Path(config.latent.autoencoder_workdir)
-    if not (workdir / checkpoints.RUN_INFO).exists():
-        raise InputError(f"latent.autoencoder_workdir={str(workdir)!r} holds no trained "
-                         "autoencoder: its stored config gives the latent shape (train it "
-                         "first, or size a pretrained one with latent.pretrained)")  # fmt: skip
-    stored = ConfigDict(checkpoints.read_run_info(workdir)["config"])
-    ae = models.make_autoencoder(stored)
-    return ae.latent_channels, ae.downsample_factor
-
-
-def _num_classes(config) -> int | None:
-    if not config.model.get("class_conditional", False):
-        return None
-    from jdiff import data
-
-    source = data.load_source(config.data.name, split=config.data.split,
-                              data_dir=config.data.data_dir or None)  # fmt: skip
-    return data.num_classes(source)
-
-
-def _spec(shape, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), dtype)
-
-
-def compile_train_step(config, topology: str, flag: str = "--topology", *,
-                       announce: bool = False) -> Report:  # fmt: skip
-    """Compile the config's train step for `topology` with the config's mesh; the report
-    (bad input names `flag`, the option that gave the topology)."""
+def compile_for(config, topology: str, program: str = "train", flag: str = "--topology", *,
+                announce: bool = False) -> Report:  # fmt: skip
+    """Compile the config's train step (`program="train"`) or sampler ("sample") for
+    `topology` over the config's mesh; the report (bad input names `flag`, the option that
+    gave the topology)."""
     _cpu_only()
     validate.check_config(config)
+    if program not in PROGRAMS:
+        raise InputError(f"--program={program!r}; expected one of {PROGRAMS}")
     chip = chip_of(topology, flag)
     devices = topology_devices(topology, flag)
     try:
@@ -305,47 +175,77 @@ def compile_train_step(config, topology: str, flag: str = "--topology", *,
     except ValueError as e:
         raise InputError(f"config.mesh (data={config.mesh.data}, fsdp={config.mesh.fsdp}) "
                          f"on {topology}'s {len(devices)} chips: {e}") from None  # fmt: skip
-    if config.data.batch_size % mesh.size:
-        raise InputError(f"data.batch_size={config.data.batch_size} does not split over the "
-                         f"mesh's {mesh.size} chips: use a multiple of {mesh.size}")  # fmt: skip
-    program = train_program(config)
-    abstract = jax.eval_shape(program.init)
-    state_sh = sharding.tree_shardings(mesh, abstract, min_size=config.mesh.fsdp_min_size)
-    batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    step = jax.jit(program.step, in_shardings=(state_sh, batch_sh, replicated),
-                   out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
+    what = "data.batch_size" if program == "train" else "sample.num_samples"
+    count = config.data.batch_size if program == "train" else config.sample.num_samples
+    if count % mesh.size:
+        raise InputError(f"{what}={count} does not split over the mesh's {mesh.size} chips: "
+                         f"use a multiple of {mesh.size}")  # fmt: skip
+    p = (programs.train_program if program == "train" else programs.sample_program)(config)
     if announce:
-        print(f"compiling the train step for {topology} (minutes at SD sizes) ...", flush=True)
+        print(f"compiling the {p.name} for {topology} (minutes at SD sizes) ...", flush=True)
     start = time.perf_counter()
-    compiled = step.lower(abstract, program.batch, key).compile()
+    compiled, in_sh = _compile(p, mesh, config.mesh.fsdp_min_size)
+    flops, traffic, estimate, by = _cost(compiled, chip)
+    loop = None
+    if p.call is not None:  # the loop's body counted once: the model call's cost, apart
+        call_flops, call_traffic, call_estimate, call_by = _cost(
+            _compile(p.call, mesh, config.mesh.fsdp_min_size)[0], chip)  # fmt: skip
+        loop = {"uncounted_calls": p.uncounted, "call_flops": call_flops,
+                "call_bytes_accessed": call_traffic, "call_estimate_s": call_estimate}  # fmt: skip
+        flops += p.uncounted * call_flops
+        traffic += p.uncounted * call_traffic
+        estimate += p.uncounted * call_estimate
+        by = "roofline" if "roofline" in (by, call_by) else by
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    estimate, by = float(cost.get("optimal_seconds", -1.0)), "compiler"
-    if not estimate > 0:  # the compiler gives none: the roofline's lower bound
-        estimate = max(flops / (chip.bf16_tflops * 1e12), traffic / (chip.hbm_gbps * 1e9))
-        by = "roofline"
 
     def per_chip(tree, shardings) -> int:
         pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
         return sum(_shard_bytes(a, s) for a, s in pairs)
 
+    shares, shard_trees = p.shares(p.args), p.shares(in_sh)
     return Report(
-        topology=topology, chip=chip, chips=mesh.size, mesh=dict(mesh.shape),
-        batch_per_chip=config.data.batch_size / mesh.size,
-        state={"parameters": per_chip(abstract.params, state_sh.params),
-               "ema": per_chip(abstract.ema_params, state_sh.ema_params),
-               "optimizer": per_chip(abstract.opt_state, state_sh.opt_state)},
+        topology=topology, program=p.name, chip=chip, chips=mesh.size, mesh=dict(mesh.shape),
+        batch_per_chip=p.batch_size / mesh.size,
+        state={name: per_chip(tree, shard_trees[name]) for name, tree in shares.items()},
         memory={"arguments": memory.argument_size_in_bytes,
                 "outputs": memory.output_size_in_bytes, "aliased": memory.alias_size_in_bytes,
                 "temporaries": memory.temp_size_in_bytes,
                 "code": memory.generated_code_size_in_bytes},
         flops=flops, bytes_accessed=traffic, estimate_s=estimate, estimated_by=by,
-        collectives=collectives(compiled.as_text()), compile_s=seconds,
+        collectives=collectives(compiled.as_text()), compile_s=seconds, loop=loop,
     )  # fmt: skip
+
+
+def _compile(p: programs.Abstract, mesh, min_size: int):
+    """(the compiled program, its input shardings): `p` jitted with its arguments laid
+    over `mesh` as its kinds say, lowered from their shapes and compiled."""
+    batch, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+    def lay(kind, tree):
+        if kind == "state":
+            return sharding.tree_shardings(mesh, tree, min_size=min_size)
+        return jax.tree.map(lambda _: batch if kind == "batch" else whole, tree)
+
+    in_sh = tuple(lay(kind, arg) for kind, arg in zip(p.kinds, p.args, strict=True))
+    kinds = p.out_kinds if isinstance(p.out_kinds, tuple) else (p.out_kinds,)
+    out_sh = tuple({"state": in_sh[0], "batch": batch, "whole": whole}[k] for k in kinds)
+    out_sh = out_sh if isinstance(p.out_kinds, tuple) else out_sh[0]
+    jitted = jax.jit(p.fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=p.donate)
+    return jitted.lower(*p.args).compile(), in_sh
+
+
+def _cost(compiled, chip: Chip) -> tuple[float, float, float, str]:
+    """(FLOPs, bytes accessed, estimated seconds, "compiler" or "roofline") per chip."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    estimate = float(cost.get("optimal_seconds", -1.0))
+    if estimate > 0:
+        return flops, traffic, estimate, "compiler"
+    # no estimate from the compiler (a kernel it cannot cost): the roofline's lower bound
+    bound = max(flops / (chip.bf16_tflops * 1e12), traffic / (chip.hbm_gbps * 1e9))
+    return flops, traffic, bound, "roofline"
 
 
 def _shard_bytes(leaf, sh) -> int:
@@ -393,34 +293,43 @@ def describe(report: Report) -> str:
     r, gib = report, lambda n: f"{n / GIB:9.4g}"
     mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
     lines = [
-        f"compiled for {r.topology} ({r.chips} x {r.chip.name}, {r.chip.hbm_gib:g} GiB HBM "
-        f"each) in {r.compile_s:.1f} s: mesh {mesh}, {r.batch_per_chip:g} examples per chip",
+        f"{r.program} compiled for {r.topology} ({r.chips} x {r.chip.name}, "
+        f"{r.chip.hbm_gib:g} GiB HBM each) in {r.compile_s:.1f} s: mesh {mesh}, "
+        f"{r.batch_per_chip:g} examples per chip",
         "per chip                     GiB",
-        f"  parameters            {gib(r.state['parameters'])}",
-        f"  EMA parameters        {gib(r.state['ema'])}",
-        f"  optimizer state       {gib(r.state['optimizer'])}",
-        f"  arguments in all      {gib(r.memory['arguments'])}   (state, batch, key)",
-        f"  temporaries           {gib(r.memory['temporaries'])}   (activations, gradients)",
+        *(f"  {name:<20}  {gib(size)}" for name, size in r.state.items()),
+        f"  arguments in all      {gib(r.memory['arguments'])}   (these, the inputs, the key)",
+        f"  temporaries           {gib(r.memory['temporaries'])}   (activations"
+        + (", gradients)" if r.program == "train step" else ")"),
         f"  code                  {gib(r.memory['code'])}",
         f"  total                 {gib(r.total_bytes)}   of {r.chip.hbm_gib:g}: "
         + ("fits" if r.fits else "does NOT fit"),
-        f"per chip per step: {r.flops:.3g} FLOPs, {r.bytes_accessed:.3g} bytes of HBM traffic",
+        f"per chip per {'step' if r.program == 'train step' else 'call'}: {r.flops:.3g} "
+        f"FLOPs, {r.bytes_accessed:.3g} bytes of HBM traffic",
     ]
+    if r.loop:
+        lines.append(f"  (the model call compiled apart: {r.loop['call_flops']:.3g} FLOPs, "
+                     f"{r.loop['call_estimate_s'] * 1e3:.3g} ms; XLA counts a loop's body "
+                     f"once, so {r.loop['uncounted_calls']} more calls are added)")  # fmt: skip
     if r.estimated_by == "compiler":
-        lines.append(f"estimated step time {r.estimate_s * 1e3:.3g} ms (the compiler's): "
+        lines.append(f"estimated time {r.estimate_s * 1e3:.4g} ms (the compiler's): "
                      f"{r.mfu:.1%} MFU of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
     else:
-        lines.append(f"estimated step time >= {r.estimate_s * 1e3:.3g} ms (a roofline of the "
+        lines.append(f"estimated time >= {r.estimate_s * 1e3:.4g} ms (a roofline of the "
                      f"FLOPs and HBM traffic at peak: the compiler gave no estimate), so MFU "
                      f"<= {r.mfu:.1%} of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
     parts = [f"{op} {n} ({size / 2**20:.1f} MiB)" for op, (n, size) in r.collectives.items()]
-    lines.append("collectives per step: " + (", ".join(parts) or "none"))
+    lines.append(
+        f"collectives per {'step' if r.program == 'train step' else 'call'}: "
+        + (", ".join(parts) or "none")
+    )
     return "\n".join(lines)
 
 
-def run(config, topology: str, json_path: str | None = None, flag: str = "--topology") -> Report:
+def run(config, topology: str, program: str = "train", json_path: str | None = None,
+        flag: str = "--topology") -> Report:  # fmt: skip
     """Compile, print the report and write it as JSON to `json_path` if given."""
-    report = compile_train_step(config, topology, flag, announce=True)
+    report = compile_for(config, topology, program, flag, announce=True)
     print(describe(report), flush=True)
     if json_path:
         pathlib.Path(json_path).write_text(json.dumps(report.as_dict(), indent=1))
@@ -443,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
                                              lock_config=True)  # fmt: skip
     topology = flags.DEFINE_string("topology", None, "A TPU topology: v5e:2x2, v5p:4x4x4, ...")
     json_path = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+    program = flags.DEFINE_enum("program", "train", PROGRAMS, "The train step or the sampler.")
 
     def run_main(rest):
         if len(rest) > 1:
@@ -451,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             raise app.UsageError(f"--topology is required (a chip of {sorted(CHIPS)} and a "
                                  "shape: v5e:2x2, v5p:4x4x4, ...)")  # fmt: skip
         validate.check_applies(config.value, cli.overridden_keys(argv))
-        run(config.value, topology.value, json_path.value)
+        run(config.value, topology.value, program.value, json_path.value)
 
     sys.argv = argv
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it reads at INFO

@@ -1,11 +1,29 @@
 """Each task's pure train step, made from its config: the one recipe that train.py runs and
-`jdiff.aot` compiles for a TPU topology."""
+`jdiff.aot` compiles for a TPU topology; and, for `jdiff.aot`, each task's train step and
+sampler as `Abstract` programs: the function and the shapes of its arguments, from the config
+alone (no data, weights or caches).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
+from collections.abc import Callable
 from typing import Any
 
-from jdiff import superres, training
+import jax
+import jax.numpy as jnp
+
+from jdiff import models, superres, training
+from jdiff.validate import InputError
+
+# model calls per sampler step where it is not one (a second-order step evaluates twice)
+CALLS_PER_STEP = {"heun": 2}
+
+# latent.pretrained architectures sized without their weights: the U-Net, text encoder and
+# autoencoder variants (jdiff.nn's VARIANTS)
+ARCHITECTURES = {"sd_v1": ("sd_v1", "clip_vit_l14", "sd"),
+                 "sd_v2_1": ("sd_v2_1", "openclip_vit_h14", "sd")}  # fmt: skip
 
 
 def step_options(config: Any) -> dict:
@@ -46,3 +64,263 @@ def latent_step(config: Any, unet, text, schedule, optimizer, *, empty_ids, empt
         max_noise_level=superres.MAX_NOISE_LEVEL,
         noise_level_power=config.train.get("noise_level_power", 1.0), **step_options(config),
     )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParts:
+    """A task's train step as the trainer builds it, and the shapes of one global batch."""
+
+    init: Callable  # () -> the step-0 TrainState
+    step: Callable  # (state, batch, key) -> (state, metrics)
+    batch: dict[str, jax.ShapeDtypeStruct]
+
+
+@dataclasses.dataclass(frozen=True)
+class Abstract:
+    """A program to compile without running it: `fn`, the shapes of its arguments and how
+    each is laid over a mesh ("state": split over "fsdp" by the size rule; "batch": split
+    along its first axis over every chip; "whole": replicated)."""
+
+    name: str  # "train step", "sampler"
+    fn: Callable
+    args: tuple
+    kinds: tuple[str, ...]
+    out_kinds: Any  # a kind, or a tuple of kinds, for the outputs
+    donate: tuple[int, ...]
+    batch_size: int  # examples (or images) per call, over all chips
+    shares: Callable[[tuple], dict]  # args (or their shardings) -> {name: subtree}
+    # a sampler's loop: XLA's cost analysis counts a loop's body once, so the model call
+    # (`call`, its own program) is counted apart, `uncounted` more times than XLA does
+    call: Abstract | None = None
+    uncounted: int = 0
+
+
+def train_program(config) -> Abstract:
+    """The config's train step, as train.py compiles it."""
+    parts = train_parts(config)
+    state = jax.eval_shape(parts.init)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return Abstract(
+        "train step", parts.step, (state, parts.batch, key), ("state", "batch", "whole"),
+        ("state", "whole"), (0,), config.data.batch_size,
+        lambda a: {"parameters": a[0].params, "EMA parameters": a[0].ema_params,
+                   "optimizer state": a[0].opt_state},
+    )  # fmt: skip
+
+
+def sample_program(config) -> Abstract:
+    """The config's sampler (config.sample: method, steps, options; `num_samples` images in
+    one call, guidance included), as sample.py compiles it: latent text-to-image (prompts'
+    ids in, images out: encoder, the whole denoising loop, decoder) or pixel-space
+    generation."""
+    from jdiff import pipelines
+
+    task, n = _task(config), config.sample.num_samples
+    options = dict(config.sample.get("options", {}))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    scale = _spec((), jnp.float32)
+    params = jax.eval_shape(train_parts(config).init).params
+    if task == "autoencoder":
+        raise InputError("--program=sample: an autoencoder (task='autoencoder') has no sampler")
+    if task == "diffusion":
+        classes = _num_classes(config)
+        model = models.make_model(config, classes)
+        size, channels = config.data.image_size, config.data.channels
+        generate = pipelines.make_generate(
+            model, models.make_schedule(config.diffusion), shape=(n, size, size, channels),
+            method=config.sample.method, num_steps=config.sample.num_steps, null_class=classes,
+            learned_variance=config.diffusion.loss == "hybrid",
+            prediction_type=config.diffusion.prediction_type, **options,
+        )  # fmt: skip
+        labels = _spec((n,), jnp.int32)
+        m = 2 * n if classes is not None else n  # guided: the null class batched alongside
+        x, t = _spec((m, size, size, channels)), _spec((m,))
+
+        def call(params, x, t, labels):
+            kwargs = {} if classes is None else {"class_labels": labels}
+            return model.apply({"params": params}, x, t, **kwargs)
+
+        step = Abstract("model call", call, (params, x, t, _spec((m,), jnp.int32)),
+                        ("state", "batch", "batch", "batch"), "batch", (), m,
+                        lambda a: {"parameters": a[0]})  # fmt: skip
+        return Abstract("sampler", generate, (params, key, labels, scale),
+                        ("state", "whole", "batch", "whole"), "batch", (), n,
+                        lambda a: {"parameters": a[0]}, step, _uncounted(config))  # fmt: skip
+    parts = latent_parts(config)
+    if parts.kind:
+        raise InputError(f"--program=sample sizes text-to-image; latent.conditioning="
+                         f"{parts.kind!r} models are sized by their train step")  # fmt: skip
+    h, ae = _latent_size(config, parts), parts.autoencoder
+    generate = pipelines.make_txt2img(
+        parts.unet, parts.text, ae, models.make_schedule(config.diffusion),
+        latent_shape=(n, h, h, ae.latent_channels), scaling_factor=1.0,
+        method=config.sample.method, num_steps=config.sample.num_steps,
+        prediction_type=config.diffusion.prediction_type, **options,
+    )  # fmt: skip
+    image = jnp.zeros((1, 8 * ae.downsample_factor, 8 * ae.downsample_factor, ae.in_channels))
+    ae_params = jax.eval_shape(lambda: ae.init(jax.random.key(0), image))["params"]
+    length, unet = parts.text.max_position_embeddings, parts.unet
+    ids = _spec((n, length), jnp.int32)
+    x, t = _spec((2 * n, h, h, unet.in_channels)), _spec((2 * n,))  # guided: 2 x n
+    context = _spec((2 * n, length, parts.text.hidden_size), parts.text.dtype)
+
+    def call(unet_params, x, t, context):
+        return unet.apply({"params": unet_params}, x, t, context=context)
+
+    step = Abstract("model call", call, (params["unet"], x, t, context),
+                    ("state", "batch", "batch", "batch"), "batch", (), 2 * n,
+                    lambda a: {"parameters": a[0]})  # fmt: skip
+    return Abstract("sampler", generate, (params, ae_params, ids, ids, key, scale),
+                    ("state", "state", "batch", "batch", "whole", "whole"), "batch", (), n,
+                    lambda a: {"parameters": a[0], "autoencoder": a[1]}, step,
+                    _uncounted(config))  # fmt: skip
+
+
+def _uncounted(config) -> int:
+    """The model calls of a sampling that XLA's count of the loop's body (one step) misses."""
+    return (config.sample.num_steps - 1) * CALLS_PER_STEP.get(config.sample.method, 1)
+
+
+def train_parts(config) -> TrainParts:
+    """The config's init and step (as `trainer.build` makes them) and its batch's shapes."""
+    task = _task(config)
+    key = jax.random.key(config.seed)
+    b, size, channels = config.data.batch_size, config.data.image_size, config.data.channels
+    if task == "autoencoder":
+        model = models.make_autoencoder(config)
+        optimizer = training.make_autoencoder_optimizer(config)
+        init = training.make_init(model, optimizer, key, image_shape=(size, size, channels))
+        step = autoencoder_step(config, model, optimizer)
+        return TrainParts(init, step, {"image": _spec((b, size, size, channels))})
+    optimizer = training.make_optimizer(config.optim)
+    if task == "diffusion":
+        classes = _num_classes(config)
+        model = models.make_model(config, classes)
+        init = training.make_init(model, optimizer, key, image_shape=(size, size, channels))
+        schedule = models.make_schedule(config.diffusion)
+        step = diffusion_step(config, model, schedule, optimizer, classes)
+        batch = {"image": _spec((b, size, size, channels)), "label": _spec((b,), jnp.int32)}
+        return TrainParts(init, step, batch)
+    return _latent_program(config, optimizer, key)
+
+
+def _task(config) -> str:
+    task = config.get("task", "diffusion")
+    if task not in training.TASKS:
+        raise InputError(f"task={task!r}; expected one of {training.TASKS}")
+    return task
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentParts:
+    """A latent model's networks, as sized from its config (no weights)."""
+
+    unet: Any
+    text: Any
+    autoencoder: Any
+    frozen: bool  # the text encoder frozen: the captions' encodings come cached
+    kind: str | None  # image conditioning by concatenation ("inpaint", "upscale") or None
+
+
+def latent_parts(config) -> LatentParts:
+    """The U-Net, text encoder and autoencoder of a latent config: of `latent.pretrained`
+    (an `ARCHITECTURES` name or a diffusers directory's config files), or new ones (the
+    autoencoder's architecture from the config its workdir stored)."""
+    pretrained = config.latent.get("pretrained") or None
+    kind = config.latent.get("conditioning") or None
+    if pretrained:
+        unet, text, ae = _pretrained_architecture(config, pretrained)
+        return LatentParts(unet, text, ae, True, kind)
+    text = models.make_text_encoder(config)
+    ae = _stored_autoencoder(config)
+    unet = models.make_latent_unet(config, ae.latent_channels, text.hidden_size)
+    return LatentParts(unet, text, ae, config.text.get("frozen", False), kind)
+
+
+def _latent_program(config, optimizer, key) -> TrainParts:
+    parts = latent_parts(config)
+    unet, text = parts.unet, parts.text
+    channels, h = parts.autoencoder.latent_channels, _latent_size(config, parts)
+    b, length = config.data.batch_size, text.max_position_embeddings
+    latent = (b, h, h, channels)
+    batch = {"latent_mean": _spec(latent), "latent_std": _spec(latent),
+             "ids": _spec((b, length), jnp.int32)}  # fmt: skip
+    empty_context = None
+    if parts.frozen:  # trained as train.py does: the captions' encodings cached, the encoder
+        optimizer = training.freeze_text_encoder(optimizer)  # still in the state (frozen)
+        batch["context"] = _spec((b, length, text.hidden_size), text.dtype)
+        empty_context = jnp.zeros((length, text.hidden_size))
+    if parts.kind:
+        batch["extra"] = _spec((b, h, h, unet.in_channels - channels))
+    init = training.make_latent_init(unet, text, optimizer, key, latent_shape=latent[1:])
+    step = latent_step(
+        config, unet, text, models.make_schedule(config.diffusion), optimizer,
+        empty_ids=jnp.zeros(length, jnp.int32), empty_context=empty_context,
+        scaling_factor=1.0,  # a constant multiplier: it costs nothing
+        prediction_type=config.diffusion.prediction_type, kind=parts.kind,
+    )  # fmt: skip
+    return TrainParts(init, step, batch)
+
+
+def _latent_size(config, parts: LatentParts) -> int:
+    factor = parts.autoencoder.downsample_factor
+    if config.data.image_size % factor:
+        raise InputError(f"data.image_size={config.data.image_size} is not a multiple of the "
+                         f"autoencoder's factor {factor}")  # fmt: skip
+    return config.data.image_size // factor
+
+
+def _pretrained_architecture(config, pretrained: str):
+    """(U-Net, text encoder, autoencoder) of `latent.pretrained` from config files alone."""
+    from jdiff.interop import configs as foreign
+    from jdiff.interop import files
+    from jdiff.nn import UNet, text_encoder, unet, vae
+
+    dtype = models._dtype(config.model.dtype)
+    root = pathlib.Path(pretrained)
+    if pretrained in ARCHITECTURES:
+        unet_variant, text_variant, vae_variant = ARCHITECTURES[pretrained]
+        net = UNet(**unet.VARIANTS[unet_variant])
+        text = text_encoder.CLIPTextModel(**text_encoder.VARIANTS[text_variant])
+        ae = vae.AutoencoderKL(**vae.VARIANTS[vae_variant])
+    elif all((root / part / "config.json").is_file() for part in ("unet", "vae", "text_encoder")):
+        read = lambda part: files.read_json(root / part / "config.json")  # noqa: E731
+        net = UNet(**foreign.unet_config_from_diffusers(read("unet")))
+        ae = vae.AutoencoderKL(**foreign.vae_config_from_diffusers(read("vae")))
+        text = text_encoder.CLIPTextModel(
+            **foreign.text_encoder_config_from_transformers(read("text_encoder"))
+        )
+    else:
+        raise InputError(f"latent.pretrained={pretrained!r}: to size it without its weights, "
+                         f"name a diffusers-format directory (unet/, vae/, text_encoder/ "
+                         f"config.json) or one of {sorted(ARCHITECTURES)}")  # fmt: skip
+    return net.clone(dtype=dtype, remat=config.model.remat), text.clone(dtype=dtype), ae
+
+
+def _stored_autoencoder(config):
+    """A new latent model's autoencoder, from the config its workdir stored
+    (`latent.autoencoder_workdir`)."""
+    from ml_collections import ConfigDict
+
+    from jdiff import checkpoints
+
+    workdir = pathlib.Path(config.latent.autoencoder_workdir)
+    if not (workdir / checkpoints.RUN_INFO).exists():
+        raise InputError(f"latent.autoencoder_workdir={str(workdir)!r} holds no trained "
+                         "autoencoder: its stored config gives the latent shape (train it "
+                         "first, or size a pretrained one with latent.pretrained)")  # fmt: skip
+    return models.make_autoencoder(ConfigDict(checkpoints.read_run_info(workdir)["config"]))
+
+
+def _num_classes(config) -> int | None:
+    if not config.model.get("class_conditional", False):
+        return None
+    from jdiff import data
+
+    source = data.load_source(config.data.name, split=config.data.split,
+                              data_dir=config.data.data_dir or None)  # fmt: skip
+    return data.num_classes(source)
+
+
+def _spec(shape, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)

@@ -12,7 +12,7 @@ import jax
 import pytest
 from runs import ROOT
 
-from jdiff import aot
+from jdiff import aot, programs
 
 
 def test_a_tiny_run_compiled_for_v5e_2x2_reports_its_chips(tmp_path):
@@ -33,13 +33,14 @@ def test_a_tiny_run_compiled_for_v5e_2x2_reports_its_chips(tmp_path):
     assert report["batch_per_chip"] == 2.0  # the tiny config's 8 over four chips
 
     config = importlib.import_module("configs.default").get_config("tiny")
-    state = jax.eval_shape(aot.train_program(config).init)
+    state = jax.eval_shape(programs.train_parts(config).init)
     whole = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state.params))
     shares = report["state"]
+    params = shares["parameters"]
     # split in two but for arrays with no even axis (a 3-channel kernel's bias, scalars)
-    assert whole / 2 <= shares["parameters"] < 0.55 * whole
-    assert shares["ema"] == shares["parameters"]
-    assert 2 * shares["parameters"] <= shares["optimizer"] < 2.2 * shares["parameters"]  # Adam
+    assert whole / 2 <= params < 0.55 * whole
+    assert shares["EMA parameters"] == params
+    assert 2 * params <= shares["optimizer state"] < 2.2 * params  # Adam's two moments
     memory = report["memory"]
     assert memory["arguments"] >= sum(shares.values()) and memory["aliased"] > 0  # donated
     assert report["fits"] and 0 < report["total_bytes"] < 2**30
@@ -47,6 +48,23 @@ def test_a_tiny_run_compiled_for_v5e_2x2_reports_its_chips(tmp_path):
     ops = report["collectives"]
     assert ops["all-gather"][0] > 0 and ops["all-gather"][1] > 0
     assert ("reduce-scatter" in ops) or ("all-reduce" in ops)
+
+
+def test_a_sampler_compiled_for_v5e_counts_every_step_of_its_loop():
+    """--program=sample: the whole sampler (8 DDIM steps, guidance) for four chips; XLA counts
+    its loop's body once, so the model call, compiled apart, is added for the other 7."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the [tpu] extra")
+    config = importlib.import_module("configs.default").get_config("tiny")
+    config.sample.update(num_samples=8, num_steps=8, method="ddim")
+    report = aot.compile_for(config, "v5e:2x2", "sample")
+    assert report.program == "sampler" and report.batch_per_chip == 2.0
+    assert set(report.state) == {"parameters"} and report.fits
+    loop = report.loop
+    assert loop["uncounted_calls"] == 7 and loop["call_flops"] > 0
+    counted = report.flops - 7 * loop["call_flops"]  # what XLA counted: the body once, at least
+    assert counted >= 0.99 * loop["call_flops"]  # one model call
+    assert report.estimate_s > 7 * loop["call_estimate_s"] > 0
+    assert "7 more calls are added" in aot.describe(report)
 
 
 def test_collectives_are_read_from_compiled_hlo():
@@ -73,7 +91,7 @@ def test_stable_diffusion_is_sized_without_its_weights():
     counts = {}
     for name in ("sd_v1", "sd_v2_1"):
         config.latent.pretrained = name
-        program = aot.train_program(config)
+        program = programs.train_parts(config)
         params = jax.eval_shape(program.init).params
         counts[name] = [sum(math.prod(a.shape) for a in jax.tree.leaves(params[part]))
                         for part in ("unet", "text_encoder")]  # fmt: skip
