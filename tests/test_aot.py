@@ -100,3 +100,11 @@ def test_stable_diffusion_is_sized_without_its_weights():
     assert shapes == {"latent_mean": ((8, 32, 32, 4), "float32"),
                       "latent_std": ((8, 32, 32, 4), "float32"), "ids": ((8, 77), "int32"),
                       "context": ((8, 77, 1024), "bfloat16")}  # fmt: skip
+    # the sampler at 512 px: prompts' ids in, the guided U-Net call on 2 x 8 latents of 64x64
+    config.data.image_size, config.latent.pretrained = 512, "sd_v1"
+    sampler = programs.sample_program(config)
+    assert [getattr(a, "shape", None) for a in sampler.args[2:4]] == [(8, 77), (8, 77)]
+    assert [a.shape for a in sampler.call.args[1:]] == [(16, 64, 64, 4), (16,), (16, 77, 768)]
+    assert sampler.uncounted == 49  # DDIM-50: the loop's body counted once by XLA
+    vae = sum(math.prod(a.shape) for a in jax.tree.leaves(sampler.args[1]))
+    assert vae == 83_653_863  # SD's autoencoder, as released
