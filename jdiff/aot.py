@@ -75,7 +75,7 @@ class Report:
     flops: float
     bytes_accessed: float
     estimate_s: float
-    estimated_by: str  # "compiler" or "roofline"
+    estimated_by: str  # "compiler", "roofline" or "mixed" (a sampler's calls and the rest)
     collectives: dict[str, tuple[int, int]]  # op -> (count, bytes of results)
     compile_s: float
     loop: dict | None = None  # a sampler's model calls its loop repeats (in the totals above)
@@ -195,7 +195,7 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
         flops += p.uncounted * call_flops
         traffic += p.uncounted * call_traffic
         estimate += p.uncounted * call_estimate
-        by = "roofline" if "roofline" in (by, call_by) else by
+        by = by if by == call_by else "mixed"
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
 
@@ -311,7 +311,11 @@ def describe(report: Report) -> str:
         lines.append(f"  (the model call compiled apart: {r.loop['call_flops']:.3g} FLOPs, "
                      f"{r.loop['call_estimate_s'] * 1e3:.3g} ms; XLA counts a loop's body "
                      f"once, so {r.loop['uncounted_calls']} more calls are added)")  # fmt: skip
-    if r.estimated_by == "compiler":
+    if r.estimated_by == "mixed":
+        lines.append(f"estimated time ~{r.estimate_s * 1e3:.4g} ms (the model calls by the "
+                     f"compiler's estimate, the rest by a roofline bound: it gave none): "
+                     f"~{r.mfu:.1%} MFU of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
+    elif r.estimated_by == "compiler":
         lines.append(f"estimated time {r.estimate_s * 1e3:.4g} ms (the compiler's): "
                      f"{r.mfu:.1%} MFU of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
     else:
