@@ -115,14 +115,14 @@ def sample_program(config) -> Abstract:
     generation."""
     from jdiff import pipelines
 
-    task, n = _task(config), config.sample.num_samples
+    kind, n = task(config), config.sample.num_samples
     options = dict(config.sample.get("options", {}))
     key = jax.eval_shape(lambda: jax.random.key(0))
     scale = _spec((), jnp.float32)
     params = jax.eval_shape(train_parts(config).init).params
-    if task == "autoencoder":
+    if kind == "autoencoder":
         raise InputError("--program=sample: an autoencoder (task='autoencoder') has no sampler")
-    if task == "diffusion":
+    if kind == "diffusion":
         classes = _num_classes(config)
         model = models.make_model(config, classes)
         size, channels = config.data.image_size, config.data.channels
@@ -183,17 +183,17 @@ def _uncounted(config) -> int:
 
 def train_parts(config) -> TrainParts:
     """The config's init and step (as `trainer.build` makes them) and its batch's shapes."""
-    task = _task(config)
+    kind = task(config)
     key = jax.random.key(config.seed)
     b, size, channels = config.data.batch_size, config.data.image_size, config.data.channels
-    if task == "autoencoder":
+    if kind == "autoencoder":
         model = models.make_autoencoder(config)
         optimizer = training.make_autoencoder_optimizer(config)
         init = training.make_init(model, optimizer, key, image_shape=(size, size, channels))
         step = autoencoder_step(config, model, optimizer)
         return TrainParts(init, step, {"image": _spec((b, size, size, channels))})
     optimizer = training.make_optimizer(config.optim)
-    if task == "diffusion":
+    if kind == "diffusion":
         classes = _num_classes(config)
         model = models.make_model(config, classes)
         init = training.make_init(model, optimizer, key, image_shape=(size, size, channels))
@@ -204,11 +204,12 @@ def train_parts(config) -> TrainParts:
     return _latent_program(config, optimizer, key)
 
 
-def _task(config) -> str:
-    task = config.get("task", "diffusion")
-    if task not in training.TASKS:
-        raise InputError(f"task={task!r}; expected one of {training.TASKS}")
-    return task
+def task(config) -> str:
+    """The config's task ("diffusion" when it names none); InputError for an unknown one."""
+    name = config.get("task", "diffusion")
+    if name not in training.TASKS:
+        raise InputError(f"task={name!r}; expected one of {training.TASKS}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,12 +94,7 @@ def load_data(config: ConfigDict):
     return source, data.num_classes(source) if conditional else None
 
 
-def task(config: ConfigDict) -> str:
-    """The config's task ("diffusion" when it names none); ValueError for an unknown one."""
-    name = config.get("task", "diffusion")
-    if name not in training.TASKS:
-        raise ValueError(f"task={name!r}; expected one of {training.TASKS}")
-    return name
+task = programs.task  # the config's task, as every program reads it
 
 
 @dataclasses.dataclass(frozen=True)
