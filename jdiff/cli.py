@@ -123,9 +123,7 @@ class _ClosedLoopReports:
         if line.startswith(" "):  # a frame
             return
         if len(held) > 1:  # the traceback's last line
-            frames = [x for x in held if x.lstrip().startswith("File ")]
-            ours = all(os.path.join("asyncio", "base_events.py") in x for x in frames)
-            if not (ours and line.rstrip("\n") == self._END):
+            if not (_asyncio_only(held) and line.rstrip("\n") == self._END):
                 self._stream.write("".join(held))
             del self._held[me]
 
@@ -143,14 +141,19 @@ class _ClosedLoopReports:
         with self._lock:
             for me in set(self._held) | set(self._pending):
                 held = self._held.pop(me, [])
-                frames = [x for x in held if x.lstrip().startswith("File ")]
-                if not all(os.path.join("asyncio", "base_events.py") in x for x in frames):
+                if not _asyncio_only(held):
                     self._stream.write("".join(held))
                 self._stream.write(self._pending.pop(me, ""))
         self._stream.flush()
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+def _asyncio_only(traceback_lines: list[str]) -> bool:
+    """Whether every frame of a traceback's lines is in asyncio's base_events."""
+    frames = [x for x in traceback_lines if x.lstrip().startswith("File ")]
+    return all(os.path.join("asyncio", "base_events.py") in x for x in frames)
 
 
 def quiet_background_reports() -> None:
