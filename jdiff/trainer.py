@@ -268,7 +268,8 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         init_args = ()
     empty_ids, empty_context = tok([""])[0], None
     if frozen:  # encode every caption once with the (unchanging) initial text encoder
-        text_params = jax.jit(init)(*init_args).params["text_encoder"]
+        text_params = (p.params["text_encoder"] if path else
+                       jax.jit(lambda k: training.init_text_encoder(text, k))(k_init))  # fmt: skip
         encode = jax.jit(lambda ids: text.apply({"params": text_params}, ids).last_hidden_state)
         cache = cache | {"context": autoencoder.in_chunks(encode, cache["ids"], 512)}
         empty_context = encode(empty_ids[None])[0]

@@ -246,9 +246,8 @@ def make_latent_init(
     are {"unet": ..., "text_encoder": ...} (both trained)."""
 
     def init() -> TrainState:
-        k_unet, k_text = jax.random.split(key)
-        ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
-        text_params = text.init(k_text, ids)["params"]
+        k_unet = jax.random.split(key)[0]
+        text_params = init_text_encoder(text, key)
         context = jnp.zeros((1, text.max_position_embeddings, text.hidden_size))
         x = jnp.zeros((1, *latent_shape[:-1], unet.in_channels))  # latents + any conditioning
         labels = {} if unet.num_class_embeds is None else {"class_labels": jnp.zeros(1, int)}
@@ -256,6 +255,13 @@ def make_latent_init(
         return init_state({"unet": unet_params, "text_encoder": text_params}, optimizer)
 
     return init
+
+
+def init_text_encoder(text: CLIPTextModel, key: jax.Array) -> dict:
+    """The text encoder's step-0 parameters as `make_latent_init(..., key)` draws them (from
+    the second half of its key): what a frozen encoder keeps for the whole run."""
+    ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+    return text.init(jax.random.split(key)[1], ids)["params"]
 
 
 def make_latent_train_step(

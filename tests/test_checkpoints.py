@@ -138,7 +138,7 @@ def test_a_write_failing_midway_is_one_line_and_the_rerun_loses_nothing(run_copy
     step and the intact checkpoints, none of orbax's tracebacks; the rerun redoes the step and
     reaches the state of the run that never failed."""
     shutil.rmtree(run_copy / "checkpoints" / "4")
-    command = (f"trap '' XFSZ; ulimit -f 1024; exec {shlex.quote(sys.executable)} "
+    command = (f"trap '' XFSZ; ulimit -f 256; exec {shlex.quote(sys.executable)} "
                f"{ROOT / 'train.py'} --config={ROOT / 'configs' / 'default.py'}:tiny "
                f"--config.mesh.data=1 --workdir={run_copy}")  # fmt: skip
     env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu"}

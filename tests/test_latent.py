@@ -29,7 +29,7 @@ def test_latent_step_is_the_diffusion_loss_on_scaled_latents_with_text_context()
     optimizer = optax.sgd(0.0)
     init = training.make_latent_init(unet, text, optimizer, jax.random.key(0),
                                      latent_shape=(8, 8, 4))  # fmt: skip
-    state = init()
+    state = jax.jit(init)()  # one compile, not an eager op-by-op init
     assert set(state.params) == {"unet", "text_encoder"}
     schedule = schedules.get_schedule("cosine", 1000)
     rng = np.random.default_rng(0)
@@ -67,8 +67,8 @@ def test_latent_step_is_the_diffusion_loss_on_scaled_latents_with_text_context()
 def test_txt2img_compiles_once(tiny_vae_workdir):
     unet, text = tiny_models()
     vae_model, vae_params, info = autoencoder.load(tiny_vae_workdir)
-    params = training.make_latent_init(unet, text, optax.sgd(0.0), jax.random.key(0),
-                                       latent_shape=(16, 16, 4))().params  # fmt: skip
+    params = jax.jit(training.make_latent_init(unet, text, optax.sgd(0.0), jax.random.key(0),
+                                               latent_shape=(16, 16, 4)))().params  # fmt: skip
     generate = jax.jit(pipelines.make_txt2img(
         unet, text, vae_model, schedules.get_schedule("cosine", 1000),
         latent_shape=(2, 16, 16, 4), scaling_factor=info["scaling_factor"], num_steps=3,
@@ -94,6 +94,7 @@ def tiny_ldm(tiny_vae_workdir, tmp_path_factory):
     config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
     config.latent.autoencoder_workdir = str(tiny_vae_workdir)
     config.mesh.data = 1
+    config.data.split = "train[:64]"  # encoding all 7,200 images took 13 s of 40
     grid = trainer.train(config, workdir)
     return workdir, config, grid
 
@@ -104,8 +105,8 @@ def test_train_py_trains_a_text_conditional_latent_model(tiny_ldm, tmp_path):
     workdir, config, grid = tiny_ldm
     assert grid == workdir / "samples" / "step_0000003.png" and grid.exists()
     cache = np.load(workdir / "latents.npz")
-    assert cache["latent_mean"].shape == (7200, 16, 16, 4) == cache["latent_std"].shape
-    assert cache["ids"].shape == (7200, 16) and (cache["ids"][:, 0] == 49406).all()
+    assert cache["latent_mean"].shape == (64, 16, 16, 4) == cache["latent_std"].shape
+    assert cache["ids"].shape == (64, 16) and (cache["ids"][:, 0] == 49406).all()
     assert (workdir / "checkpoints" / "3").exists()
 
     config = config.copy_and_resolve_references()
@@ -312,13 +313,14 @@ def test_frozen_text_encoder_is_cached_and_unchanged(tiny_vae_workdir, tiny_ldm,
     config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
     config.latent.autoencoder_workdir = str(tiny_vae_workdir)
     config.mesh.data = 1
+    config.data.split = "train[:64]"  # as tiny_ldm's: its cached latents are reused
     config.text.frozen = True
     config.train.update(num_steps=2, checkpoint_every=2)
     trainer.train(config, tmp_path)
     _, trained, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
 
-    # make_latent_init's text-encoder initialisation (its key's second half), alone: cheaper
-    # than the whole init (the U-Net's training is checked by the tests above)
+    # make_latent_init's text-encoder initialisation (its key's second half), drawn eagerly
+    # here, alone: cheaper than the whole init (the U-Net's training is checked above)
     text = models.make_text_encoder(config)
     k_init = jax.random.split(jax.random.key(config.seed), 3)[0]
     ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
