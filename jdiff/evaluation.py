@@ -93,10 +93,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         w, v = np.linalg.eigh((m + m.T) / 2)
         return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
+    def trace_sqrtm(m):  # tr √m = Σ √λ: the eigenvalues alone, no eigenvectors
+        return np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
+
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root_a = sqrtm(cov_a)
-    cross = np.trace(sqrtm(root_a @ cov_b @ root_a))
+    cross = trace_sqrtm(root_a @ cov_b @ root_a)
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 

@@ -18,9 +18,12 @@ from jdiff.tokenizer import CLIPTokenizer
 
 
 def tiny_models():
+    """A one-level cross-attention U-Net (it compiles sooner) and the tiny text encoder."""
     text = te.CLIPTextModel(**te.VARIANTS["tiny"])  # vocab 1000, width 32, 16 positions
     fields = {**VARIANTS["tiny_cond"], "in_channels": 4, "out_channels": 4,
-              "cross_attention_dim": 32}  # fmt: skip
+              "cross_attention_dim": 32, "block_out_channels": (32,),
+              "down_block_types": ("CrossAttnDownBlock2D",),
+              "up_block_types": ("CrossAttnUpBlock2D",)}  # fmt: skip
     return UNet(**fields), text
 
 

@@ -14,6 +14,8 @@ pytorch-fid's releases (`FID_WEIGHTS_URL` in its `inception.py`) and pass its pa
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -176,7 +178,13 @@ class FIDInception(nn.Module):
 
 
 def torch_shapes() -> dict[str, tuple[int, ...]]:
-    """The state-dict names and shapes (torch layout) the network takes, classifier excluded."""
+    """The state-dict names and shapes (torch layout) the network takes, classifier excluded
+    (a fresh dict each call: callers may change it)."""
+    return dict(_torch_shapes())
+
+
+@functools.cache  # a trace of the whole network (a second): once per process
+def _torch_shapes() -> dict[str, tuple[int, ...]]:
     shapes = jax.eval_shape(FIDInception().init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"]):
