@@ -141,7 +141,15 @@ def test_a_write_failing_midway_is_one_line_and_the_rerun_loses_nothing(run_copy
     command = (f"trap '' XFSZ; ulimit -f 256; exec {shlex.quote(sys.executable)} "
                f"{ROOT / 'train.py'} --config={ROOT / 'configs' / 'default.py'}:tiny "
                f"--config.mesh.data=1 --workdir={run_copy}")  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    # the tests' compile cache and devices (as runs.launch): the step is the tiny run's, read
+    # from the cache, so no cache entry (742 kB) meets the file-size limit
+    env = {
+        **os.environ,
+        "XLA_FLAGS": XLA_FLAGS,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "8",
+        "JDIFF_JAX_CACHE": os.environ.get("JDIFF_JAX_CACHE", str(ROOT / ".jax_cache")),
+    }
     env.pop(cli.DEBUG, None)
     done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
