@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "class_conditional": True,  # labels + a null class: classifier-free guidance
             "dtype": "float32",  # compute dtype ("bfloat16" on accelerators); params float32
             "remat": False,
+            # nn.attention's kernel: "auto" picks per platform (TPU: the Pallas flash kernel;
+            # CPU: the chunked path from 1,024 tokens), or "xla", "cudnn", "chunked", "pallas"
+            "attention_implementation": "auto",
         }
     )
     c.diffusion = ml_collections.ConfigDict(

@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
         "norm_num_groups": 8,
         "latent_channels": 4,
     }
-    del c.model.class_conditional
+    del c.model.class_conditional, c.model.attention_implementation  # the U-Net's
     c.autoencoder = {
         "reconstruction": "l1",  # or "l2"
         "kl_weight": 1e-6,  # on KL / (H W C), the reconstruction error's scale

@@ -34,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 
 from jdiff import programs, sharding, validate
 from jdiff.validate import InputError
@@ -75,10 +76,12 @@ class Report:
     flops: float
     bytes_accessed: float
     estimate_s: float
-    estimated_by: str  # "compiler", "roofline" or "mixed" (a sampler's calls and the rest)
+    estimated_by: str  # "compiler", "compiler+kernels", "roofline" or "mixed" (a sampler's
+    # calls by the compiler, the rest by the roofline)
     collectives: dict[str, tuple[int, int]]  # op -> (count, bytes of results)
     compile_s: float
     loop: dict | None = None  # a sampler's model calls its loop repeats (in the totals above)
+    kernel_flops: float = 0.0  # of `flops`, Pallas kernels' that XLA cannot cost (`kernel_flops`)
 
     @property
     def total_bytes(self) -> int:
@@ -184,12 +187,13 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
     if announce:
         print(f"compiling the {p.name} for {topology} (minutes at SD sizes) ...", flush=True)
     start = time.perf_counter()
-    compiled, in_sh = _compile(p, mesh, config.mesh.fsdp_min_size)
-    flops, traffic, estimate, by = _cost(compiled, chip)
+    compiled, in_sh, kernels = _compile(p, mesh, config.mesh.fsdp_min_size)
+    flops, traffic, estimate, by = _cost(compiled, chip, kernels)
     loop = None
     if p.call is not None:  # the loop's body counted once: the model call's cost, apart
-        call_flops, call_traffic, call_estimate, call_by = _cost(
-            _compile(p.call, mesh, config.mesh.fsdp_min_size)[0], chip)  # fmt: skip
+        call, _, call_kernels = _compile(p.call, mesh, config.mesh.fsdp_min_size)
+        call_flops, call_traffic, call_estimate, call_by = _cost(call, chip, call_kernels)
+        kernels += p.uncounted * call_kernels
         loop = {"uncounted_calls": p.uncounted, "call_flops": call_flops,
                 "call_bytes_accessed": call_traffic, "call_estimate_s": call_estimate}  # fmt: skip
         flops += p.uncounted * call_flops
@@ -214,12 +218,15 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
                 "code": memory.generated_code_size_in_bytes},
         flops=flops, bytes_accessed=traffic, estimate_s=estimate, estimated_by=by,
         collectives=collectives(compiled.as_text()), compile_s=seconds, loop=loop,
+        kernel_flops=kernels,
     )  # fmt: skip
 
 
 def _compile(p: programs.Abstract, mesh, min_size: int):
-    """(the compiled program, its input shardings): `p` jitted with its arguments laid
-    over `mesh` as its kinds say, lowered from their shapes and compiled."""
+    """(the compiled program, its input shardings, its Pallas kernels' FLOPs per chip that XLA
+    does not count): `p` traced with `mesh` as the context mesh (so the model picks the TPU's
+    kernels), jitted with its arguments laid over `mesh` as its kinds say, lowered from their
+    shapes and compiled."""
     batch, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def lay(kind, tree):
@@ -231,21 +238,73 @@ def _compile(p: programs.Abstract, mesh, min_size: int):
     kinds = p.out_kinds if isinstance(p.out_kinds, tuple) else (p.out_kinds,)
     out_sh = tuple({"state": in_sh[0], "batch": batch, "whole": whole}[k] for k in kinds)
     out_sh = out_sh if isinstance(p.out_kinds, tuple) else out_sh[0]
-    jitted = jax.jit(p.fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=p.donate)
-    return jitted.lower(*p.args).compile(), in_sh
+    jitted = jax.jit(sharding.traced_in(mesh, p.fn), in_shardings=in_sh, out_shardings=out_sh,
+                     donate_argnums=p.donate)  # fmt: skip
+    traced = jitted.trace(*p.args)
+    return traced.lower().compile(), in_sh, kernel_flops(traced.jaxpr.jaxpr)
 
 
-def _cost(compiled, chip: Chip) -> tuple[float, float, float, str]:
-    """(FLOPs, bytes accessed, estimated seconds, "compiler" or "roofline") per chip."""
+def _cost(compiled, chip: Chip, kernels: float = 0.0) -> tuple[float, float, float, str]:
+    """(FLOPs, bytes accessed, estimated seconds, "compiler" or "roofline") per chip; `kernels`
+    are FLOPs the compiler does not see (Pallas kernels without a cost estimate)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    flops = float(cost.get("flops", 0.0)) + kernels
+    traffic = float(cost.get("bytes accessed", 0.0))
     estimate = float(cost.get("optimal_seconds", -1.0))
+    if estimate > 0 and kernels:  # the kernels it could not cost, at the chip's peak
+        return flops, traffic, estimate + kernels / (chip.bf16_tflops * 1e12), "compiler+kernels"
     if estimate > 0:
         return flops, traffic, estimate, "compiler"
     # no estimate from the compiler (a kernel it cannot cost): the roofline's lower bound
     bound = max(flops / (chip.bf16_tflops * 1e12), traffic / (chip.hbm_gbps * 1e9))
     return flops, traffic, bound, "roofline"
+
+
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        for v in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(v, jax_core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax_core.Jaxpr):
+                yield v
+
+
+def _dot_flops(jaxpr) -> float:
+    """2·M·N·K of every matrix product in `jaxpr`: a scan's body times its length, the
+    costlier branch of a conditional, a while loop's body once (its trip count is unknown)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs[i] for i in contracting)  # fmt: skip
+        elif name == "scan":
+            total += eqn.params["length"] * _dot_flops(eqn.params["jaxpr"].jaxpr)
+        elif name == "cond":
+            total += max(_dot_flops(b.jaxpr) for b in eqn.params["branches"])
+        else:
+            total += sum(_dot_flops(sub) for sub in _subjaxprs(eqn))
+    return total
+
+
+def kernel_flops(jaxpr) -> float:
+    """The FLOPs of the Pallas kernels in a traced program that carry no cost estimate, per
+    device (inside `shard_map` the shapes are a device's share): each kernel's body's matrix
+    products (`_dot_flops`) times its grid. XLA's cost analysis counts a kernel only by the
+    estimate it carries (JAX's flash attention gives one for its forward kernel, none for its
+    two backward kernels). Like XLA, a kernel inside a loop counts once."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            if eqn.params.get("cost_estimate") is None:
+                grid = eqn.params["grid_mapping"].grid
+                total += math.prod(grid) * _dot_flops(eqn.params["jaxpr"])
+        else:
+            total += sum(kernel_flops(sub) for sub in _subjaxprs(eqn))
+    return total
 
 
 def _shard_bytes(leaf, sh) -> int:
@@ -307,6 +366,9 @@ def describe(report: Report) -> str:
         f"per chip per {'step' if r.program == 'train step' else 'call'}: {r.flops:.3g} "
         f"FLOPs, {r.bytes_accessed:.3g} bytes of HBM traffic",
     ]
+    if r.kernel_flops:
+        lines.append(f"  (of which {r.kernel_flops:.3g} FLOPs in Pallas kernels the compiler"
+                     " cannot cost, counted by jdiff from their matrix products)")  # fmt: skip
     if r.loop:
         lines.append(f"  (the model call compiled apart: {r.loop['call_flops']:.3g} FLOPs, "
                      f"{r.loop['call_estimate_s'] * 1e3:.3g} ms; XLA counts a loop's body "
@@ -315,6 +377,10 @@ def describe(report: Report) -> str:
         lines.append(f"estimated time ~{r.estimate_s * 1e3:.4g} ms (the model calls by the "
                      f"compiler's estimate, the rest by a roofline bound: it gave none): "
                      f"~{r.mfu:.1%} MFU of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
+    elif r.estimated_by == "compiler+kernels":
+        lines.append(f"estimated time ~{r.estimate_s * 1e3:.4g} ms (the compiler's estimate, "
+                     f"plus the Pallas kernels' FLOPs at peak): ~{r.mfu:.1%} MFU of "
+                     f"{r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
     elif r.estimated_by == "compiler":
         lines.append(f"estimated time {r.estimate_s * 1e3:.4g} ms (the compiler's): "
                      f"{r.mfu:.1%} MFU of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip

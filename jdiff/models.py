@@ -56,7 +56,18 @@ def make_model(
         fields["num_class_embeds"] = num_classes + 1  # the last is the null class
     if class_embeds is not None:
         fields["num_class_embeds"] = class_embeds
-    return UNet(**fields, dtype=_dtype(model.dtype), remat=model.remat)
+    return UNet(
+        **fields,
+        dtype=_dtype(model.dtype),
+        remat=model.remat,
+        attention_implementation=attention_implementation(config),
+    )
+
+
+def attention_implementation(config: Any) -> str | None:
+    """`config.model.attention_implementation` as `nn.attention` takes it ("auto" -> None)."""
+    name = config.model.get("attention_implementation", "auto")
+    return None if name == "auto" else name
 
 
 CONDITIONINGS = ("inpaint", "upscale")
@@ -101,7 +112,8 @@ def load_pretrained_parts(config: Any):
         raise ValueError(f"latent.pretrained={config.latent.pretrained!r} is not a latent "
                          "text-to-image model (Stable Diffusion)")  # fmt: skip
     dtype = _dtype(config.model.dtype)
-    return dataclasses.replace(p, unet=p.unet.clone(dtype=dtype, remat=config.model.remat),
+    return dataclasses.replace(p, unet=p.unet.clone(dtype=dtype, remat=config.model.remat,
+                                                    attention_implementation=attention_implementation(config)),
                                text_encoder=p.text_encoder.clone(dtype=dtype))  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from jdiff import checkpoints
+from jdiff import checkpoints, validate
 
 TASKS = {"diffusion": "a diffusion model", "autoencoder": "an autoencoder",
          "latent_diffusion": "a latent diffusion model"}  # fmt: skip
@@ -76,6 +76,10 @@ def read_config(workdir: str | pathlib.Path) -> tuple[Any, str, dict]:
     if missing:
         raise ValueError(f"{workdir}/config.json lacks the section(s) {', '.join(missing)} a "
                          f"{task} run has: not written by train.py, or edited")  # fmt: skip
+    kernel = config.get("model", {}).get("attention_implementation", "auto")
+    if validate.platform_misfit(kernel, jax.default_backend()):
+        # a run trained on a TPU (GPU) read here: every kernel computes the same attention
+        config.model.attention_implementation = "auto"
     return config, task, stored
 
 

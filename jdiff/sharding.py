@@ -3,11 +3,14 @@
 One `Mesh` with axes ("data", "fsdp"). A batch is split over both; a parameter (or optimizer
 moment) is split over "fsdp" along its largest divisible axis when it is big enough, otherwise
 replicated. With fsdp = 1 that is plain data parallelism. Model code never names an axis: these
-shardings are given to `jax.jit`, and XLA inserts the collectives.
+shardings are given to `jax.jit`, and XLA inserts the collectives. A program is traced with its
+mesh as the context mesh (`traced_in`), for the one kind of model code XLA cannot partition: a
+Pallas kernel, which `nn.attention` runs in `shard_map` over all the mesh's axes.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from typing import Any
@@ -39,6 +42,19 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, devices: list | None = None) -> 
     if data * fsdp < len(devices) and jax.process_count() > 1:
         raise ValueError("on several processes the mesh must span every device (data=-1)")
     return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), AXES)
+
+
+def traced_in(mesh: Mesh, fn):
+    """`fn`, traced with `mesh` as the context mesh (`jax.sharding.use_abstract_mesh`): what
+    `nn.attention` reads to choose a kernel for the mesh's platform (a TPU topology's, when
+    compiled from the CPU) and to lay a Pallas kernel over the devices. Wrap before `jax.jit`."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

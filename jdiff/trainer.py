@@ -146,10 +146,15 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
     state = checkpoints.restore_latest(manager, sharding.with_shardings(abstract, state_sh))
-    state = state or jax.jit(parts.init, out_shardings=state_sh)(*parts.init_args)
-    step_jit = jax.jit(parts.step, in_shardings=(state_sh, batch_sh, replicated),
+    # traced with the mesh in context: the attention picks its kernel for the mesh's platform
+    state = state or jax.jit(sharding.traced_in(mesh, parts.init),
+                             out_shardings=state_sh)(*parts.init_args)  # fmt: skip
+    step_jit = jax.jit(sharding.traced_in(mesh, parts.step),
+                       in_shardings=(state_sh, batch_sh, replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
-    sample = None if parts.sample is None else jax.jit(parts.sample, out_shardings=replicated)
+    sample = None
+    if parts.sample is not None:
+        sample = jax.jit(sharding.traced_in(mesh, parts.sample), out_shardings=replicated)
     return Run(state, step_jit, sample, parts.model, parts.batches, manager, k_train, k_sample,
                batch_sh, num_classes, source, parts.prompts)  # fmt: skip
 
@@ -407,6 +412,7 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
     main = jax.process_index() == 0
     workdir = pathlib.Path(workdir).absolute()
     validate.check_config(config)  # at the door: before data, compiles or writes
+    validate.check_platform(config, jax.default_backend())
     validate.check_workdir(workdir)
     task(config)
     source, num_classes = load_data(config)

@@ -87,6 +87,7 @@ def _range(kind, low, high, open_low=False) -> str:
 def _rules() -> dict[str, Rule]:
     from jdiff import diffusion, samplers, schedules, training
     from jdiff.models import CONDITIONINGS
+    from jdiff.nn.attention import IMPLEMENTATIONS
 
     return {
         "seed": integer(0),
@@ -100,6 +101,7 @@ def _rules() -> dict[str, Rule]:
         "model.class_conditional": boolean(),
         "model.dtype": choice("float32", "bfloat16", "float16"),
         "model.remat": boolean(),
+        "model.attention_implementation": choice("auto", *(i for i in IMPLEMENTATIONS if i)),
         # diffusion
         "diffusion.schedule": choice(*schedules.SCHEDULES),
         "diffusion.num_timesteps": integer(2),
@@ -203,6 +205,26 @@ def _check_together(config) -> None:
             multiple = 2 ** (levels - 1)
             raise InputError(f"config.data.image_size={size}: the U-Net's {levels} levels halve "
                              f"it {levels - 1} times; use a multiple of {multiple}")  # fmt: skip
+
+
+KERNEL_PLATFORMS = {"pallas": "tpu", "cudnn": "gpu"}  # attention kernels one platform runs
+
+
+def platform_misfit(implementation: str, platform: str) -> str | None:
+    """The platform `implementation` needs when `platform` is not it, else None."""
+    needs = KERNEL_PLATFORMS.get(implementation)
+    return needs if needs is not None and needs != platform else None
+
+
+def check_platform(config, platform: str) -> None:
+    """Refuse (`InputError`) an attention kernel that `platform` (where this run computes)
+    cannot run: "pallas" is the TPU's, "cudnn" NVIDIA GPUs'."""
+    name = _value(config, "model.attention_implementation", "auto")
+    needs = platform_misfit(name, platform)
+    if needs:
+        raise InputError(f"config.model.attention_implementation={name!r} runs on a "
+                         f"{needs.upper()} only, and this run is on the {platform}: use 'auto' "
+                         "(the best kernel for it), 'xla' or 'chunked'")  # fmt: skip
 
 
 def _value(config, key, default=None):

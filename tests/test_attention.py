@@ -3,6 +3,7 @@
 and the default on the CPU for long sequences."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -82,3 +83,67 @@ def test_none_is_chunked_on_the_cpu_and_names_are_checked():
                                atol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match="implementation='flash'"):
         A.attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("batch", [8, 3])  # split over the 8 devices, and whole on each
+def test_pallas_equals_plain_forward_and_gradient_in_a_mesh(batch):
+    """JAX's Pallas TPU flash kernel, run by Pallas' interpreter on the CPU: in `shard_map`
+    over a data 4 x fsdp 2 mesh (the trainer's context mesh), and alone; float32 within 1e-5."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from jdiff import sharding
+
+    q, k, v = qkv(256, 384, heads=2, d=16, b=batch)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+    def value_and_grad(implementation):
+        def loss(*a):
+            return (A.attention(*a, implementation=implementation) * cotangent).sum()
+
+        return jax.value_and_grad(lambda *a: (loss(*a), A.attention(*a, implementation=
+                                  implementation)), argnums=(0, 1, 2), has_aux=True)  # fmt: skip
+
+    (_, ref), ref_grads = jax.jit(value_and_grad("xla"))(q, k, v)
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    laid = sharding.batch_sharding(mesh) if batch % 8 == 0 else sharding.replicated(mesh)
+    in_mesh = jax.jit(sharding.traced_in(mesh, value_and_grad("pallas")), in_shardings=laid)
+    # the generic interpreter (True): plain XLA ops, so it runs under shard_map on the CPU
+    with pltpu.force_tpu_interpret_mode(True):
+        for fn in (jax.jit(value_and_grad("pallas")), in_mesh):
+            (_, out), grads = fn(q, k, v)
+            np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+            for ours, theirs in zip(grads, ref_grads, strict=True):
+                np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+        traced = in_mesh.trace(q, k, v)
+    kernels = [e for e in traced.jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
+    assert len(kernels) == 3  # the loss's and the output's forward kernels, the backward's
+    forward = [tuple(spec) for spec in kernels[0].params["in_specs"]]  # q, k, v
+    assert forward == [(("data", "fsdp"),) if batch % 8 == 0 else ()] * 3  # split, or whole
+
+
+def test_none_is_pallas_for_a_tpu_mesh_where_the_tokens_tile():
+    """The platform is the context mesh's: a TPU topology's chips, compiled from the CPU."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    tpu = AbstractMesh((2, 2), ("data", "fsdp"),
+                       abstract_device=AbstractDevice("TPU v5 lite", 1, "tpu"))  # fmt: skip
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert A.target_platform() == "tpu"
+        assert A.resolve(None, 4096, 4096) == "pallas" and A.resolve(None, 1024, 256) == "pallas"
+        assert A.resolve(None, 4096, 77) is None  # a text context's 77 keys: JAX's choice
+        assert A.resolve(None, 64, 64) is None
+        assert A.resolve("chunked", 4096, 4096) == "chunked"  # an explicit choice holds
+    assert A.resolve("pallas", 4096, 77) == "xla"  # untileable: the plain path
+    assert A.target_platform() == jax.default_backend()
+
+
+def test_a_kernel_of_another_platform_is_refused_by_name():
+    from jdiff import validate
+
+    config = importlib.import_module("configs.default").get_config("tiny")
+    config.model.attention_implementation = "pallas"
+    validate.check_platform(config, "tpu")  # fits
+    with pytest.raises(validate.InputError, match="runs on a TPU only, and this run is on the cpu"):
+        validate.check_platform(config, "cpu")
+    assert validate.platform_misfit("cudnn", "cpu") == "gpu"
+    assert validate.platform_misfit("chunked", "tpu") is None

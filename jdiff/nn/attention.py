@@ -4,11 +4,14 @@ Every attention goes through `attention`, whose `implementation` is selectable: 
 `jax.nn.dot_product_attention`'s plain path (the scores of all queries and keys at once),
 "cudnn" its fused flash kernel on NVIDIA GPUs (float16/bfloat16 only), "chunked" the pure-JAX
 memory-efficient path (`chunked_attention`: queries in blocks, keys in blocks with a running
-log-sum-exp, never the whole score matrix; any backend). None picks per backend and size when
-traced: "chunked" on the CPU from 1,024 x 1,024 tokens (where it is also the fastest), JAX's
-own choice otherwise. Names mirror
-diffusers' `Attention`, `FeedForward`, `BasicTransformerBlock` and `Transformer2DModel`
-parameter trees.
+log-sum-exp, never the whole score matrix; any backend), "pallas" JAX's Pallas flash-attention
+kernel for TPUs (`pallas_attention`; inside `shard_map` over the context mesh). None picks per
+platform and size when traced (`resolve`): "pallas" for a TPU where the token counts tile,
+"chunked" on the CPU from 1,024 x 1,024 tokens (where it is also the fastest), JAX's own choice
+otherwise. The platform is the context mesh's (`jax.sharding.use_abstract_mesh`, which the
+trainer and `jdiff.aot` set while tracing, so a TPU topology compiled from a CPU gets the TPU
+kernel), else the default backend's. Names mirror diffusers' `Attention`, `FeedForward`,
+`BasicTransformerBlock` and `Transformer2DModel` parameter trees.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
 from jdiff.nn.layers import group_norm
 
-IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
+IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "pallas")
 BLOCK_Q = 256  # queries per block of the chunked path
 BLOCK_K = 4096  # keys per block: one block up to 4,096 tokens (SD at 512 px)
+PALLAS_TILE = 128  # the Pallas kernel's blocks: token counts must be multiples of it
 
 
 def _blocks(a: jax.Array, size: int, axis: int = 1):
@@ -90,15 +95,59 @@ def chunked_attention(
     return out[:, :lq]
 
 
+def pallas_attention(
+    q: Float[Array, "b lq h d"], k: Float[Array, "b lk h d"], v: Float[Array, "b lk h d"]
+) -> Float[Array, "b lq h d"]:
+    """softmax(q kᵀ / sqrt(d)) v by JAX's Pallas TPU flash-attention kernel (forward and
+    backward kernels; blocks of `PALLAS_TILE` queries and keys; lq and lk multiples of it).
+
+    A Mosaic kernel cannot be partitioned by XLA, so under a context mesh it runs in
+    `shard_map`, each device on its share of the batch (split over every mesh axis when the
+    batch divides, otherwise whole on each device); without one, on one device. Off a TPU it
+    runs only in Pallas' interpret mode (`pltpu.force_tpu_interpret_mode()`), as the tests do.
+    16-bit inputs need the default matmul precision when it is lowered: Mosaic has no float32
+    ("highest") product of bfloat16 operands.
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+
+    scale = 1.0 / float(q.shape[-1]) ** 0.5
+
+    def kernel(q, k, v):  # the kernel's layout is [b, heads, l, d]
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+        return jnp.swapaxes(pallas_flash.flash_attention(q, k, v, sm_scale=scale), 1, 2)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v)
+    spec = P(tuple(mesh.axis_names)) if q.shape[0] % mesh.size == 0 else P()
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                         check_vma=False)(q, k, v)  # fmt: skip
+
+
 CHUNKED_FROM = 1 << 20  # query x key tokens from which None is "chunked" on the CPU
 
 
+def target_platform() -> str:
+    """The platform a program being traced is for: the context mesh's devices' ("tpu" for a
+    TPU topology compiled from this CPU), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def resolve(implementation: str | None, lq: int, lk: int) -> str | None:
-    """The implementation None stands for on the default backend, for lq queries and lk
-    keys: "chunked" on the CPU from 1,024 x 1,024 (faster there, and far smaller; below it the
-    plain path is as fast and compiles sooner), JAX's choice (None) elsewhere."""
-    if implementation is None and jax.default_backend() == "cpu" and lq * lk >= CHUNKED_FROM:
-        return "chunked"
+    """The implementation to run for lq queries and lk keys. None stands for "pallas" on a
+    TPU when lq and lk are multiples of `PALLAS_TILE`; "chunked" on the CPU from 1,024 x 1,024
+    (faster there, and far smaller; below it the plain path is as fast and compiles sooner);
+    JAX's choice (None) elsewhere. "pallas" where the token counts do not tile (a text
+    context's 77 keys) is the plain path, "xla"."""
+    if implementation is None:
+        platform = target_platform()
+        if platform == "tpu" and not (lq % PALLAS_TILE or lk % PALLAS_TILE):
+            return "pallas"
+        if platform == "cpu" and lq * lk >= CHUNKED_FROM:
+            return "chunked"
+    if implementation == "pallas" and (lq % PALLAS_TILE or lk % PALLAS_TILE):
+        return "xla"
     return implementation
 
 
@@ -109,10 +158,12 @@ def attention(q, k, v, *, implementation: str | None = None, mask=None):
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
     implementation = resolve(implementation, q.shape[1], k.shape[1])
-    if implementation == "chunked" and mask is None:
-        return chunked_attention(q, k, v)
-    if implementation == "chunked":
+    if implementation in ("chunked", "pallas") and mask is not None:
         implementation = "xla"
+    if implementation == "chunked":
+        return chunked_attention(q, k, v)
+    if implementation == "pallas":
+        return pallas_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
@@ -130,7 +181,8 @@ def multi_head_attention(
     Args:
       q, k, v: projections, heads concatenated on the last axis.
       heads: number of heads.
-      implementation: None (per backend), "xla", "cudnn" or "chunked" (`attention`).
+      implementation: None (per platform), "xla", "cudnn", "chunked" or "pallas"
+        (`attention`).
       upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`, which
         SD 2.x's v-models need in float16 to keep q kᵀ finite).
     """

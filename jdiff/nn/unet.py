@@ -204,7 +204,7 @@ class UNet(nn.Module):
     upcast_attention: bool = False  # attention in float32 whatever `dtype` is (SD 2.x)
     num_class_embeds: int | None = None  # class-conditional; add one for a null class (CFG)
     dropout: float = 0.1
-    attention_implementation: str | None = None  # None, "xla", "cudnn" or "chunked"
+    attention_implementation: str | None = None  # attention.IMPLEMENTATIONS
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat: bool = False  # rematerialise residual and transformer blocks in the backward pass
 
