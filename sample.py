@@ -169,6 +169,7 @@ def main(argv) -> None:
     print(f"compilation cache: {sharding.enable_compilation_cache()}", flush=True)
     if (_WORKDIR.value is None) == (_PRETRAINED.value is None):
         raise app.UsageError("pass exactly one of --workdir (a train.py run) or --pretrained")
+    sharding.reuse_host_memory()  # XLA's CPU buffers without page faults each call
     if _PRETRAINED.value:
         sampling.sample_pretrained(pathlib.Path(_PRETRAINED.value), request())
     else:

@@ -66,6 +66,7 @@ def main(argv) -> None:
     sharding.initialize_distributed(coordinator_address=d.coordinator_address,
                                     num_processes=d.num_processes, process_id=d.process_id,
                                     auto=d.auto, timeout_s=d.timeout_s)  # fmt: skip
+    sharding.reuse_host_memory()  # XLA's CPU buffers without page faults each step
     trainer.train(config, workdir)
 
 

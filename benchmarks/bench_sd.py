@@ -43,7 +43,8 @@ def make_weights(directory: str) -> None:
         UNet2DConditionModel,
     )
 
-    from jdiff import interop, single_file
+    from jdiff import interop
+    from jdiff.interop import single_file
     from jdiff.nn import VARIANTS, UNet
     from jdiff.nn import vae as jvae
     from jdiff.nn.text_encoder import CLIPTextModel
@@ -88,8 +89,9 @@ def _jdiff(directory, size, batch, dtype):
     import jax
     import jax.numpy as jnp
 
-    from jdiff import interop, pipelines
+    from jdiff import interop, pipelines, sharding
 
+    sharding.reuse_host_memory()  # as sample.py does
     p = interop.load_pretrained(directory, dtype=jnp.dtype(dtype))  # the VAE stays float32
     model = pipelines.LatentDiffusion.from_pretrained(p)
 

@@ -25,14 +25,15 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
 from jdiff.nn.layers import group_norm
+from jdiff.nn.ops import target_platform
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "pallas")
-BLOCK_Q = 256  # queries per block of the chunked path
+BLOCK_Q = 128  # queries per block of the chunked path
 BLOCK_K = 4096  # keys per block: one block up to 4,096 tokens (SD at 512 px)
 PALLAS_TILE = 128  # the Pallas kernel's blocks: token counts must be multiples of it
 
 
-def _blocks(a: jax.Array, size: int, axis: int = 1):
+def _blocks(a: jax.Array, size: int, axis: int) -> jax.Array:
     """`a` padded along `axis` to a multiple of `size` and split there: [n, ..., size, ...]."""
     length = a.shape[axis]
     n = -(-length // size)
@@ -54,45 +55,56 @@ def chunked_attention(
     """softmax(q kᵀ / sqrt(d)) v, exact, without the [lq, lk] scores: `block_q` queries at a time
     (`lax.map`), and for each, `block_k` keys at a time with the running maximum m, sum l and
     output o of the online softmax (Milakov & Gimelshein 2018; Rabe & Staats 2021):
-    m' = max(m, max s), l' = l e^{m - m'} + Σ e^{s - m'}, o' = o e^{m - m'} + e^{s - m'} v.
-    Each query block is rematerialised in the backward pass (`jax.checkpoint`), so training
-    holds [block_q, block_k] scores at a time, not [lq, lk]. Padded keys are masked out; the
-    softmax runs in float32 whatever the inputs' dtype."""
+    m' = max(m, max s), l' = l e^{m - m'} + Σ e^{s - m'}, o' = o e^{m - m'} + e^{s - m'} v;
+    with one key block that is the plain softmax of the block. Heads go before tokens once, so
+    each block's products are plain batched matrix products. Each query block is
+    rematerialised in the backward pass (`jax.checkpoint`), so training holds [block_q, block_k]
+    scores per head at a time, not [lq, lk]. Padded keys are masked out; the softmax runs in
+    float32 whatever the inputs' dtype."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
     block_q, block_k = min(block_q, lq), min(block_k, lk)
     scale = 1.0 / float(d) ** 0.5
-    kb, vb = _blocks(k, block_k), _blocks(v, block_k)  # [nk, b, block_k, h, d]
-    valid = _blocks(jnp.ones((1, lk), bool), block_k)  # [nk, 1, block_k]
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [b, h, l, d]
+    kb, vb = _blocks(k, block_k, 2), _blocks(v, block_k, 2)  # [nk, b, h, block_k, d]
+    padded = kb.shape[0] * block_k != lk
+    valid = _blocks(jnp.ones((lk,), bool), block_k, 0)  # [nk, block_k]
+
+    def scores(qi, kj, ok):
+        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+        return jnp.where(ok, s, -jnp.inf) if padded else s
+
+    def weighted(p, vj):
+        return jnp.einsum("bhqk,bhkd->bhqd", p.astype(vj.dtype), vj,
+                          preferred_element_type=jnp.float32)  # fmt: skip
 
     @jax.checkpoint
-    def query_block(qi):  # [b, block_q, h, d] -> [b, block_q, h, d]
+    def query_block(qi):  # [b, h, block_q, d] -> [b, h, block_q, d]
+        if kb.shape[0] == 1:  # one key block: the plain softmax
+            s = scores(qi, kb[0], valid[0])
+            p = jnp.exp(s - s.max(-1, keepdims=True))
+            return (weighted(p, vb[0]) / p.sum(-1, keepdims=True)).astype(qi.dtype)
+
         def key_block(carry, inputs):
             m, total, o = carry
             kj, vj, ok = inputs
-            s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32)
-            s = jnp.where(ok[:, None, None, :], s * scale, -jnp.inf)
+            s = scores(qi, kj, ok)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             total = total * correction + p.sum(-1)
-            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vj.dtype), vj,
-                            preferred_element_type=jnp.float32)  # fmt: skip
-            return (m_new, total, o * correction[..., None] + pv), None
+            return (m_new, total, o * correction[..., None] + weighted(p, vj)), None
 
-        shape = (b, h, qi.shape[1])
+        shape = qi.shape[:-1]
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros((*shape, d), jnp.float32))  # fmt: skip
-        if kb.shape[0] == 1:  # one key block: no scan
-            (_, total, o), _ = key_block(init, (kb[0], vb[0], valid[0]))
-        else:
-            (_, total, o), _ = jax.lax.scan(key_block, init, (kb, vb, valid))
-        return jnp.swapaxes(o / total[..., None], 1, 2).astype(q.dtype)
+        (_, total, o), _ = jax.lax.scan(key_block, init, (kb, vb, valid))
+        return (o / total[..., None]).astype(qi.dtype)
 
-    qb = _blocks(q, block_q)  # [nq, b, block_q, h, d]
+    qb = _blocks(q, block_q, 2)  # [nq, b, h, block_q, d]
     out = jax.lax.map(query_block, qb) if qb.shape[0] > 1 else query_block(qb[0])[None]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, -1, h, d)
-    return out[:, :lq]
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, -1, d)[:, :, :lq]
+    return jnp.swapaxes(out, 1, 2)
 
 
 def pallas_attention(
@@ -125,13 +137,6 @@ def pallas_attention(
 
 
 CHUNKED_FROM = 1 << 20  # query x key tokens from which None is "chunked" on the CPU
-
-
-def target_platform() -> str:
-    """The platform a program being traced is for: the context mesh's devices' ("tpu" for a
-    TPU topology compiled from this CPU), else the default backend."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return jax.default_backend() if device is None else device.platform
 
 
 def resolve(implementation: str | None, lq: int, lk: int) -> str | None:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from jdiff.nn import ops
+
 TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
@@ -56,9 +58,11 @@ def group_norm(groups: int, eps: float, dtype: Any, name: str) -> nn.GroupNorm:
 
 
 def conv3x3(features: int, dtype: Any, name: str, stride: int = 1, padding: Any = 1) -> nn.Conv:
-    """A 3x3 convolution with torch's symmetric zero padding (not XLA's "SAME" for stride 2)."""
+    """A 3x3 convolution with torch's symmetric zero padding (not XLA's "SAME" for stride 2),
+    by `ops.conv_general_dilated` (im2col where the CPU runs that faster)."""
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=pad, dtype=dtype, name=name)
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=pad, dtype=dtype, name=name,
+                   conv_general_dilated=ops.conv_general_dilated)  # fmt: skip
 
 
 class TimestepEmbedding(nn.Module):

@@ -1,0 +1,131 @@
+"""One U-Net call, jdiff vs diffusers' PyTorch `UNet2DConditionModel`, same configuration and
+shapes (random weights: the work does not depend on their values).
+
+    python benchmarks/bench_unet.py jdiff --model sd_v1 --latent 32 --batch 2
+    python benchmarks/bench_unet.py diffusers --model sd_v1 --latent 32 --batch 2
+    python benchmarks/bench_unet.py jdiff --model small --latent 32 --batch 4
+
+`sd_v1` is SD 1.5's network (32x32 latents = 256 px; a guided step's batch is 2 x images);
+`small` an SD-shaped one with 32/64/128 channels. Prints one JSON line: the median of
+`--repeats` warm calls (after one compiling / warming call), and for jdiff the compile time.
+Run each framework in its own process on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL = {
+    "block_out_channels": (32, 64, 128, 128),
+    "num_attention_heads": 8,
+    "norm_num_groups": 32,
+}
+
+
+def _unet(model):
+    sys.path.insert(0, str(ROOT))
+    from jdiff.nn import VARIANTS, UNet
+
+    kwargs = dict(VARIANTS["sd_v1"])
+    if model == "small":
+        kwargs.update(SMALL)
+        kwargs.pop("attention_head_dim", None)
+    return UNet(**kwargs)
+
+
+def _jdiff(unet, latent, batch, steps):
+    import jax
+    import jax.numpy as jnp
+
+    from jdiff import sharding
+
+    sharding.reuse_host_memory()  # as sample.py does
+    shapes = jax.eval_shape(
+        lambda: unet.init(
+            jax.random.key(0),
+            jnp.zeros((1, latent, latent, 4)),
+            jnp.zeros((1,)),
+            context=jnp.zeros((1, 77, unet.cross_attention_dim)),
+        )
+    )
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree,
+        [0.02 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves, strict=True)],
+    )
+    x = jax.random.normal(jax.random.key(2), (batch, latent, latent, 4))
+    ctx = jax.random.normal(jax.random.key(3), (batch, 77, unet.cross_attention_dim))
+
+    @jax.jit
+    def loop(params, x, ctx):
+        def body(x, t):
+            return x - 0.01 * unet.apply(params, x, t, context=ctx), None
+
+        return jax.lax.scan(body, x, jnp.linspace(999.0, 1.0, steps))[0]
+
+    global LAST_COMPILED
+    LAST_COMPILED = loop.lower(params, x, ctx).compile().as_text()
+    return lambda: loop(params, x, ctx).block_until_ready()
+
+
+def _diffusers(unet, latent, batch, steps):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from jdiff import interop
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel.from_config(interop.unet_config_to_diffusers(unet, latent)).eval()
+    x = torch.randn(batch, 4, latent, latent)
+    ctx = torch.randn(batch, 77, unet.cross_attention_dim)
+    ts = torch.linspace(999.0, 1.0, steps)
+
+    def run():
+        with torch.no_grad():
+            y = x
+            for t in ts:
+                y = y - 0.01 * net(y, t, encoder_hidden_states=ctx).sample
+        return y
+
+    return run
+
+
+def main() -> None:
+    """Time one framework's U-Net and print a JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("framework", choices=("jdiff", "diffusers"))
+    parser.add_argument("--model", choices=("sd_v1", "small"), default="sd_v1")
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="U-Net calls per timed loop")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    unet = _unet(args.model)
+    fn = {"jdiff": _jdiff, "diffusers": _diffusers}[args.framework](
+        unet, args.latent, args.batch, args.steps
+    )
+    t0 = time.perf_counter()
+    fn()
+    cold = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    warm = statistics.median(times)
+    print(json.dumps({
+        "framework": args.framework, "model": args.model, "latent": args.latent,
+        "batch": args.batch, "s_per_call": round(warm / args.steps, 4),
+        "first_call_s": round(cold, 1),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
