@@ -6,18 +6,26 @@ shapes (random weights: the work does not depend on their values).
     python benchmarks/bench_unet.py jdiff --model small --latent 32 --batch 4
 
 `sd_v1` is SD 1.5's network (32x32 latents = 256 px; a guided step's batch is 2 x images);
-`small` an SD-shaped one with 32/64/128 channels. Prints one JSON line: the median of
-`--repeats` warm calls (after one compiling / warming call), and for jdiff the compile time.
-Run each framework in its own process on an otherwise idle machine.
+`small` an SD-shaped one with 32/64/128 channels (8 heads, as SD). Prints one JSON line: the
+median of `--repeats` warm calls (after one compiling / warming call); `--steps` calls run in one
+compiled loop (`lax.scan`) as a sampler runs them. Run each framework in its own process on an
+otherwise idle machine.
+
+`--profile` (jdiff) then traces one more loop with XLA's CPU profiler and prints where the time
+went: each compiled op's wall time summed by kind, matrix products and convolutions by shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import pathlib
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,9 +78,11 @@ def _jdiff(unet, latent, batch, steps):
 
         return jax.lax.scan(body, x, jnp.linspace(999.0, 1.0, steps))[0]
 
-    global LAST_COMPILED
-    LAST_COMPILED = loop.lower(params, x, ctx).compile().as_text()
-    return lambda: loop(params, x, ctx).block_until_ready()
+    def run():
+        return loop(params, x, ctx).block_until_ready()
+
+    run.hlo = lambda: loop.lower(params, x, ctx).compile().as_text()
+    return run
 
 
 def _diffusers(unet, latent, batch, steps):
@@ -97,6 +107,51 @@ def _diffusers(unet, latent, batch, steps):
     return run
 
 
+def _what(name: str, hlo: str) -> str:
+    """The op kind of compiled op `name`, with its product's or convolution's shapes."""
+    kind = re.sub(r"[.\d]+$", "", name)
+    head = re.search(rf"\n\s*%?{re.escape(name)} = (\S+) [^\n]*?calls=%?([\w.\-]+)", hlo)
+    if head is None:
+        return kind
+    body = re.search(rf"\n%?{re.escape(head[2])} [^\n]*\{{\n(.*?)\n\}}", hlo, re.S)
+    body = body[1] if body else ""
+    for op in ("convolution", "dot"):
+        if f" {op}(" in body:
+            params = re.findall(r"= (\S+?)\{[^}]*\} parameter", body)
+            window = re.search(r"window=\{size=([\dx]+)", body)
+            size = f" {window[1]}" if window else ""
+            return f"{op}{size} {' x '.join(params)} -> {head[1].split('{')[0]}"
+    return kind
+
+
+def profile(fn) -> None:
+    """Trace one call of the compiled loop and print its ops' wall time by kind and shape."""
+    import jax
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            fn()
+        (path,) = pathlib.Path(directory).rglob("*.xplane.pb")
+        data = ProfileData.from_file(str(path))
+    hlo, spent, count = fn.hlo(), collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "Eigen" not in line.name:  # XLA's CPU worker threads run the compiled ops
+                continue
+            for event in line.events:
+                if event.name.startswith(("ThunkExecutor", "SlinkyThreadPool", "end:")):
+                    continue
+                key = _what(event.name, hlo)
+                spent[key] += event.duration_ns / 1e6
+                count[key] += 1
+    total = sum(v for k, v in spent.items() if not k.startswith("while"))
+    print(f"profile: {total:.1f} ms in compiled ops (a `while` line is its whole loop, whose ops"
+          " are also listed)")  # fmt: skip
+    for key, ms in spent.most_common(30):
+        print(f"{ms:9.2f} ms  x{count[key]:<4d} {key}")
+
+
 def main() -> None:
     """Time one framework's U-Net and print a JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -106,7 +161,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="U-Net calls per timed loop")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="jdiff: where the time went")
     args = parser.parse_args()
+    if args.profile:  # XLA's CPU runtime names each op in the trace only when asked
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+        )
     unet = _unet(args.model)
     fn = {"jdiff": _jdiff, "diffusers": _diffusers}[args.framework](
         unet, args.latent, args.batch, args.steps
@@ -125,6 +185,8 @@ def main() -> None:
         "batch": args.batch, "s_per_call": round(warm / args.steps, 4),
         "first_call_s": round(cold, 1),
     }))  # fmt: skip
+    if args.profile and args.framework == "jdiff":
+        profile(fn)
 
 
 if __name__ == "__main__":

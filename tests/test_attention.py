@@ -26,15 +26,19 @@ def plain(q, k, v):
 
 
 @pytest.mark.parametrize(
-    ("lq", "lk", "block_q", "block_k"),
+    ("lq", "lk", "block_q", "block_k", "tile_scores"),
     [
-        (300, 300, 128, 128),  # several blocks of each, both padded
-        (300, 77, 64, 4096),  # cross-attention: one key block
-        (64, 200, 64, 64),  # one query block, padded keys
-        (5, 5, 256, 4096),  # shorter than a block
+        (300, 300, 128, 128, A.TILE_SCORES),  # several blocks of each, both padded
+        (300, 300, 128, 128, 2 * 128 * 128),  # tiles of 2 of the 6 (batch, head) pairs
+        (300, 77, 64, 4096, 3 * 64 * 77),  # cross-attention: one key block, 3 pairs a tile
+        (64, 200, 64, 64, A.TILE_SCORES),  # one query block, padded keys
+        (5, 5, 256, 4096, A.TILE_SCORES),  # shorter than a block
     ],
 )
-def test_chunked_equals_plain_forward_and_gradient(lq, lk, block_q, block_k):
+def test_chunked_equals_plain_forward_and_gradient(
+    lq, lk, block_q, block_k, tile_scores, monkeypatch
+):
+    monkeypatch.setattr(A, "TILE_SCORES", tile_scores)
     q, k, v = qkv(lq, lk)
     chunked = functools.partial(A.chunked_attention, block_q=block_q, block_k=block_k)
     np.testing.assert_allclose(jax.jit(chunked)(q, k, v), plain(q, k, v), atol=1e-5, rtol=1e-5)
@@ -74,6 +78,7 @@ def test_chunked_never_holds_the_whole_score_matrix():
 def test_none_is_chunked_on_the_cpu_and_names_are_checked():
     if jax.default_backend() == "cpu":
         assert A.resolve(None, 1024, 1024) == "chunked" and A.resolve(None, 256, 77) is None
+        assert A.resolve(None, 4096, 77) == "chunked" and A.resolve(None, 256, 256) is None
     assert A.resolve("xla", 4096, 4096) == "xla"
     q, k, v = qkv(10, 10)
     np.testing.assert_allclose(A.attention(q, k, v), plain(q, k, v), atol=1e-5)

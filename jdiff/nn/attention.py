@@ -7,8 +7,8 @@ memory-efficient path (`chunked_attention`: queries in blocks, keys in blocks wi
 log-sum-exp, never the whole score matrix; any backend), "pallas" JAX's Pallas flash-attention
 kernel for TPUs (`pallas_attention`; inside `shard_map` over the context mesh). None picks per
 platform and size when traced (`resolve`): "pallas" for a TPU where the token counts tile,
-"chunked" on the CPU from 1,024 x 1,024 tokens (where it is also the fastest), JAX's own choice
-otherwise. The platform is the context mesh's (`jax.sharding.use_abstract_mesh`, which the
+"chunked" on the CPU from 131,072 query x key tokens (where it is also the fastest), JAX's own
+choice otherwise. The platform is the context mesh's (`jax.sharding.use_abstract_mesh`, which the
 trainer and `jdiff.aot` set while tracing, so a TPU topology compiled from a CPU gets the TPU
 kernel), else the default backend's. Names mirror diffusers' `Attention`, `FeedForward`,
 `BasicTransformerBlock` and `Transformer2DModel` parameter trees.
@@ -28,7 +28,9 @@ from jdiff.nn.layers import group_norm
 from jdiff.nn.ops import target_platform
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "pallas")
-BLOCK_Q = 128  # queries per block of the chunked path
+BLOCK_Q = 512  # queries per tile of the chunked path (heads from 32 wide: SD's 40, 64, 80)
+BLOCK_Q_NARROW = 1024  # for narrower heads, whose tiles cost the softmax more than products
+TILE_SCORES = 1 << 20  # scores per tile at most, when heads are grouped (4 MiB in float32)
 BLOCK_K = 4096  # keys per block: one block up to 4,096 tokens (SD at 512 px)
 PALLAS_TILE = 128  # the Pallas kernel's blocks: token counts must be multiples of it
 
@@ -44,46 +46,65 @@ def _blocks(a: jax.Array, size: int, axis: int) -> jax.Array:
     return jnp.moveaxis(a, axis, 0)
 
 
+def _heads_per_tile(n: int, scores_per_head: int) -> int:
+    """The largest divisor of n heads whose tiles hold at most `TILE_SCORES` scores (>= 1)."""
+    fits = max(1, TILE_SCORES // scores_per_head)
+    return max(g for g in range(1, min(n, fits) + 1) if n % g == 0)
+
+
 def chunked_attention(
     q: Float[Array, "b lq h d"],
     k: Float[Array, "b lk h d"],
     v: Float[Array, "b lk h d"],
     *,
-    block_q: int = BLOCK_Q,
+    block_q: int | None = None,
     block_k: int = BLOCK_K,
 ) -> Float[Array, "b lq h d"]:
-    """softmax(q kᵀ / sqrt(d)) v, exact, without the [lq, lk] scores: `block_q` queries at a time
-    (`lax.map`), and for each, `block_k` keys at a time with the running maximum m, sum l and
-    output o of the online softmax (Milakov & Gimelshein 2018; Rabe & Staats 2021):
+    """softmax(q kᵀ / sqrt(d)) v, exact, without the [lq, lk] scores of every head at once.
+
+    The work is cut in tiles, `block_q` queries (by default the CPU's fastest for the head
+    width) of as many (batch, head) pairs as keep a tile within `TILE_SCORES` scores, run one
+    after another (`lax.map`); in each, `block_k` keys at a time with the running maximum m,
+    sum l and output o of the online softmax (Milakov & Gimelshein 2018; Rabe & Staats 2021):
     m' = max(m, max s), l' = l e^{m - m'} + Σ e^{s - m'}, o' = o e^{m - m'} + e^{s - m'} v;
-    with one key block that is the plain softmax of the block. Heads go before tokens once, so
-    each block's products are plain batched matrix products. Each query block is
-    rematerialised in the backward pass (`jax.checkpoint`), so training holds [block_q, block_k]
-    scores per head at a time, not [lq, lk]. Padded keys are masked out; the softmax runs in
-    float32 whatever the inputs' dtype."""
+    with one key block that is the plain softmax. A tile's scores stay in cache, where the CPU
+    computes them up to 2.5x sooner than all at once (`benchmarks/RESULTS.md`). Each tile is
+    rematerialised in the backward pass (`jax.checkpoint`), so training holds one tile of
+    scores at a time. Padded keys are masked out; the softmax runs in float32 whatever the
+    inputs' dtype."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
+    block_q = block_q or (BLOCK_Q if d >= 32 else BLOCK_Q_NARROW)
     block_q, block_k = min(block_q, lq), min(block_k, lk)
     scale = 1.0 / float(d) ** 0.5
-    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [b, h, l, d]
-    kb, vb = _blocks(k, block_k, 2), _blocks(v, block_k, 2)  # [nk, b, h, block_k, d]
+    n = b * h
+    group = _heads_per_tile(n, block_q * block_k)
+    q, k, v = (jnp.swapaxes(a, 1, 2).reshape(n // group, group, -1, d) for a in (q, k, v))
+    if lk <= block_k:  # one key block: a column of ones after v makes p·[v, 1] = [p v, Σp]
+        v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+    kb, vb = _blocks(k, block_k, 2), _blocks(v, block_k, 2)  # [nk, n/g, g, block_k, d(+1)]
     padded = kb.shape[0] * block_k != lk
     valid = _blocks(jnp.ones((lk,), bool), block_k, 0)  # [nk, block_k]
+    qb = _blocks(q, block_q, 2)  # [nq, n/g, g, block_q, d]
+    nq = qb.shape[0]
+    tiles = jnp.moveaxis(qb, 0, 1).reshape(-1, group, block_q, d)  # [n/g x nq, g, block_q, d]
 
     def scores(qi, kj, ok):
-        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("gqd,gkd->gqk", qi, kj, preferred_element_type=jnp.float32) * scale
         return jnp.where(ok, s, -jnp.inf) if padded else s
 
     def weighted(p, vj):
-        return jnp.einsum("bhqk,bhkd->bhqd", p.astype(vj.dtype), vj,
+        return jnp.einsum("gqk,gkd->gqd", p.astype(vj.dtype), vj,
                           preferred_element_type=jnp.float32)  # fmt: skip
 
     @jax.checkpoint
-    def query_block(qi):  # [b, h, block_q, d] -> [b, h, block_q, d]
-        if kb.shape[0] == 1:  # one key block: the plain softmax
-            s = scores(qi, kb[0], valid[0])
-            p = jnp.exp(s - s.max(-1, keepdims=True))
-            return (weighted(p, vb[0]) / p.sum(-1, keepdims=True)).astype(qi.dtype)
+    def tile(inputs):  # [g, block_q, d] -> [g, block_q, d]
+        index, qi = inputs
+        ks, vs = kb[:, index // nq], vb[:, index // nq]  # this tile's heads: [nk, g, block_k, d]
+        if kb.shape[0] == 1:  # one key block: the plain softmax, its sum from the ones
+            s = scores(qi, ks[0], valid[0])
+            o = weighted(jnp.exp(s - s.max(-1, keepdims=True)), vs[0])
+            return (o[..., :d] / o[..., d:]).astype(qi.dtype)
 
         def key_block(carry, inputs):
             m, total, o = carry
@@ -98,12 +119,16 @@ def chunked_attention(
         shape = qi.shape[:-1]
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros((*shape, d), jnp.float32))  # fmt: skip
-        (_, total, o), _ = jax.lax.scan(key_block, init, (kb, vb, valid))
+        (_, total, o), _ = jax.lax.scan(key_block, init, (ks, vs, valid))
         return (o / total[..., None]).astype(qi.dtype)
 
-    qb = _blocks(q, block_q, 2)  # [nq, b, h, block_q, d]
-    out = jax.lax.map(query_block, qb) if qb.shape[0] > 1 else query_block(qb[0])[None]
-    out = jnp.moveaxis(out, 0, 2).reshape(b, h, -1, d)[:, :, :lq]
+    indices = jnp.arange(tiles.shape[0])
+    if tiles.shape[0] == 1:
+        out = tile((indices[0], tiles[0]))[None]
+    else:
+        out = jax.lax.map(tile, (indices, tiles))
+    out = out.reshape(n // group, nq, group, block_q, d)
+    out = jnp.moveaxis(out, 1, 2).reshape(b, h, nq * block_q, d)[:, :, :lq]
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -136,13 +161,14 @@ def pallas_attention(
                          check_vma=False)(q, k, v)  # fmt: skip
 
 
-CHUNKED_FROM = 1 << 20  # query x key tokens from which None is "chunked" on the CPU
+CHUNKED_FROM = 1 << 17  # query x key tokens from which None is "chunked" on the CPU
 
 
 def resolve(implementation: str | None, lq: int, lk: int) -> str | None:
     """The implementation to run for lq queries and lk keys. None stands for "pallas" on a
-    TPU when lq and lk are multiples of `PALLAS_TILE`; "chunked" on the CPU from 1,024 x 1,024
-    (faster there, and far smaller; below it the plain path is as fast and compiles sooner);
+    TPU when lq and lk are multiples of `PALLAS_TILE`; "chunked" on the CPU from lq x lk =
+    `CHUNKED_FROM` (SD's 4,096 x 77 cross-attention at 512 px and up: faster there, and far
+    smaller; below it the tiny models' attention compiles sooner on the plain path);
     JAX's choice (None) elsewhere. "pallas" where the token counts do not tile (a text
     context's 77 keys) is the plain path, "xla"."""
     if implementation is None:
