@@ -37,9 +37,7 @@ def test_conv_takes_im2col_only_where_the_cpu_runs_it_faster():
     conv = layers.conv3x3(8, jnp.float32, "conv")
 
     def run(x):
-        params = jax.eval_shape(conv.init, jax.random.key(0), x)
-        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-        return conv.apply(params, x)
+        return conv.apply(conv.init(jax.random.key(0), x), x)
 
     wide = jnp.zeros((2, 4, 4, ops.IM2COL_WIDE_CHANNELS))  # 32 output positions
     narrow = jnp.zeros((2, 4, 4, 64))
@@ -49,6 +47,12 @@ def test_conv_takes_im2col_only_where_the_cpu_runs_it_faster():
     assert "dot_general" in _primitives(run, wide)
     assert "conv_general_dilated" in _primitives(run, narrow)
     assert "conv_general_dilated" in _primitives(run, many)
+    x = jax.random.normal(jax.random.key(1), wide.shape)  # the im2col form, through nn.Conv
+    params = conv.init(jax.random.key(0), x)["params"]
+    ref = lax.conv_general_dilated(x, params["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=NHWC, precision="highest")  # fmt: skip
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(run(x), ref + params["bias"], atol=1e-4, rtol=1e-4)
     tpu = AbstractMesh((2,), ("data",), abstract_device=AbstractDevice("TPU v5 lite", 1, "tpu"))
     with jax.sharding.use_abstract_mesh(tpu):  # a TPU program, compiled from this CPU
         assert ops.target_platform() == "tpu"

@@ -37,8 +37,7 @@ def target_platform() -> str:
     return jax.default_backend() if device is None else device.platform
 
 
-def _im2col_pays(lhs_shape: Sequence[int], out_positions: int) -> bool:
-    channels = lhs_shape[-1]
+def _im2col_pays(channels: int, out_positions: int) -> bool:
     return (channels >= IM2COL_WIDE_CHANNELS and out_positions <= IM2COL_WIDE_POSITIONS) or (
         channels >= IM2COL_MIN_CHANNELS and out_positions <= IM2COL_SMALL_POSITIONS
     )
@@ -99,7 +98,7 @@ def conv_general_dilated(
         kh, kw = rhs.shape[:2]
         ho = (lhs.shape[1] + pt + pb - kh) // window_strides[0] + 1
         wo = (lhs.shape[2] + pl + pr - kw) // window_strides[1] + 1
-        if _im2col_pays(lhs.shape, lhs.shape[0] * ho * wo):
+        if _im2col_pays(lhs.shape[-1], lhs.shape[0] * ho * wo):
             return im2col_conv(lhs, rhs, window_strides, padding, precision)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
