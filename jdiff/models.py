@@ -64,6 +64,12 @@ def make_model(
     )
 
 
+def configured_unet(net: UNet, config: Any) -> UNet:
+    """A stored architecture's U-Net with the config's compute dtype, `remat` and attention."""
+    return net.clone(dtype=_dtype(config.model.dtype), remat=config.model.remat,
+                     attention_implementation=attention_implementation(config))  # fmt: skip
+
+
 def attention_implementation(config: Any) -> str | None:
     """`config.model.attention_implementation` as `nn.attention` takes it ("auto" -> None)."""
     name = config.model.get("attention_implementation", "auto")
@@ -111,10 +117,8 @@ def load_pretrained_parts(config: Any):
     if not p.is_latent or p.text_encoder is None:
         raise ValueError(f"latent.pretrained={config.latent.pretrained!r} is not a latent "
                          "text-to-image model (Stable Diffusion)")  # fmt: skip
-    dtype = _dtype(config.model.dtype)
-    return dataclasses.replace(p, unet=p.unet.clone(dtype=dtype, remat=config.model.remat,
-                                                    attention_implementation=attention_implementation(config)),
-                               text_encoder=p.text_encoder.clone(dtype=dtype))  # fmt: skip
+    text = p.text_encoder.clone(dtype=_dtype(config.model.dtype))
+    return dataclasses.replace(p, unet=configured_unet(p.unet, config), text_encoder=text)
 
 
 def make_autoencoder(config: Any) -> AutoencoderKL:

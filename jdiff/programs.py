@@ -295,12 +295,7 @@ def _pretrained_architecture(config, pretrained: str):
         raise InputError(f"latent.pretrained={pretrained!r}: to size it without its weights, "
                          f"name a diffusers-format directory (unet/, vae/, text_encoder/ "
                          f"config.json) or one of {sorted(ARCHITECTURES)}")  # fmt: skip
-    net = net.clone(
-        dtype=dtype,
-        remat=config.model.remat,
-        attention_implementation=models.attention_implementation(config),
-    )
-    return net, text.clone(dtype=dtype), ae
+    return models.configured_unet(net, config), text.clone(dtype=dtype), ae
 
 
 def _stored_autoencoder(config):
