@@ -82,6 +82,7 @@ class Report:
     compile_s: float
     loop: dict | None = None  # a sampler's model calls its loop repeats (in the totals above)
     kernel_flops: float = 0.0  # of `flops`, Pallas kernels' that XLA cannot cost (`kernel_flops`)
+    effort: float = 0.0  # the compiler's optimisation effort it was built with (`EFFORTS`)
 
     @property
     def total_bytes(self) -> int:
@@ -160,17 +161,26 @@ def topology_devices(topology: str, flag: str = "--topology") -> list:
 
 
 PROGRAMS = ("train", "sample")
+# XLA's `exec_time_optimization_effort`, from -1 (least: a quick compile) to 1; 0 is what a
+# run compiles with. At -1 an SD-size train step compiles several times sooner on two cores
+# and its figures are those of a less optimised program: temporaries and time no smaller
+# (measured in benchmarks/RESULTS.md), an upper bound on what the run needs.
+EFFORTS = (-1.0, 1.0)
 
 
 def compile_for(config, topology: str, program: str = "train", flag: str = "--topology", *,
-                announce: bool = False) -> Report:  # fmt: skip
+                effort: float = 0.0, announce: bool = False) -> Report:  # fmt: skip
     """Compile the config's train step (`program="train"`) or sampler ("sample") for
-    `topology` over the config's mesh; the report (bad input names `flag`, the option that
-    gave the topology)."""
+    `topology` over the config's mesh at the compiler's `effort` (`EFFORTS`); the report (bad
+    input names `flag`, the option that gave the topology)."""
     _cpu_only()
     validate.check_config(config)
     if program not in PROGRAMS:
         raise InputError(f"--program={program!r}; expected one of {PROGRAMS}")
+    if not EFFORTS[0] <= effort <= EFFORTS[1]:  # NaN too
+        low, high = EFFORTS
+        raise InputError(f"--effort={effort}: the compiler's effort is a number from {low:g} "
+                         f"(a quick compile) to {high:g}; 0 is a run's")  # fmt: skip
     chip = chip_of(topology, flag)
     devices = topology_devices(topology, flag)
     try:
@@ -187,11 +197,11 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
     if announce:
         print(f"compiling the {p.name} for {topology} (minutes at SD sizes) ...", flush=True)
     start = time.perf_counter()
-    compiled, in_sh, kernels = _compile(p, mesh, config.mesh.fsdp_min_size)
+    compiled, in_sh, kernels = _compile(p, mesh, config.mesh.fsdp_min_size, effort)
     flops, traffic, estimate, by = _cost(compiled, chip, kernels)
     loop = None
     if p.call is not None:  # the loop's body counted once: the model call's cost, apart
-        call, _, call_kernels = _compile(p.call, mesh, config.mesh.fsdp_min_size)
+        call, _, call_kernels = _compile(p.call, mesh, config.mesh.fsdp_min_size, effort)
         call_flops, call_traffic, call_estimate, call_by = _cost(call, chip, call_kernels)
         kernels += p.uncounted * call_kernels
         loop = {"uncounted_calls": p.uncounted, "call_flops": call_flops,
@@ -218,11 +228,11 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
                 "code": memory.generated_code_size_in_bytes},
         flops=flops, bytes_accessed=traffic, estimate_s=estimate, estimated_by=by,
         collectives=collectives(compiled.as_text()), compile_s=seconds, loop=loop,
-        kernel_flops=kernels,
+        kernel_flops=kernels, effort=effort,
     )  # fmt: skip
 
 
-def _compile(p: programs.Abstract, mesh, min_size: int):
+def _compile(p: programs.Abstract, mesh, min_size: int, effort: float = 0.0):
     """(the compiled program, its input shardings, its Pallas kernels' FLOPs per chip that XLA
     does not count): `p` traced with `mesh` as the context mesh (so the model picks the TPU's
     kernels), jitted with its arguments laid over `mesh` as its kinds say, lowered from their
@@ -241,7 +251,8 @@ def _compile(p: programs.Abstract, mesh, min_size: int):
     jitted = jax.jit(sharding.traced_in(mesh, p.fn), in_shardings=in_sh, out_shardings=out_sh,
                      donate_argnums=p.donate)  # fmt: skip
     traced = jitted.trace(*p.args)
-    return traced.lower().compile(), in_sh, kernel_flops(traced.jaxpr.jaxpr)
+    options = {"exec_time_optimization_effort": effort}
+    return traced.lower().compile(options), in_sh, kernel_flops(traced.jaxpr.jaxpr)
 
 
 def _cost(compiled, chip: Chip, kernels: float = 0.0) -> tuple[float, float, float, str]:
@@ -353,8 +364,9 @@ def describe(report: Report) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
     lines = [
         f"{r.program} compiled for {r.topology} ({r.chips} x {r.chip.name}, "
-        f"{r.chip.hbm_gib:g} GiB HBM each) in {r.compile_s:.1f} s: mesh {mesh}, "
-        f"{r.batch_per_chip:g} examples per chip",
+        f"{r.chip.hbm_gib:g} GiB HBM each) in {r.compile_s:.1f} s"
+        + (f" at effort {r.effort:g}" if r.effort else "")
+        + f": mesh {mesh}, {r.batch_per_chip:g} examples per chip",
         "per chip                     GiB",
         *(f"  {name:<20}  {gib(size)}" for name, size in r.state.items()),
         f"  arguments in all      {gib(r.memory['arguments'])}   (these, the inputs, the key)",
@@ -388,6 +400,15 @@ def describe(report: Report) -> str:
         lines.append(f"estimated time >= {r.estimate_s * 1e3:.4g} ms (a roofline of the "
                      f"FLOPs and HBM traffic at peak: the compiler gave no estimate), so MFU "
                      f"<= {r.mfu:.1%} of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
+    if r.effort:
+        lines.append(
+            f"(compiled at effort {r.effort:g}, not a run's 0: "
+            + (
+                "a less optimised program, its memory and time are likely above a run's)"
+                if r.effort < 0
+                else "a program optimised harder than a run's)"
+            )
+        )
     parts = [f"{op} {n} ({size / 2**20:.1f} MiB)" for op, (n, size) in r.collectives.items()]
     lines.append(
         f"collectives per {'step' if r.program == 'train step' else 'call'}: "
@@ -397,9 +418,9 @@ def describe(report: Report) -> str:
 
 
 def run(config, topology: str, program: str = "train", json_path: str | None = None,
-        flag: str = "--topology") -> Report:  # fmt: skip
+        flag: str = "--topology", effort: float = 0.0) -> Report:  # fmt: skip
     """Compile, print the report and write it as JSON to `json_path` if given."""
-    report = compile_for(config, topology, program, flag, announce=True)
+    report = compile_for(config, topology, program, flag, effort=effort, announce=True)
     print(describe(report), flush=True)
     if json_path:
         pathlib.Path(json_path).write_text(json.dumps(report.as_dict(), indent=1))
@@ -408,8 +429,8 @@ def run(config, topology: str, program: str = "train", json_path: str | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m jdiff.aot --config PATH[:variant] --topology NAME [--json FILE]
-    [--config.KEY=value ...]`."""
+    """`python -m jdiff.aot --config PATH[:variant] --topology NAME [--program train|sample]
+    [--effort E] [--json FILE] [--config.KEY=value ...]`."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -423,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     topology = flags.DEFINE_string("topology", None, "A TPU topology: v5e:2x2, v5p:4x4x4, ...")
     json_path = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
     program = flags.DEFINE_enum("program", "train", PROGRAMS, "The train step or the sampler.")
+    effort = flags.DEFINE_float("effort", 0.0, "The compiler's effort, -1 (quick: SD sizes "
+                                "in minutes, less optimised) to 1; 0 is a run's.")  # fmt: skip
 
     def run_main(rest):
         if len(rest) > 1:
@@ -431,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             raise app.UsageError(f"--topology is required (a chip of {sorted(CHIPS)} and a "
                                  "shape: v5e:2x2, v5p:4x4x4, ...)")  # fmt: skip
         validate.check_applies(config.value, cli.overridden_keys(argv))
-        run(config.value, topology.value, program.value, json_path.value)
+        run(config.value, topology.value, program.value, json_path.value, effort=effort.value)
 
     sys.argv = argv
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it reads at INFO

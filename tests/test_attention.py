@@ -137,8 +137,11 @@ def test_none_is_pallas_for_a_tpu_mesh_where_the_tokens_tile():
         assert A.resolve(None, 4096, 4096) == "pallas" and A.resolve(None, 1024, 256) == "pallas"
         assert A.resolve(None, 4096, 77) is None  # a text context's 77 keys: JAX's choice
         assert A.resolve(None, 64, 64) is None
+        assert A.resolve(None, 256, 256, 160) is None  # SD 1.x's widest heads: the kernel's no
+        assert A.resolve(None, 256, 256, 256) == "pallas" and A.resolve(None, 256, 256, 40)
         assert A.resolve("chunked", 4096, 4096) == "chunked"  # an explicit choice holds
     assert A.resolve("pallas", 4096, 77) == "xla"  # untileable: the plain path
+    assert A.resolve("pallas", 256, 256, 160) == "xla"
     assert A.target_platform() == jax.default_backend()
 
 

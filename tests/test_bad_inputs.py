@@ -167,6 +167,7 @@ CASES = [
     ("aot-no-such-topology", "aot", [TINY, "--topology=v5e:3x7"], "libtpu has no such"),
     ("aot-batch", "aot", [TINY, "--topology=v5e:2x2", "--config.data.batch_size=6"],
      "does not split over the mesh's 4 chips"),
+    ("aot-effort", "aot", [TINY, "--topology=v5e:2x2", "--effort=2"], "--effort=2.0"),
     ("aot-fsdp", "aot", [TINY, "--topology=v5e:2x2", "--config.mesh.fsdp=3"], "fsdp=3"),
     ("aot-unknown-key", "aot", [TINY, "--topology=v5e:2x2", "--config.mesh.fsdp_size=2"],
      "config.mesh has no key"),

@@ -33,6 +33,8 @@ BLOCK_Q_NARROW = 1024  # for narrower heads, whose tiles cost the softmax more t
 TILE_SCORES = 1 << 20  # scores per tile at most, when heads are grouped (4 MiB in float32)
 BLOCK_K = 4096  # keys per block: one block up to 4,096 tokens (SD at 512 px)
 PALLAS_TILE = 128  # the Pallas kernel's blocks: token counts must be multiples of it
+# and head widths at most it or a multiple of it (SD 1.x's 160-wide heads at 1,280 channels are
+# not: there the plain path)
 
 
 def _blocks(a: jax.Array, size: int, axis: int) -> jax.Array:
@@ -164,20 +166,25 @@ def pallas_attention(
 CHUNKED_FROM = 1 << 17  # query x key tokens from which None is "chunked" on the CPU
 
 
-def resolve(implementation: str | None, lq: int, lk: int) -> str | None:
-    """The implementation to run for lq queries and lk keys. None stands for "pallas" on a
-    TPU when lq and lk are multiples of `PALLAS_TILE`; "chunked" on the CPU from lq x lk =
-    `CHUNKED_FROM` (SD's 4,096 x 77 cross-attention at 512 px and up: faster there, and far
-    smaller; below it the tiny models' attention compiles sooner on the plain path);
-    JAX's choice (None) elsewhere. "pallas" where the token counts do not tile (a text
-    context's 77 keys) is the plain path, "xla"."""
+def _tiles(lq: int, lk: int, d: int) -> bool:
+    """Whether the Pallas kernel takes lq queries and lk keys of heads d wide."""
+    return not (lq % PALLAS_TILE or lk % PALLAS_TILE) and (d <= PALLAS_TILE or d % PALLAS_TILE == 0)
+
+
+def resolve(implementation: str | None, lq: int, lk: int, d: int = 64) -> str | None:
+    """The implementation to run for lq queries and lk keys, heads d wide. None stands for
+    "pallas" on a TPU where the kernel tiles them (`PALLAS_TILE`); "chunked" on the CPU from
+    lq x lk = `CHUNKED_FROM` (SD's 4,096 x 77 cross-attention at 512 px and up: faster there,
+    and far smaller; below it the tiny models' attention compiles sooner on the plain path);
+    JAX's choice (None) elsewhere. "pallas" where they do not tile (a text context's 77 keys,
+    SD 1.x's 160-wide heads) is the plain path, "xla"."""
     if implementation is None:
         platform = target_platform()
-        if platform == "tpu" and not (lq % PALLAS_TILE or lk % PALLAS_TILE):
+        if platform == "tpu" and _tiles(lq, lk, d):
             return "pallas"
         if platform == "cpu" and lq * lk >= CHUNKED_FROM:
             return "chunked"
-    if implementation == "pallas" and (lq % PALLAS_TILE or lk % PALLAS_TILE):
+    if implementation == "pallas" and not _tiles(lq, lk, d):
         return "xla"
     return implementation
 
@@ -188,7 +195,7 @@ def attention(q, k, v, *, implementation: str | None = None, mask=None):
     path."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
-    implementation = resolve(implementation, q.shape[1], k.shape[1])
+    implementation = resolve(implementation, q.shape[1], k.shape[1], q.shape[-1])
     if implementation in ("chunked", "pallas") and mask is not None:
         implementation = "xla"
     if implementation == "chunked":
