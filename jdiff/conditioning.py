@@ -5,9 +5,9 @@ A `Conditioning` holds every kind of input a denoiser is conditioned on; a field
 not use is None (an empty pytree). Because it is a pytree, classifier-free guidance batches
 the conditional and the null conditioning field by field (`guidance.classifier_free`), and
 `jit`, `scan` and shardings treat it like any other argument. A new model family adds its
-fields here (SDXL: the pooled text embedding and the size/crop time ids; a ControlNet: the
-residuals it adds inside the U-Net) and its network reads them in `network_kwargs`; the
-samplers, losses and guidance do not change.
+fields here (SDXL: `text_embeds`, the pooled text embedding, and `time_ids`, the size/crop ids;
+a ControlNet: the residuals it adds inside the U-Net) and its network reads them in
+`network_kwargs`; the samplers, losses and guidance do not change.
 
     cond = Conditioning(context=text_states)                  # [B, L, D]
     null = cond.replace(context=empty_prompt_states)           # broadcast to [B, L, D]
@@ -35,17 +35,25 @@ class Conditioning:
         model's noise level of its low-resolution input.
       concat: [B, h, w, k] channels concatenated to x_t before the network (an inpainting
         model's mask and masked-image latents, a super-resolution model's low-resolution image).
+      text_embeds: [B, P] SDXL's pooled, projected text embedding (diffusers' name, in its
+        `added_cond_kwargs`).
+      time_ids: [B, K] SDXL's micro-conditioning: original size, crop top-left and target size
+        (the refiner: an aesthetic score in place of the target size), in pixels.
     """
 
     context: jax.Array | None = None
     class_labels: jax.Array | None = None
     concat: jax.Array | None = None
+    text_embeds: jax.Array | None = None
+    time_ids: jax.Array | None = None
 
 
 def network_kwargs(cond: Conditioning) -> dict[str, Any]:
     """The keyword arguments of the U-Net's `__call__` that `cond` sets (`context`,
-    `class_labels`); `concat` is applied to the input by `make_model_fn`."""
-    fields = {"context": cond.context, "class_labels": cond.class_labels}
+    `class_labels`, `text_embeds`, `time_ids`); `concat` is applied to the input by
+    `make_model_fn`."""
+    fields = {"context": cond.context, "class_labels": cond.class_labels,
+              "text_embeds": cond.text_embeds, "time_ids": cond.time_ids}  # fmt: skip
     return {k: v for k, v in fields.items() if v is not None}
 
 

@@ -31,13 +31,54 @@ def num_params(tree) -> int:
         ("ddpm_cifar10", (1, 32, 32, 3), None, 35_746_307),
         ("sd_v1", (1, 8, 8, 4), 768, 859_520_964),
         ("sd_v2_1", (1, 8, 8, 4), 1024, 865_910_724),
+        ("sdxl_base", (1, 8, 8, 4), 2048, 2_567_463_684),
+        ("sdxl_refiner", (1, 8, 8, 4), 1280, 2_259_526_660),
     ],
 )
 def test_parameter_counts(variant, x_shape, context_dim, expected):
     kwargs = {} if context_dim is None else {"context": jnp.zeros((1, 77, context_dim))}
+    ids = {"sdxl_base": 6, "sdxl_refiner": 5}.get(variant)  # sizes, crop (, aesthetic score)
+    if ids:  # the pooled embedding of OpenCLIP bigG: 1280 wide
+        kwargs |= {"text_embeds": jnp.zeros((1, 1280)), "time_ids": jnp.zeros((1, ids))}
     params = init_shapes(UNet(**VARIANTS[variant]), x_shape, **kwargs)
     assert num_params(params) == expected
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+SDXL_CONFIGS = {  # as the released config.json files give them (the fields that differ)
+    "sdxl_base": {
+        "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+    "sdxl_refiner": {
+        "block_out_channels": [384, 768, 1536, 1536], "attention_head_dim": [6, 12, 24, 24],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                             "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": 4, "cross_attention_dim": 1280,
+        "projection_class_embeddings_input_dim": 2560,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(SDXL_CONFIGS))
+def test_sdxl_configs_translate_to_the_variants_and_diffusers_counts(variant):
+    """SDXL base's and refiner's configurations, built by diffusers on the meta device (no
+    memory): jdiff reads them as its variants, and diffusers counts the same parameters."""
+    config = {**SDXL_CONFIGS[variant], "addition_embed_type": "text_time",
+              "addition_time_embed_dim": 256, "use_linear_projection": True,
+              "addition_embed_type_num_heads": 64, "sample_size": 128}  # fmt: skip
+    with torch.device("meta"):
+        torch_model = UNet2DConditionModel(**config)
+    fields = interop.unet_config_from_diffusers(dict(torch_model.config))
+    assert UNet(**fields) == UNet(**VARIANTS[variant])
+    expected = {"sdxl_base": 2_567_463_684, "sdxl_refiner": 2_259_526_660}[variant]
+    assert sum(p.numel() for p in torch_model.parameters()) == expected
+    back = interop.unet_config_to_diffusers(UNet(**fields), 128)
+    assert interop.unet_config_from_diffusers(back) == fields
 
 
 def test_timestep_embedding_matches_diffusers_and_float64():
@@ -90,6 +131,18 @@ DIFFUSERS_TINY = {
         "use_linear_projection": True, "upcast_attention": True,
         "transformer_layers_per_block": 2,
     }),
+    # SDXL: a first level without attention, more transformer layers deeper, a 2048-wide
+    # context in the real one, the pooled text embedding and six size/crop ids added to the
+    # time embedding ("text_time")
+    "sdxl": (UNet2DConditionModel, {
+        "sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "layers_per_block": 2,
+        "norm_num_groups": 8, "cross_attention_dim": 24, "attention_head_dim": (2, 4),
+        "use_linear_projection": True, "transformer_layers_per_block": (1, 2),
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 12 + 6 * 8,
+    }),
 }  # fmt: skip
 
 
@@ -109,6 +162,12 @@ def test_forward_matches_diffusers(name):
         labels = np.array([0, 4])
         kwargs["class_labels"] = jnp.asarray(labels)
         torch_kwargs["class_labels"] = torch.from_numpy(labels)
+    if config.get("addition_embed_type"):  # pooled text [2, 12]; sizes, crop, target size
+        pooled = rng.standard_normal((2, 12), np.float32)
+        ids = np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 8, 0, 768, 1344]], np.float32)
+        kwargs |= {"text_embeds": jnp.asarray(pooled), "time_ids": jnp.asarray(ids)}
+        torch_kwargs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled),
+                                             "time_ids": torch.from_numpy(ids)}  # fmt: skip
 
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     params = interop.from_diffusers(state, init_shapes(model, x.shape, **kwargs))
@@ -150,7 +209,7 @@ def test_from_diffusers_names_every_mismatch():
 def test_config_from_diffusers_rejects_what_jdiff_lacks():
     base = dict(UNet2DConditionModel(**DIFFUSERS_TINY["sd1"][1]).config)
     with pytest.raises(ValueError, match="addition_embed_type"):
-        interop.unet_config_from_diffusers({**base, "addition_embed_type": "text_time"})
+        interop.unet_config_from_diffusers({**base, "addition_embed_type": "text"})
     # absent fields take the diffusers class's defaults, as diffusers does
     plain = interop.unet_config_from_diffusers({"_class_name": "UNet2DModel"})
     assert plain["block_out_channels"] == (224, 448, 672, 896) and plain["in_channels"] == 3
@@ -250,6 +309,10 @@ def test_tiny_cond_shapes_with_context():
     assert out.shape == (3, 8, 8, 4)
 
 
+SDXL_TINY = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+             "projection_class_embeddings_input_dim": 60}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "overrides, kwargs, shape, match",
     [
@@ -261,9 +324,18 @@ def test_tiny_cond_shapes_with_context():
         ({"block_out_channels": (32, 60)}, {}, (1, 8, 8, 3), "norm_num_groups"),
         ({"attention_head_dim": 8, "num_attention_heads": 2}, {}, (1, 8, 8, 3), "not both"),
         ({"attention_implementation": "flash"}, {}, (1, 8, 8, 3), "attention_implementation"),
+        ({}, {"time_ids": jnp.ones((1, 6))}, (1, 8, 8, 3), "no addition_embed_type"),
+        (SDXL_TINY, {"time_ids": jnp.ones((1, 6))}, (1, 8, 8, 3), r"needs text_embeds=\[B, P\]"),
+        (
+            SDXL_TINY,
+            {"time_ids": jnp.ones((1, 5)), "text_embeds": jnp.ones((1, 12))},
+            (1, 8, 8, 3),
+            r"P \+ K x 8 = projection_class_embeddings_input_dim 60",
+        ),
     ],
 )
 def test_bad_input_errors(overrides, kwargs, shape, match):
+    """Each bad input names itself and what would fit."""
     model = UNet(**{**VARIANTS["tiny"], **overrides})
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(

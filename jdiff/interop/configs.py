@@ -15,12 +15,13 @@ _UNET_FIELDS = (
     "layers_per_block", "downsample_padding", "norm_num_groups", "norm_eps", "flip_sin_to_cos",
     "freq_shift", "resnet_time_scale_shift",
 )  # fmt: skip
+_ADDED_FIELDS = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")  # SDXL
 _CROSS_FIELDS = ("cross_attention_dim", "transformer_layers_per_block", "use_linear_projection",
                  "upcast_attention")  # fmt: skip
 # diffusers options jdiff's U-Net does not have, with the value that means "off"
 _UNSUPPORTED = {
     "center_input_sample": False, "time_embedding_type": "positional", "act_fn": "silu",
-    "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+    "class_embed_type": None, "encoder_hid_dim": None,
     "only_cross_attention": False, "dual_cross_attention": False, "conv_in_kernel": 3,
     "conv_out_kernel": 3, "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
     "time_embedding_dim": None, "time_cond_proj_dim": None, "attention_type": "default",
@@ -101,6 +102,12 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         fields["mid_block_type"] = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
         fields["num_attention_heads"] = value(heads)
+        kind = config.get("addition_embed_type")
+        if kind not in (None, "text_time"):
+            raise ValueError(f"{cls} option addition_embed_type={kind!r} is not supported by "
+                             "jdiff (only SDXL's 'text_time')")  # fmt: skip
+        if kind:
+            fields.update({k: config.get(k) for k in _ADDED_FIELDS}, addition_embed_type=kind)
     return fields
 
 
@@ -213,6 +220,8 @@ def unet_config_to_diffusers(unet: UNet, sample_size: int) -> dict[str, Any]:
         config |= {k: _plain(getattr(unet, k)) for k in _CROSS_FIELDS}
         # diffusers' historic name for the number of heads in this class
         config |= {"attention_head_dim": list(heads), "mid_block_type": unet.mid_block_type}
+        if unet.addition_embed_type:
+            config |= {k: getattr(unet, k) for k in ("addition_embed_type", *_ADDED_FIELDS)}
         return {"_class_name": "UNet2DConditionModel", **config}
     widths = {c // h for c, h in zip(unet.block_out_channels, heads, strict=True)}
     if all(h == 1 for h in heads):

@@ -27,6 +27,9 @@ def unet_shapes(unet: UNet) -> Any:
         kwargs["context"] = jnp.zeros((1, 1, unet.cross_attention_dim))
     if unet.num_class_embeds is not None:
         kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
+    if unet.addition_embed_type:  # its MLP's input width is all that sizes it: one id
+        width = unet.projection_class_embeddings_input_dim - unet.addition_time_embed_dim
+        kwargs |= {"text_embeds": jnp.zeros((1, width)), "time_ids": jnp.zeros((1, 1))}
     return _shapes(unet, jnp.zeros((1, f, f, unet.in_channels)), jnp.zeros((1,)), **kwargs)
 
 

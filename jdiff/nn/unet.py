@@ -35,6 +35,8 @@ from jdiff.nn.layers import (
 DOWN_BLOCKS = {"DownBlock2D": None, "AttnDownBlock2D": "self", "CrossAttnDownBlock2D": "cross"}
 UP_BLOCKS = {"UpBlock2D": None, "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cross"}
 MID_BLOCKS = {None: None, "UNetMidBlock2D": "self", "UNetMidBlock2DCrossAttn": "cross"}
+# added embeddings: SDXL's "text_time" (the pooled text embedding and the size/crop ids)
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +205,12 @@ class UNet(nn.Module):
     use_linear_projection: bool = False  # SD 2.x: linear proj_in/out instead of 1x1 convs
     upcast_attention: bool = False  # attention in float32 whatever `dtype` is (SD 2.x)
     num_class_embeds: int | None = None  # class-conditional; add one for a null class (CFG)
+    # SDXL: "text_time" adds add_embedding([text_embeds, sinusoids of each time id]) to the
+    # time embedding; the ids' sinusoids `addition_time_embed_dim` wide (256), the MLP's input
+    # `projection_class_embeddings_input_dim` wide (1280 + 6 x 256 = 2816 for SDXL base)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     dropout: float = 0.1
     attention_implementation: str | None = None  # attention.IMPLEMENTATIONS
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
@@ -216,6 +224,8 @@ class UNet(nn.Module):
         *,
         context: Float[Array, "b l d"] | None = None,
         class_labels: Int[Array, " b"] | None = None,
+        text_embeds: Float[Array, "b p"] | None = None,
+        time_ids: Float[Array, "b k"] | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "b h w o"]:
         """Predict from x_t and t on the training scale [0, T-1] (float, may be fractional).
@@ -225,12 +235,15 @@ class UNet(nn.Module):
           t: timesteps [B] (or a scalar, broadcast).
           context: [B, L, cross_attention_dim], required by cross-attention blocks.
           class_labels: int [B] in [0, num_class_embeds), required by a class-conditional net.
+          text_embeds, time_ids: SDXL's pooled text embedding [B, P] and micro-conditioning
+            ids [B, K] (sizes, crop, aesthetic score), required by a "text_time" net.
           deterministic: False applies dropout (needs a "dropout" PRNG stream).
 
         Returns:
           float32 [B, H, W, out_channels].
         """
         self._check(x, context, class_labels)
+        self._check_added(text_embeds, time_ids)
         s = self._settings()
         n, c0 = len(self.block_out_channels), self.block_out_channels[0]
         heads, layers = (
@@ -247,6 +260,13 @@ class UNet(nn.Module):
                 self.num_class_embeds, 4 * c0, dtype=self.dtype, name="class_embedding"
             )
             temb = temb + embed(class_labels)
+        if self.addition_embed_type == "text_time":
+            ids = timestep_embedding(
+                jnp.asarray(time_ids, jnp.float32).reshape(-1), self.addition_time_embed_dim,
+                flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
+            ).reshape(x.shape[0], -1)  # fmt: skip
+            added = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), ids], axis=-1)
+            temb = temb + TimestepEmbedding(4 * c0, self.dtype, name="add_embedding")(added)
 
         h = conv3x3(c0, self.dtype, "conv_in")(x.astype(self.dtype))
         skips = [h]
@@ -306,6 +326,28 @@ class UNet(nn.Module):
             dims = _per_block(self.attention_head_dim, n, "attention_head_dim")
             return tuple(c // d for c, d in zip(self.block_out_channels, dims, strict=True))
         return (1,) * n
+
+    def _check_added(self, text_embeds, time_ids) -> None:
+        """SDXL's added inputs: both given exactly for a "text_time" net, of matching widths."""
+        kind = self.addition_embed_type
+        if kind not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"addition_embed_type: {kind!r} is not one of {ADDITION_EMBED_TYPES}")
+        given = text_embeds is not None or time_ids is not None
+        if kind is None:
+            if given:
+                raise ValueError("text_embeds / time_ids were given but this U-Net has no "
+                                 "addition_embed_type='text_time'")  # fmt: skip
+            return
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this U-Net (addition_embed_type='text_time', SDXL) needs "
+                             "text_embeds=[B, P] and time_ids=[B, K]")  # fmt: skip
+        ids, want = self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * ids
+        if text_embeds.ndim != 2 or time_ids.ndim != 2 or width != want:
+            raise ValueError(
+                f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape}: need [B, P] "
+                f"and [B, K] with P + K x {ids} = projection_class_embeddings_input_dim {want}"
+            )
 
     def _check(self, x, context, class_labels) -> None:
         """Name the bad value and what was expected (this runs once, at trace time)."""
@@ -370,6 +412,20 @@ _SD_V1 = {
     "dropout": 0.0,
 }
 
+_SDXL = {
+    **_SD_V1,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+    "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+    "num_attention_heads": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
 VARIANTS: dict[str, dict[str, Any]] = {
     # Ho et al. 2020, CIFAR-10 32x32: 35,746,307 parameters
     "ddpm_cifar10": {},
@@ -382,6 +438,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cross_attention_dim": 1024,
         "use_linear_projection": True,
         "upcast_attention": True,
+    },
+    # Stable Diffusion XL base 1.0: 2,567,463,684; a 2048-wide context from two text encoders,
+    # the pooled embedding (1280) and six size/crop ids added to the time embedding
+    "sdxl_base": _SDXL,
+    # its refiner: four levels, a 1280-wide context (the second encoder alone), five ids
+    # (sizes, crop, aesthetic score); 2,259,526,660
+    "sdxl_refiner": {
+        **_SDXL,
+        "block_out_channels": (384, 768, 1536, 1536),
+        "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+        "num_attention_heads": (6, 12, 24, 24),
+        "transformer_layers_per_block": 4,
+        "cross_attention_dim": 1280,
+        "projection_class_embeddings_input_dim": 2560,
     },
     # tests: a DDPM-shaped net and a text-conditioned one, a few hundred thousand parameters
     "tiny": {
