@@ -18,8 +18,10 @@ def num_params(tree) -> int:
 
 
 @pytest.mark.parametrize(
-    "name, expected", [("clip_vit_l14", 123_060_480), ("openclip_vit_h14", 340_387_840)]
-)
+    "name, expected",
+    [("clip_vit_l14", 123_060_480), ("openclip_vit_h14", 340_387_840),
+     ("openclip_vit_bigg14", 694_659_840)],  # SDXL's second encoder, with its projection
+)  # fmt: skip
 def test_sizes(name, expected):
     model = text_encoder.CLIPTextModel(**text_encoder.VARIANTS[name])
     ids = jnp.zeros((1, 77), jnp.int32)
@@ -31,6 +33,14 @@ def test_sizes(name, expected):
 TINY = {
     "sd1": {"hidden_act": "quick_gelu", "eos_token_id": 2},
     "sd2": {"hidden_act": "gelu", "eos_token_id": 999, "num_hidden_layers": 3},
+    # SDXL's text_encoder_2: CLIPTextModelWithProjection (GELU, legacy end token, 24-wide
+    # projection of the pooled output)
+    "sdxl2": {
+        "hidden_act": "gelu",
+        "eos_token_id": 2,
+        "num_hidden_layers": 3,
+        "projection_dim": 24,
+    },
 }
 BASE = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "max_position_embeddings": 16, "layer_norm_eps": 1e-5,
@@ -38,10 +48,11 @@ BASE = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hid
 
 
 def converted(name):
-    torch_model = perturbed(
-        transformers.CLIPTextModel(transformers.CLIPTextConfig(**BASE | TINY[name]))
-    )
-    fields = interop.text_encoder_config_from_transformers(torch_model.config.to_dict())
+    cls = (transformers.CLIPTextModelWithProjection if "projection_dim" in TINY[name]
+           else transformers.CLIPTextModel)  # fmt: skip
+    torch_model = perturbed(cls(transformers.CLIPTextConfig(**BASE | TINY[name])))
+    config = torch_model.config.to_dict() | {"architectures": [cls.__name__]}  # as saved
+    fields = interop.text_encoder_config_from_transformers(config)
     model = text_encoder.CLIPTextModel(**fields)
     ids = jnp.zeros((1, 16), jnp.int32)
     template = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
@@ -76,12 +87,28 @@ def test_forward_matches_transformers(name):
                               attention_mask=None if attention_mask is None
                               else torch.from_numpy(attention_mask))  # fmt: skip
         assert rel(out.last_hidden_state, ref.last_hidden_state.numpy()) <= 1e-4
-        assert rel(out.pooler_output, ref.pooler_output.numpy()) <= 1e-4
+        if "projection_dim" in TINY[name]:  # the projected pooled output, SDXL's text_embeds
+            assert rel(out.text_embeds, ref.text_embeds.numpy()) <= 1e-4
+        else:
+            assert rel(out.pooler_output, ref.pooler_output.numpy()) <= 1e-4
+    # SDXL's context: the penultimate layer as it is (no final LayerNorm), the pooled output
+    # still from every layer
+    n = model.num_hidden_layers
+    out = model.apply(params, jnp.asarray(ids), hidden_layer=n - 1)
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(ids), output_hidden_states=True)
+    assert rel(out.hidden_state, ref.hidden_states[-2].numpy()) <= 1e-4
+    assert rel(out.last_hidden_state, ref.last_hidden_state.numpy()) <= 1e-4
+    back = interop.text_encoder_config_to_transformers(model)
+    assert (
+        text_encoder.CLIPTextModel(**interop.text_encoder_config_from_transformers(back)) == model
+    )
     # clip_skip=1: the penultimate layer through the final LayerNorm (diffusers' clip_skip)
     skipped = model.apply(params, jnp.asarray(ids), clip_skip=1).last_hidden_state
     with torch.no_grad():
         ref = torch_model(torch.from_numpy(ids), output_hidden_states=True)
-        penultimate = torch_model.final_layer_norm(ref.hidden_states[-2]).numpy()
+        norm = getattr(torch_model, "text_model", torch_model).final_layer_norm
+        penultimate = norm(ref.hidden_states[-2]).numpy()
     assert rel(skipped, penultimate) <= 1e-4
 
 
@@ -115,6 +142,8 @@ def test_bad_inputs_and_configs():
         model.apply(params, jnp.zeros((1, 17), jnp.int32))
     with pytest.raises(ValueError, match="clip_skip=2"):
         model.apply(params, ids, clip_skip=2)
+    with pytest.raises(ValueError, match=r"hidden_layer=2; expected 0 \.\. 1"):
+        model.apply(params, ids, clip_skip=1, hidden_layer=2)
     with pytest.raises(ValueError, match="hidden_act='relu'"):
         interop.text_encoder_config_from_transformers(BASE | {"hidden_act": "relu"})
     # absent fields take transformers' CLIPTextConfig defaults, as transformers does

@@ -170,8 +170,9 @@ _CLIP_TEXT_DEFAULTS = {  # transformers' CLIPTextConfig defaults
 
 
 def text_encoder_config_from_transformers(config: Mapping[str, Any]) -> dict[str, Any]:
-    """`jdiff.nn.text_encoder.CLIPTextModel` fields from a transformers `CLIPTextModel` config
-    dict (a `text_encoder/config.json` of a diffusers-format Stable Diffusion directory).
+    """`jdiff.nn.text_encoder.CLIPTextModel` fields from a transformers `CLIPTextModel` or
+    `CLIPTextModelWithProjection` config dict (a `text_encoder/config.json` of a diffusers-format
+    Stable Diffusion directory; SDXL's `text_encoder_2` has the projection).
 
     Raises:
       ValueError: another architecture, or an activation jdiff lacks.
@@ -183,6 +184,8 @@ def text_encoder_config_from_transformers(config: Mapping[str, Any]) -> dict[str
     if config["hidden_act"] not in ("quick_gelu", "gelu"):
         raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported")
     fields = {k: config[k] for k in _TEXT_FIELDS}
+    if "CLIPTextModelWithProjection" in architectures:
+        fields["projection_dim"] = config.get("projection_dim", 512)
     return fields | {k: config.get(k, v) for k, v in _TEXT_OPTIONAL.items()}
 
 
@@ -250,7 +253,9 @@ def vae_config_to_diffusers(vae: AutoencoderKL, sample_size: int) -> dict[str, A
 def text_encoder_config_to_transformers(text_encoder: CLIPTextModel) -> dict[str, Any]:
     """The transformers `config.json` of a jdiff CLIP text encoder."""
     config = {k: getattr(text_encoder, k) for k in (*_TEXT_FIELDS, *_TEXT_OPTIONAL)}
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **config,
+    projected = text_encoder.projection_dim is not None
+    return {"architectures": ["CLIPTextModelWithProjection" if projected else "CLIPTextModel"],
+            "model_type": "clip_text_model", **config,
             "bos_token_id": 0, "pad_token_id": 1, "attention_dropout": 0.0,
             "initializer_factor": 1.0, "initializer_range": 0.02,
-            "projection_dim": text_encoder.hidden_size}  # fmt: skip
+            "projection_dim": text_encoder.projection_dim or text_encoder.hidden_size}  # fmt: skip

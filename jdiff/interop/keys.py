@@ -76,11 +76,12 @@ def text_encoder_from_transformers(state_dict: Mapping[str, Any], template: Any)
     (`from_diffusers`' rules). Checkpoints name the weights `text_model.encoder...`, the
     in-memory modules of transformers 5 `encoder...`: both are read. The `position_ids` buffer
     some checkpoints carry is dropped; a `CLIPTextModelWithProjection`'s `text_projection` is
-    refused as unused."""
+    read where the template has one (SDXL's second encoder), else refused as unused."""
     kept = {}
     for key, value in state_dict.items():
         if not key.endswith("position_ids"):
-            kept[key if key.startswith("text_model.") else f"text_model.{key}"] = value
+            top = key.startswith(("text_model.", "text_projection."))
+            kept[key if top else f"text_model.{key}"] = value
     return from_diffusers(kept, template)
 
 

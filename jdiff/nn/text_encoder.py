@@ -4,7 +4,10 @@ Token and learned position embeddings, pre-LayerNorm transformer layers with cau
 self-attention (each token sees itself and the tokens before it) and an MLP, and a final
 LayerNorm. Stable Diffusion 1.x conditions on the last layer of OpenAI's ViT-L/14 text tower
 (quick-GELU); 2.x on the penultimate layer of OpenCLIP ViT-H/14's (GELU), which its diffusers
-checkpoints store as a 23-layer model; `clip_skip` takes an earlier layer of any model.
+checkpoints store as a 23-layer model; `clip_skip` takes an earlier layer of any model. SDXL
+conditions on the penultimate layer of two encoders as it is, with no final LayerNorm
+(`hidden_layer`), and on OpenCLIP ViT-bigG/14's pooled output projected (`projection_dim`,
+transformers' `CLIPTextModelWithProjection`).
 
 Names mirror transformers' `CLIPTextModel` (`text_model/encoder/layers_3/self_attn/q_proj`,
 `text_model/final_layer_norm`, ...), so its weights convert by `jdiff.convert`. At small sizes
@@ -32,10 +35,13 @@ ACTIVATIONS = {
 
 @flax.struct.dataclass
 class TextEncoderOutput:
-    """The text encoder's outputs: `last_hidden_state` [B, L, D], `pooler_output` [B, D]."""
+    """The text encoder's outputs: `last_hidden_state` [B, L, D], `pooler_output` [B, D]; with
+    a projection `text_embeds` [B, P]; with a `hidden_layer` asked for, `hidden_state`."""
 
     last_hidden_state: Float[Array, "b l d"]  # after the final LayerNorm: SD's `context`
     pooler_output: Float[Array, "b d"]  # last_hidden_state at each sequence's end token
+    text_embeds: Float[Array, "b p"] | None = None  # text_projection(pooler_output): SDXL's
+    hidden_state: Float[Array, "b l d"] | None = None  # a layer's output as it is: SDXL's
 
 
 class _Attention(nn.Module):
@@ -124,20 +130,21 @@ class _TextTransformer(nn.Module):
         self.encoder = _Encoder(c)
         self.final_layer_norm = nn.LayerNorm(c.layer_norm_eps, dtype=jnp.float32)
 
-    def __call__(self, input_ids, attention_mask, clip_skip):
+    def __call__(self, input_ids, attention_mask, clip_skip, hidden_layer):
         c = self.config
         length = input_ids.shape[1]
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, Lq, Lk]
         if attention_mask is not None:  # padded keys are not attended to
             mask = mask & (attention_mask[:, None, None, :] > 0)
         h = self.embeddings(input_ids).astype(c.dtype)
-        h = self.encoder(h, mask, c.num_hidden_layers - clip_skip)
+        h, kept = self.encoder(h, mask, c.num_hidden_layers - clip_skip, hidden_layer)
         h = self.final_layer_norm(h.astype(jnp.float32))
         if c.eos_token_id == 2:  # transformers' legacy rule: the end token has the largest id
             end = jnp.argmax(input_ids, axis=-1)
         else:
             end = jnp.argmax(input_ids == c.eos_token_id, axis=-1)
-        return TextEncoderOutput(h, h[jnp.arange(h.shape[0]), end])
+        kept = None if kept is None else kept.astype(jnp.float32)
+        return TextEncoderOutput(h, h[jnp.arange(h.shape[0]), end], hidden_state=kept)
 
 
 class _Encoder(nn.Module):
@@ -151,10 +158,13 @@ class _Encoder(nn.Module):
             for _ in range(c.num_hidden_layers)
         ]  # fmt: skip
 
-    def __call__(self, h, mask, num_layers):
-        for layer in self.layers[:num_layers]:
+    def __call__(self, h, mask, num_layers, keep):
+        """(the output of `num_layers` layers, that of the first `keep` or None)."""
+        kept = h if keep == 0 else None
+        for i, layer in enumerate(self.layers[:num_layers]):
             h = layer(h, mask)
-        return h
+            kept = h if i + 1 == keep else kept
+        return h, kept
 
 
 class CLIPTextModel(nn.Module):
@@ -163,8 +173,12 @@ class CLIPTextModel(nn.Module):
 
     Stable Diffusion passes no attention mask: padded positions attend causally like any other
     token, and reach the U-Net's cross-attention. `clip_skip = k` ends k layers early (then the
-    final LayerNorm, as diffusers does). The defaults are OpenAI's ViT-L/14 text tower
-    (123,060,480 parameters), SD 1.x's text encoder.
+    final LayerNorm, as diffusers does). `hidden_layer = n` also returns the output of the
+    first n layers as it is (`hidden_state`; transformers' `hidden_states[n]`, 0 the
+    embeddings): SDXL's context is `hidden_layer = num_hidden_layers - 1` (- its clip skip).
+    With `projection_dim` set it is transformers' `CLIPTextModelWithProjection`:
+    `text_embeds` = `text_projection(pooler_output)`. The defaults are OpenAI's ViT-L/14 text
+    tower (123,060,480 parameters), SD 1.x's text encoder.
     """
 
     vocab_size: int = 49408
@@ -176,6 +190,7 @@ class CLIPTextModel(nn.Module):
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 2  # transformers' default config: 2 means "the largest id"
+    projection_dim: int | None = None  # a `text_projection` of the pooled output (no bias)
     dtype: Any = jnp.float32  # compute dtype; parameters and LayerNorms stay float32
     attention_implementation: str | None = None
 
@@ -185,6 +200,7 @@ class CLIPTextModel(nn.Module):
         input_ids: Int[Array, "b l"],
         attention_mask: Int[Array, "b l"] | None = None,
         clip_skip: int = 0,
+        hidden_layer: int | None = None,
     ) -> TextEncoderOutput:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r}; expected one of {list(ACTIVATIONS)}")
@@ -200,8 +216,17 @@ class CLIPTextModel(nn.Module):
             )
         if not 0 <= clip_skip < self.num_hidden_layers:
             raise ValueError(f"clip_skip={clip_skip}; expected 0 .. {self.num_hidden_layers - 1}")
+        depth = self.num_hidden_layers - clip_skip
+        if hidden_layer is not None and not 0 <= hidden_layer <= depth:
+            raise ValueError(f"hidden_layer={hidden_layer}; expected 0 .. {depth}")
         config = _Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(_Config)})
-        return _TextTransformer(config, name="text_model")(input_ids, attention_mask, clip_skip)
+        text = _TextTransformer(config, name="text_model")
+        out = text(input_ids, attention_mask, clip_skip, hidden_layer)
+        if self.projection_dim is None:
+            return out
+        project = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                           name="text_projection")  # fmt: skip
+        return out.replace(text_embeds=project(out.pooler_output).astype(jnp.float32))
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -212,6 +237,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "openclip_vit_h14": {"hidden_size": 1024, "intermediate_size": 4096,
                          "num_hidden_layers": 23, "num_attention_heads": 16,
                          "hidden_act": "gelu", "eos_token_id": 49407},
+    # OpenCLIP ViT-bigG/14 with its projection (SDXL's text_encoder_2): 694,659,840 parameters
+    "openclip_vit_bigg14": {"hidden_size": 1280, "intermediate_size": 5120,
+                            "num_hidden_layers": 32, "num_attention_heads": 20,
+                            "hidden_act": "gelu", "projection_dim": 1280},
     # the tests' size
     "tiny": {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64,
              "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16},
