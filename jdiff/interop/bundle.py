@@ -16,9 +16,10 @@ class Pretrained:
     """A pretrained model as jdiff modules and parameters: a latent text-to-image model (Stable
     Diffusion: U-Net, autoencoder, text encoder, tokenizer) or a pixel-space U-Net (DDPM).
 
-    `params` is {"unet": ...} plus "autoencoder" and "text_encoder" where present: the layout
-    `pipelines.LatentDiffusion` takes. `sample_size` is the U-Net's default height and width
-    (in latents for a latent model).
+    `params` is {"unet": ...} plus "autoencoder" and "text_encoder" (SDXL: "text_encoder_2")
+    where present: the layout `pipelines.LatentDiffusion` takes. `sample_size` is the U-Net's
+    default height and width (in latents for a latent model). SDXL's negative prompts are
+    zeros where none is given when `force_zeros_for_empty_prompt` (its pipeline's setting).
     """
 
     unet: UNet
@@ -28,8 +29,16 @@ class Pretrained:
     text_encoder: CLIPTextModel | None = None
     autoencoder: AutoencoderKL | None = None
     tokenizer: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModel | None = None  # SDXL's second (the refiner's only) encoder
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False
     pipeline_class: str = ""
     source: str = ""
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the U-Net takes SDXL's pooled text embedding and size ids."""
+        return self.unet.addition_embed_type == "text_time"
 
     @property
     def is_latent(self) -> bool:

@@ -18,8 +18,9 @@ from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
 from jdiff.tokenizer import CLIPTokenizer
 
-_KNOWN_COMPONENTS = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker",
-                     "feature_extractor", "image_encoder"}  # fmt: skip
+_KNOWN_COMPONENTS = {"unet", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                     "tokenizer_2", "scheduler", "safety_checker", "feature_extractor",
+                     "image_encoder"}  # fmt: skip
 
 
 def load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretrained:
@@ -31,7 +32,7 @@ def load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretra
                and name not in _KNOWN_COMPONENTS]  # fmt: skip
     if unknown:
         raise ValueError(f"{root}: components {unknown} are not supported by jdiff (Stable "
-                         "Diffusion 1.x/2.x and DDPM pipelines are)")  # fmt: skip
+                         "Diffusion 1.x/2.x/XL and DDPM pipelines are)")  # fmt: skip
     if not (root / "unet").is_dir():
         raise FileNotFoundError(f"{root} has no unet/ folder: expected a diffusers-format "
                                 "directory (model_index.json, unet/, scheduler/, ...)")  # fmt: skip
@@ -56,18 +57,25 @@ def load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretra
         vae = AutoencoderKL(**configs.vae_config_from_diffusers(vae_config))
         params["autoencoder"] = convert("vae", weights("vae"), templates.vae_shapes(vae))
         parts["autoencoder"] = vae
-    if (root / "text_encoder").is_dir():
-        text_config = files.read_json(root / "text_encoder" / "config.json")
-        fields = configs.text_encoder_config_from_transformers(text_config)
-        text = CLIPTextModel(**fields, dtype=dtype)
-        params["text_encoder"] = convert("text_encoder", weights("text_encoder"),
-                                         templates.text_encoder_shapes(text),
-                                         keys.text_encoder_from_transformers)  # fmt: skip
-        parts["text_encoder"] = text
-    if (root / "tokenizer").is_dir():
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    if "text_encoder" in parts and "tokenizer" not in parts:
-        raise FileNotFoundError(f"{root} has a text_encoder/ but no tokenizer/ folder")
+    for suffix in ("", "_2"):  # SDXL: a second text encoder and its tokenizer
+        encoder, tokenizer = f"text_encoder{suffix}", f"tokenizer{suffix}"
+        if (root / encoder).is_dir():
+            text_config = files.read_json(root / encoder / "config.json")
+            fields = configs.text_encoder_config_from_transformers(text_config)
+            text = CLIPTextModel(**fields, dtype=dtype)
+            params[encoder] = convert(encoder, weights(encoder),
+                                      templates.text_encoder_shapes(text),
+                                      keys.text_encoder_from_transformers)  # fmt: skip
+            parts[encoder] = text
+        if (root / tokenizer).is_dir():
+            parts[tokenizer] = CLIPTokenizer.from_pretrained(root / tokenizer)
+        if encoder in parts and tokenizer not in parts:
+            raise FileNotFoundError(f"{root} has a {encoder}/ but no {tokenizer}/ folder")
+    if unet.addition_embed_type == "text_time" and "text_encoder_2" not in parts:
+        raise FileNotFoundError(f"{root}: an SDXL U-Net (addition_embed_type 'text_time') "
+                                "needs text_encoder_2/ and tokenizer_2/")  # fmt: skip
+    if "force_zeros_for_empty_prompt" in index:
+        parts["force_zeros_for_empty_prompt"] = bool(index["force_zeros_for_empty_prompt"])
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler = scheduler_from_diffusers(files.read_json(scheduler_file))
     return Pretrained(unet, jax.tree.map(jnp.asarray, params), scheduler,

@@ -17,6 +17,7 @@ from jdiff.nn import UNet
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
 from jdiff.pipelines.pixel import check_repaint
+from jdiff.pipelines.text import TextEncoders, encode_prompts, zeroed
 from jdiff.schedules import Schedule
 
 
@@ -42,7 +43,7 @@ class _Skeleton:
     encodes, what it concatenates to the latents and where it starts."""
 
     unet: UNet
-    text_encoder: CLIPTextModel
+    text_encoder: TextEncoders
     autoencoder: AutoencoderKL
     schedule: Schedule
     latent_shape: tuple[int, int, int, int]
@@ -60,17 +61,20 @@ class _Skeleton:
         """`decode_latents` with this autoencoder: [N, h, w, c] -> [N, H, W, 3]."""
         return decode_latents(self.autoencoder, vae_params, z, self.scaling_factor)
 
-    def guided(self, params, ids, uncond_ids, guidance_scale, extra=None, class_labels=None):
+    def guided(self, params, ids, uncond_ids, guidance_scale, extra=None, class_labels=None,
+               time_ids=None, negative_time_ids=None):  # fmt: skip
         """The classifier-free guided model function: the prompts' and the negative (or
-        empty) prompts' encodings as `context`; `extra` [N, h, w, k] concatenated to the
-        U-Net's input and `class_labels` [N] passed to it, the same in both halves."""
-
-        def encode(tokens):
-            return self.text_encoder.apply({"params": params["text_encoder"]},
-                                           tokens).last_hidden_state  # fmt: skip
-
-        cond = Conditioning(context=encode(ids), class_labels=class_labels, concat=extra)
-        null = cond.replace(context=encode(uncond_ids))
+        empty) prompts' encodings (`pipelines.text`; uncond_ids None: zeros, SDXL's
+        `force_zeros_for_empty_prompt`); `extra` [N, h, w, k] concatenated to the U-Net's
+        input and `class_labels` [N] passed to it, the same in both halves; SDXL's
+        `time_ids` [N, K] (the unconditional half `negative_time_ids`, by default the same)."""
+        text = encode_prompts(self.text_encoder, params, ids)
+        cond = text.replace(class_labels=class_labels, concat=extra, time_ids=time_ids)
+        null = zeroed(cond) if uncond_ids is None else cond.replace(
+            **_text_fields(encode_prompts(self.text_encoder, params, uncond_ids))
+        )  # fmt: skip
+        if negative_time_ids is not None:
+            null = null.replace(time_ids=negative_time_ids)
         fn = conditioning.make_model_fn(self.unet, params["unet"])
         return guidance.classifier_free(fn, cond, null, guidance_scale,
                                         guidance_rescale=self.guidance_rescale)  # fmt: skip
@@ -88,9 +92,13 @@ class _Skeleton:
                                **self.options)  # fmt: skip
 
 
+def _text_fields(cond: Conditioning) -> dict:
+    return {"context": cond.context, "text_embeds": cond.text_embeds}
+
+
 def make_txt2img(
     unet: UNet,
-    text_encoder: CLIPTextModel,
+    text_encoder: TextEncoders,
     autoencoder: AutoencoderKL,
     schedule: Schedule,
     *,
@@ -111,19 +119,23 @@ def make_txt2img(
       scaling_factor: the autoencoder's (the U-Net sees scaling_factor · z).
 
     Returns:
-      generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None) ->
-      images [N, H, W, 3] in [-1, 1]; params = {"unet", "text_encoder"}; ids and uncond_ids
-      int [N, L] (the prompts' and the negative prompts' or empty prompt's); latents: the
-      standard-normal initial latents (default: drawn from key), as diffusers' `latents=`.
-      Under `jax.jit` everything compiles once: new prompts, keys and guidance scales do not
-      retrace.
+      generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None,
+      time_ids=None, negative_time_ids=None) -> images [N, H, W, 3] in [-1, 1];
+      params = {"unet", "text_encoder"} (SDXL: and "text_encoder_2"); ids and uncond_ids
+      int [N, L] (the prompts' and the negative prompts' or empty prompt's; SDXL: a pair, one
+      per tokenizer; uncond_ids None: zeroed); latents: the standard-normal initial latents
+      (default: drawn from key), as diffusers' `latents=`; time_ids: SDXL's [N, K]
+      size/crop ids. Under `jax.jit` everything compiles once: new prompts, keys, guidance
+      scales and ids do not retrace.
     """
 
     sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
                    method, num_steps, guidance_rescale, options)  # fmt: skip
 
-    def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None):
-        fn = sk.guided(params, ids, uncond_ids, guidance_scale)
+    def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None,
+                 time_ids=None, negative_time_ids=None):  # fmt: skip
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale, time_ids=time_ids,
+                       negative_time_ids=negative_time_ids)  # fmt: skip
         return sk.decode(vae_params, sk.denoise(fn, key, noise=latents))
 
     return generate

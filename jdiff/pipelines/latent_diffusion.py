@@ -13,7 +13,6 @@ import numpy as np
 
 from jdiff import inpainting, samplers
 from jdiff.nn import UNet
-from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
 from jdiff.pipelines.latent import (
     img2img_start_step,
@@ -23,6 +22,7 @@ from jdiff.pipelines.latent import (
     make_txt2img,
     make_upscale,
 )
+from jdiff.pipelines.text import SDXLTextEncoders, TextEncoders
 from jdiff.schedules import Schedule
 
 
@@ -48,11 +48,15 @@ class LatentDiffusion:
     image size, sampler, steps, strength) compiles once; new prompts, negative prompts, seeds,
     guidance scales or parameters reuse it.
 
-    params: {"unet": ..., "text_encoder": ..., "autoencoder": ...}.
+    params: {"unet": ..., "text_encoder": ..., "autoencoder": ...} (SDXL: and "text_encoder_2").
+    An SDXL model (`text_encoder` an `SDXLTextEncoders`) takes a second prompt per tokenizer
+    (`prompts_2`, `negative_prompts_2`: by default the first) and its size/crop ids
+    (`original_size`, `crops_coords_top_left`, `target_size`: by default the image's size and
+    no crop), as diffusers' `StableDiffusionXLPipeline`.
     """
 
     unet: UNet
-    text_encoder: CLIPTextModel
+    text_encoder: TextEncoders
     autoencoder: AutoencoderKL
     schedule: Schedule
     tokenizer: Any  # jdiff.tokenizer.CLIPTokenizer
@@ -62,20 +66,38 @@ class LatentDiffusion:
     # gets those it takes, as diffusers' `OtherScheduler.from_config(config)` does
     sampler_options: tuple = ()
     method: str = "ddim"  # the default sampler
+    tokenizer_2: Any = None  # SDXL's second tokenizer (pads with "!")
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zeros, not ""
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def from_pretrained(cls, pretrained) -> LatentDiffusion:
         """From `jdiff.interop.load_pretrained(...)`'s result (a latent text-to-image model);
         its params are `pretrained.params`. The scheduler's sampler is the default method."""
-        if not pretrained.is_latent or pretrained.text_encoder is None:
-            raise ValueError(f"{pretrained.source} is not a latent text-to-image model; use "
+        p = pretrained
+        if not p.is_latent or (p.text_encoder is None and p.text_encoder_2 is None):
+            raise ValueError(f"{p.source} is not a latent text-to-image model; use "
                              "pipelines.make_generate for a pixel-space U-Net")  # fmt: skip
-        s = pretrained.scheduler
-        return cls(pretrained.unet, pretrained.text_encoder, pretrained.autoencoder,
-                   s.make_schedule(), pretrained.tokenizer,
-                   pretrained.autoencoder.scaling_factor, image_size=pretrained.image_size,
-                   sampler_options=tuple(sorted(s.options.items())), method=s.method)  # fmt: skip
+        text, tokenizers = p.text_encoder, (p.tokenizer, None)
+        if p.is_sdxl:
+            if p.text_encoder is None:
+                raise ValueError(f"{p.source}: an SDXL refiner (one text encoder, aesthetic-"
+                                 "score ids) has no jdiff pipeline yet; load an SDXL base "
+                                 "model")  # fmt: skip
+            text, tokenizers = (
+                SDXLTextEncoders(p.text_encoder, p.text_encoder_2),
+                (p.tokenizer, p.tokenizer_2),
+            )
+        s = p.scheduler
+        return cls(p.unet, text, p.autoencoder, s.make_schedule(), tokenizers[0],
+                   p.autoencoder.scaling_factor, image_size=p.image_size,
+                   sampler_options=tuple(sorted(s.options.items())), method=s.method,
+                   tokenizer_2=tokenizers[1],
+                   force_zeros_for_empty_prompt=p.force_zeros_for_empty_prompt)  # fmt: skip
+
+    @property
+    def is_sdxl(self) -> bool:
+        return isinstance(self.text_encoder, SDXLTextEncoders)
 
     @property
     def is_inpainting(self) -> bool:
@@ -108,20 +130,30 @@ class LatentDiffusion:
         return own | options
 
     def _tokens(self, prompts, negative_prompts):
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("no prompts: pass a list of at least one string")
-        if negative_prompts is None:
-            negative_prompts = [""] * len(prompts)
-        elif isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts] * len(prompts)
-        if len(negative_prompts) != len(prompts):
-            raise ValueError(
-                f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts; pass one "
-                "per prompt, a single string, or None"
-            )
+        if self.is_sdxl:
+            raise ValueError("an SDXL model: jdiff has its txt2img so far (img2img, inpainting "
+                             "and the refiner are to come)")  # fmt: skip
+        prompts, negative_prompts = _prompt_lists(prompts, negative_prompts)
         return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative_prompts))
+
+    def _sdxl_tokens(self, prompts, negative_prompts, prompts_2, negative_prompts_2):
+        """((ids, ids_2), (uncond, uncond_2) or None: zeros) as diffusers' SDXL pipeline
+        forms them: the second prompts default to the first, the negative prompts to "" or,
+        when none is given and `force_zeros_for_empty_prompt`, to zeros."""
+        zeros = negative_prompts is None and negative_prompts_2 is None
+        first, negative = _prompt_lists(prompts, negative_prompts)
+        second = [prompts_2] if isinstance(prompts_2, str) else prompts_2
+        if second is not None and len(second) != len(first):
+            raise ValueError(f"{len(second)} second prompts (prompts_2) for {len(first)} "
+                             "prompts; pass one per prompt, a single string, or None")  # fmt: skip
+        second, negative_2 = _prompt_lists(
+            first if second is None else second,
+            negative if negative_prompts_2 is None else negative_prompts_2, "second ")  # fmt: skip
+        ids = (jnp.asarray(self.tokenizer(first)), jnp.asarray(self.tokenizer_2(second)))
+        if zeros and self.force_zeros_for_empty_prompt:
+            return ids, None
+        return ids, (jnp.asarray(self.tokenizer(negative)),
+                     jnp.asarray(self.tokenizer_2(negative_2)))  # fmt: skip
 
     def _latent_shape(self, n, height, width):
         f = self.autoencoder.downsample_factor
@@ -144,13 +176,33 @@ class LatentDiffusion:
 
     def txt2img(
         self, params, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
-        num_steps=50, method=None, height=None, width=None, latents=None, **options,
+        num_steps=50, method=None, height=None, width=None, latents=None, prompts_2=None,
+        negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0),
+        target_size=None, **options,
     ) -> jax.Array:  # fmt: skip
         """Images [N, H, W, 3] in [-1, 1] for N prompts (`latents`: optional initial noise
-        [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler)."""
+        [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler;
+        the SDXL options as the class says)."""
         self._check_kind(False)
-        ids, uncond = self._tokens(prompts, negative_prompts)
-        shape = self._latent_shape(len(ids), height, width)
+        sdxl = {}
+        if self.is_sdxl:
+            ids, uncond = self._sdxl_tokens(prompts, negative_prompts, prompts_2,
+                                            negative_prompts_2)  # fmt: skip
+            n = len(ids[0])
+            shape = self._latent_shape(n, height, width)
+            size = (shape[1] * self.autoencoder.downsample_factor,
+                    shape[2] * self.autoencoder.downsample_factor)  # fmt: skip
+            sdxl["time_ids"] = _time_ids(n, size, original_size, crops_coords_top_left,
+                                         target_size)  # fmt: skip
+        else:
+            unused = {"prompts_2": prompts_2, "negative_prompts_2": negative_prompts_2,
+                      "original_size": original_size, "target_size": target_size}  # fmt: skip
+            unused = [k for k, v in unused.items() if v is not None]
+            if unused or tuple(crops_coords_top_left) != (0, 0):
+                raise ValueError(f"{unused or ['crops_coords_top_left']} apply to SDXL models "
+                                 "only")  # fmt: skip
+            ids, uncond = self._tokens(prompts, negative_prompts)
+            shape = self._latent_shape(len(ids), height, width)
         method = method or self.method
         options = self._options(method, options)
         if latents is not None:
@@ -165,7 +217,8 @@ class LatentDiffusion:
             guidance_scale,
         )  # fmt: skip
         vae = params["autoencoder"]
-        return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale), latents)
+        return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale), latents,
+                        **sdxl)  # fmt: skip
 
     def img2img(
         self, params, init_images, prompts, key, *, strength=0.8, negative_prompts=None,
@@ -308,6 +361,39 @@ class LatentDiffusion:
         )  # fmt: skip
         x = self.inpaint(params, canvas.image, canvas.masks, prompts, key, **kwargs)
         return canvas.finish(x)
+
+
+def _prompt_lists(prompts, negative_prompts, which: str = "") -> tuple[list, list]:
+    """(prompts, negative prompts) as lists of one string per prompt ("" where none)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError(f"no {which}prompts: pass a list of at least one string")
+    if negative_prompts is None:
+        negative_prompts = [""] * len(prompts)
+    elif isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts] * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(
+            f"{len(negative_prompts)} {which}negative prompts for {len(prompts)} prompts; pass "
+            "one per prompt, a single string, or None"
+        )
+    return list(prompts), list(negative_prompts)
+
+
+def _time_ids(n, size, original_size, crops_coords_top_left, target_size) -> jax.Array:
+    """SDXL's six micro-conditioning ids per image [n, 6]: original (height, width), crop
+    (top, left), target (height, width) in pixels; the sizes default to the image's `size`."""
+    values = []
+    for name, pair in (("original_size", original_size or size),
+                       ("crops_coords_top_left", crops_coords_top_left),
+                       ("target_size", target_size or size)):  # fmt: skip
+        pair = tuple(pair)
+        if len(pair) != 2 or not all(np.isfinite(v) and v >= 0 for v in pair):
+            raise ValueError(f"{name}={pair}: expected two non-negative numbers (height, width"
+                             "; top, left for the crop)")  # fmt: skip
+        values += [float(v) for v in pair]
+    return jnp.tile(jnp.asarray(values, jnp.float32), (n, 1))
 
 
 def load_latent_diffusion(

@@ -1,0 +1,145 @@
+"""Stable Diffusion XL: a small random-weight SDXL-shaped pipeline built and saved by diffusers
+(two text encoders, the second with its projection; a U-Net with the pooled text embedding and
+size/crop ids; Euler with leading spacing), loaded by jdiff and run against diffusers'
+`StableDiffusionXLPipeline` itself."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from reference import perturbed
+
+from jdiff import interop, pipelines
+from jdiff.pipelines.text import SDXLTextEncoders
+from jdiff.tokenizer import CLIPTokenizer
+
+PROMPTS = ["a red circle at the top left", "a blue square"]
+SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading",
+             "prediction_type": "epsilon", "interpolation_type": "linear",
+             "use_karras_sigmas": False}  # fmt: skip
+
+
+def _text(width: int, projection: bool):
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+        projection_dim=width,
+    )  # fmt: skip
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return perturbed(cls(config))
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    """The tiny SDXL base pipeline as diffusers saves it: U-Net 32/64 channels (no attention at
+    the first level, two transformer layers at the second), a 16 + 32 = 48-wide context, the
+    32-wide pooled embedding and six 8-wide id embeddings; an f=2 VAE (SDXL's scaling 0.13025)."""
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=48, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=0.13025, force_upcast=True,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("sdxl")
+    tokenizers = []
+    for name, options in (("tokenizer", {}), ("tokenizer_2", {"pad_token": "!"})):
+        CLIPTokenizer.default(**options).save_pretrained(folder / name)
+        tokenizers.append(transformers.CLIPTokenizer.from_pretrained(folder / name))
+    pipe = StableDiffusionXLPipeline(
+        vae=perturbed(vae), text_encoder=_text(16, False), text_encoder_2=_text(32, True),
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=perturbed(unet),
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+    )  # fmt: skip
+    pipe.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def loaded(sdxl_dir):
+    return interop.load_pretrained(sdxl_dir)
+
+
+def test_an_sdxl_directory_loads_both_encoders_and_its_settings(loaded):
+    p = loaded
+    assert p.is_sdxl and p.unet.addition_embed_type == "text_time"
+    assert p.text_encoder.projection_dim is None and p.text_encoder_2.projection_dim == 32
+    assert p.tokenizer_2.pad_id == p.tokenizer_2.vocab["!"] != p.tokenizer.pad_id
+    assert p.force_zeros_for_empty_prompt and p.autoencoder.scaling_factor == 0.13025
+    assert p.scheduler.method == "euler"
+    assert set(p.params) == {"unet", "autoencoder", "text_encoder", "text_encoder_2"}
+    model = pipelines.LatentDiffusion.from_pretrained(p)
+    assert isinstance(model.text_encoder, SDXLTextEncoders)
+    assert model.text_encoder.context_dim == p.unet.cross_attention_dim == 48
+
+
+def _latents(seed=0):
+    return np.random.default_rng(seed).standard_normal((2, 8, 8, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "negative, prompts_2, sizes",
+    [
+        # negative prompts and second prompts given; the default size ids
+        (["", "green"], ["an oil painting", "a photo"], {}),
+        # no negative prompt: zeros (force_zeros_for_empty_prompt); other size / crop ids
+        (None, None, {"original_size": (64, 48), "crops_coords_top_left": (4, 0),
+                      "target_size": (16, 16)}),
+    ],
+)  # fmt: skip
+def test_txt2img_matches_stable_diffusion_xl_pipeline(sdxl_dir, loaded, negative, prompts_2,
+                                                      sizes):  # fmt: skip
+    """The same directory, prompts and initial latents: jdiff's images are diffusers'
+    StableDiffusionXLPipeline's (its own Euler scheduler, guidance 5, 8 steps)."""
+    latents = _latents()
+    model = pipelines.LatentDiffusion.from_pretrained(loaded)
+    ours = model.txt2img(loaded.params, PROMPTS, jax.random.key(0), negative_prompts=negative,
+                         prompts_2=prompts_2, guidance_scale=5.0, num_steps=8, latents=latents,
+                         **sizes)  # fmt: skip
+    ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, prompt_2=prompts_2, negative_prompt=negative, num_inference_steps=8,
+                   guidance_scale=5.0, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+                   output_type="np", **sizes).images  # fmt: skip
+    assert ours.shape == ref.shape == (2, 16, 16, 3)
+    assert ref.std() > 0.05  # not a flat image
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_sdxl_bad_inputs_name_the_problem(sdxl_dir, loaded, tmp_path):
+    model = pipelines.LatentDiffusion.from_pretrained(loaded)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="1 second prompts"):
+        model.txt2img(loaded.params, PROMPTS, key, prompts_2=["one"])
+    with pytest.raises(ValueError, match="3 negative prompts for 2"):
+        model.txt2img(loaded.params, PROMPTS, key, negative_prompts=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"original_size=\(64,\)"):
+        model.txt2img(loaded.params, PROMPTS, key, original_size=(64,))
+    with pytest.raises(ValueError, match="multiples of 2; got 15x16"):
+        model.txt2img(loaded.params, PROMPTS, key, height=15, width=16)
+    with pytest.raises(ValueError, match="img2img, inpainting and the refiner are to come"):
+        model.img2img(loaded.params, np.zeros((2, 16, 16, 3)), PROMPTS, key)
+    broken = tmp_path / "no_second_encoder"
+    shutil.copytree(sdxl_dir, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match="needs text_encoder_2/ and tokenizer_2/"):
+        interop.load_pretrained(broken)
