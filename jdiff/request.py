@@ -113,6 +113,7 @@ class Target:
     inpainting: bool = False
     upscaler: bool = False
     method: str = "ddim"
+    sdxl: bool = False  # an SDXL model: txt2img only so far
 
 
 def task(r: Request, t: Target) -> str:
@@ -235,3 +236,7 @@ def refuse_inapplicable(r: Request, t: Target, rules: tuple[Applies, ...] = APPL
             raise InputError(f"--{rule.flag} does not apply: {t.what}{doing}; {rule.fits}")
     if rules is APPLIES and t.upscaler and kind != "upscale":
         raise InputError(f"{t.what}, a super-resolution model: pass --upscale LOW_RES.png")
+    if rules is APPLIES and t.sdxl and kind != "generate":
+        raise InputError(f"{t.what}: jdiff has SDXL's txt2img so far (img2img, inpainting "
+                         "and the refiner are to come); drop --init_image / --mask / "
+                         "--outpaint")  # fmt: skip

@@ -235,6 +235,7 @@ def latent_target(model, what: str, source: str, method: str) -> Target:
     """The `Target` of a latent model: `what` is "DIR holds" or "PATH is"."""
     kind = ("a latent super-resolution model" if model.is_upscaler
             else "a latent inpainting model" if model.is_inpainting
+            else "an SDXL text-to-image model" if model.is_sdxl
             else "a latent text-to-image model")  # fmt: skip
     return Target(
         f"{what} {kind}",
@@ -244,6 +245,7 @@ def latent_target(model, what: str, source: str, method: str) -> Target:
         inpainting=model.is_inpainting,
         upscaler=model.is_upscaler,
         method=method,
+        sdxl=model.is_sdxl,
     )
 
 

@@ -143,3 +143,21 @@ def test_sdxl_bad_inputs_name_the_problem(sdxl_dir, loaded, tmp_path):
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(FileNotFoundError, match="needs text_encoder_2/ and tokenizer_2/"):
         interop.load_pretrained(broken)
+
+
+def test_sample_py_takes_an_sdxl_directory(sdxl_dir, tmp_path):
+    """sample.py's library path (`sampling.sample_pretrained`): one image per prompt with the
+    directory's Euler; img2img on an SDXL model refused before anything is written."""
+    from jdiff import sampling
+    from jdiff.validate import InputError
+
+    r = sampling.Request(prompts=("a red circle", "a blue square"), num_steps=3,
+                         output_dir=str(tmp_path))  # fmt: skip
+    sampling.sample_pretrained(sdxl_dir, r)
+    saved = np.load(tmp_path / "txt2img_euler3_cfg7.5_seed0.npz")
+    assert saved["images"].shape == (2, 16, 16, 3) and saved["images"].std() > 0
+    out = tmp_path / "refused"
+    r = sampling.Request(prompts=("x",), init_image=str(tmp_path / "any.png"), output_dir=str(out))
+    with pytest.raises(InputError, match="SDXL's txt2img so far"):
+        sampling.sample_pretrained(sdxl_dir, r)
+    assert not out.exists()
