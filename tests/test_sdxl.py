@@ -161,3 +161,32 @@ def test_sample_py_takes_an_sdxl_directory(sdxl_dir, tmp_path):
     with pytest.raises(InputError, match="SDXL's txt2img so far"):
         sampling.sample_pretrained(sdxl_dir, r)
     assert not out.exists()
+
+
+def test_sdxl_round_trips_through_a_jdiff_checkpoint_and_diffusers(sdxl_dir, loaded, tmp_path):
+    """`python -m jdiff.interop` to a jdiff checkpoint and on to a diffusers directory: diffusers'
+    StableDiffusionXLPipeline loads the same tensors, configs and settings it came from."""
+    from jdiff.interop import cli
+
+    cli.main([str(sdxl_dir), "--output", str(tmp_path / "ckpt")])
+    back = interop.load_pretrained(tmp_path / "ckpt")
+    assert back.is_sdxl and back.force_zeros_for_empty_prompt
+    assert back.tokenizer_2(["a cat"]).tolist() == loaded.tokenizer_2(["a cat"]).tolist()
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(back.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    cli.main([str(tmp_path / "ckpt"), "--output", str(tmp_path / "diffusers"),
+              "--format", "diffusers"])  # fmt: skip
+    original = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    exported = StableDiffusionXLPipeline.from_pretrained(tmp_path / "diffusers")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(original, name).state_dict(), getattr(exported, name).state_dict()
+        assert set(a) == set(b), name
+        for key in a:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    assert type(exported.text_encoder_2) is transformers.CLIPTextModelWithProjection
+    assert exported.config.force_zeros_for_empty_prompt
+    assert exported.tokenizer_2.pad_token == "!"
+    for key in ("addition_embed_type", "projection_class_embeddings_input_dim",
+                "transformer_layers_per_block", "cross_attention_dim"):  # fmt: skip
+        assert original.unet.config[key] == exported.unet.config[key], key
+    assert type(exported.scheduler) is EulerDiscreteScheduler

@@ -1,5 +1,6 @@
-"""jdiff checkpoints of pretrained models: `pretrained.json` (the configs), `tokenizer/` and
-the parameters as an orbax checkpoint in `params/`; read back without torch or the source."""
+"""jdiff checkpoints of pretrained models: `pretrained.json` (the configs), `tokenizer/` (SDXL:
+and `tokenizer_2/`) and the parameters as an orbax checkpoint in `params/`; read back without
+torch or the source."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ def _configs_of(p: Pretrained) -> dict[str, Any]:
                "pipeline_class": p.pipeline_class, "source": p.source}  # fmt: skip
     if p.autoencoder is not None:
         stored["vae"] = configs.vae_config_to_diffusers(p.autoencoder, p.image_size)
-    if p.text_encoder is not None:
-        stored["text_encoder"] = configs.text_encoder_config_to_transformers(p.text_encoder)
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(p, name) is not None:
+            stored[name] = configs.text_encoder_config_to_transformers(getattr(p, name))
+    if p.force_zeros_for_empty_prompt:
+        stored["force_zeros_for_empty_prompt"] = True
     return stored
 
 
@@ -39,8 +43,9 @@ def write_converted(pretrained: Pretrained, directory: str | pathlib.Path) -> pa
     if (root / "params").exists():
         raise FileExistsError(f"{root / 'params'} exists; choose a new directory")
     root.mkdir(parents=True, exist_ok=True)
-    if pretrained.tokenizer is not None:
-        pretrained.tokenizer.save_pretrained(root / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pretrained, name) is not None:
+            getattr(pretrained, name).save_pretrained(root / name)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(root / "params", pretrained.params)
     (root / CONVERTED).write_text(json.dumps(_configs_of(pretrained), indent=2))
@@ -58,11 +63,15 @@ def load_converted(root: pathlib.Path, dtype: Any) -> Pretrained:
     if "vae" in stored:
         parts["autoencoder"] = AutoencoderKL(**configs.vae_config_from_diffusers(stored["vae"]))
         shapes["autoencoder"] = templates.vae_shapes(parts["autoencoder"])
-    if "text_encoder" in stored:
-        fields = configs.text_encoder_config_from_transformers(stored["text_encoder"])
-        parts["text_encoder"] = CLIPTextModel(**fields, dtype=dtype)
-        shapes["text_encoder"] = templates.text_encoder_shapes(parts["text_encoder"])
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    for suffix in ("", "_2"):
+        if f"text_encoder{suffix}" in stored:
+            name = f"text_encoder{suffix}"
+            fields = configs.text_encoder_config_from_transformers(stored[name])
+            parts[name] = CLIPTextModel(**fields, dtype=dtype)
+            shapes[name] = templates.text_encoder_shapes(parts[name])
+            parts[f"tokenizer{suffix}"] = CLIPTokenizer.from_pretrained(root / f"tokenizer{suffix}")
+    if stored.get("force_zeros_for_empty_prompt"):
+        parts["force_zeros_for_empty_prompt"] = True
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(root.absolute() / "params", shapes)
     return Pretrained(unet, params, scheduler_from_diffusers(stored["scheduler"]),

@@ -102,18 +102,24 @@ def save_pretrained(pretrained: Pretrained, directory: str | pathlib.Path) -> pa
         write("vae", configs.vae_config_to_diffusers(p.autoencoder, p.image_size),
               p.params["autoencoder"])  # fmt: skip
         index["vae"] = ["diffusers", "AutoencoderKL"]
-    if p.text_encoder is not None:
-        write("text_encoder", configs.text_encoder_config_to_transformers(p.text_encoder),
-              p.params["text_encoder"], "model.safetensors")  # fmt: skip
-        index["text_encoder"] = ["transformers", "CLIPTextModel"]
-    if p.tokenizer is not None:
-        p.tokenizer.save_pretrained(root / "tokenizer")
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    for suffix in ("", "_2"):  # SDXL: and the second encoder, with its projection
+        encoder, tokenizer = getattr(p, f"text_encoder{suffix}"), getattr(p, f"tokenizer{suffix}")
+        if encoder is not None:
+            config = configs.text_encoder_config_to_transformers(encoder)
+            write(f"text_encoder{suffix}", config, p.params[f"text_encoder{suffix}"],
+                  "model.safetensors")  # fmt: skip
+            index[f"text_encoder{suffix}"] = ["transformers", config["architectures"][0]]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(root / f"tokenizer{suffix}")
+            index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
     scheduler = scheduler_to_diffusers(p.scheduler)
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-    if p.is_latent:
+    if p.is_sdxl:
+        pipeline = p.pipeline_class or "StableDiffusionXLPipeline"
+        index |= {"force_zeros_for_empty_prompt": p.force_zeros_for_empty_prompt}
+    elif p.is_latent:
         pipeline = p.pipeline_class or "StableDiffusionPipeline"
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None],
                   "requires_safety_checker": False}  # fmt: skip
