@@ -444,7 +444,11 @@ def test_directory_errors_name_the_problem(sd_dirs, tmp_path):
     index = json.loads((bad / "model_index.json").read_text())
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (bad / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="text_encoder_2"):
+    with pytest.raises(FileNotFoundError, match=r"lists \['text_encoder_2'\] but .* no such"):
+        interop.load_pretrained(bad)
+    index["controlnet"] = ["diffusers", "ControlNetModel"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"components \['controlnet \(ControlNetModel\)'\]"):
         interop.load_pretrained(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         interop.load_pretrained(tmp_path / "nowhere")

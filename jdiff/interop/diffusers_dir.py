@@ -23,6 +23,17 @@ _KNOWN_COMPONENTS = {"unet", "vae", "text_encoder", "tokenizer", "text_encoder_2
                      "image_encoder"}  # fmt: skip
 
 
+_FOLDERS = {
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "scheduler",
+}  # the components jdiff reads, each from its folder
+
+
 def load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretrained:
     """A diffusers-format directory as `Pretrained` (see `load_pretrained`)."""
     has_index = (root / "model_index.json").exists()
@@ -33,6 +44,12 @@ def load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretra
     if unknown:
         raise ValueError(f"{root}: components {unknown} are not supported by jdiff (Stable "
                          "Diffusion 1.x/2.x/XL and DDPM pipelines are)")  # fmt: skip
+    listed = [name for name, value in index.items()
+              if isinstance(value, list) and value[0] is not None and name in _FOLDERS
+              and not (root / name).is_dir()]  # fmt: skip
+    if listed:
+        raise FileNotFoundError(f"{root}: model_index.json lists {listed} but the directory has "
+                                "no such folder")  # fmt: skip
     if not (root / "unet").is_dir():
         raise FileNotFoundError(f"{root} has no unet/ folder: expected a diffusers-format "
                                 "directory (model_index.json, unet/, scheduler/, ...)")  # fmt: skip
