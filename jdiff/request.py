@@ -237,6 +237,6 @@ def refuse_inapplicable(r: Request, t: Target, rules: tuple[Applies, ...] = APPL
     if rules is APPLIES and t.upscaler and kind != "upscale":
         raise InputError(f"{t.what}, a super-resolution model: pass --upscale LOW_RES.png")
     if rules is APPLIES and t.sdxl and kind != "generate":
-        raise InputError(f"{t.what}: jdiff has SDXL's txt2img so far (img2img, inpainting "
-                         "and the refiner are to come); drop --init_image / --mask / "
+        raise InputError(f"{t.what}: jdiff has SDXL's txt2img so far in sample.py (img2img "
+                         "and inpainting are to come); drop --init_image / --mask / "
                          "--outpaint")  # fmt: skip

@@ -3,6 +3,7 @@
 size/crop ids; Euler with leading spacing), loaded by jdiff and run against diffusers'
 `StableDiffusionXLPipeline` itself."""
 
+import json
 import shutil
 
 import jax
@@ -13,6 +14,7 @@ import transformers
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -70,6 +72,30 @@ def sdxl_dir(tmp_path_factory):
     )  # fmt: skip
     pipe.save_pretrained(folder / "pipeline")
     return folder / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(sdxl_dir, tmp_path_factory):
+    """A tiny SDXL refiner as diffusers saves it: the base's second encoder and autoencoder, its
+    own U-Net (a 32-wide context from that encoder alone; five ids: sizes, crop, aesthetic
+    score), `requires_aesthetics_score`."""
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        transformer_layers_per_block=2, cross_attention_dim=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 5 * 8,
+    )  # fmt: skip
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=perturbed(unet), scheduler=base.scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("sdxl_refiner") / "pipeline"
+    pipe.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +162,15 @@ def test_sdxl_bad_inputs_name_the_problem(sdxl_dir, loaded, tmp_path):
         model.txt2img(loaded.params, PROMPTS, key, original_size=(64,))
     with pytest.raises(ValueError, match="multiples of 2; got 15x16"):
         model.txt2img(loaded.params, PROMPTS, key, height=15, width=16)
-    with pytest.raises(ValueError, match="img2img, inpainting and the refiner are to come"):
+    with pytest.raises(ValueError, match="img2img and inpainting are to come"):
         model.img2img(loaded.params, np.zeros((2, 16, 16, 3)), PROMPTS, key)
     broken = tmp_path / "no_second_encoder"
     shutil.copytree(sdxl_dir, broken)
     shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match=r"lists \['text_encoder_2'\] but"):
+        interop.load_pretrained(broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": [None, None]}))
     with pytest.raises(FileNotFoundError, match="needs text_encoder_2/ and tokenizer_2/"):
         interop.load_pretrained(broken)
 
@@ -158,7 +188,7 @@ def test_sample_py_takes_an_sdxl_directory(sdxl_dir, tmp_path):
     assert saved["images"].shape == (2, 16, 16, 3) and saved["images"].std() > 0
     out = tmp_path / "refused"
     r = sampling.Request(prompts=("x",), init_image=str(tmp_path / "any.png"), output_dir=str(out))
-    with pytest.raises(InputError, match="SDXL's txt2img so far"):
+    with pytest.raises(InputError, match="txt2img so far in sample"):
         sampling.sample_pretrained(sdxl_dir, r)
     assert not out.exists()
 
@@ -190,3 +220,44 @@ def test_sdxl_round_trips_through_a_jdiff_checkpoint_and_diffusers(sdxl_dir, loa
                 "transformer_layers_per_block", "cross_attention_dim"):  # fmt: skip
         assert original.unet.config[key] == exported.unet.config[key], key
     assert type(exported.scheduler) is EulerDiscreteScheduler
+
+
+def test_base_and_refiner_as_an_ensemble_of_experts_match_diffusers(sdxl_dir, refiner_dir, loaded):
+    """The base denoises the first 80% of the schedule (`denoising_end`), the refiner the rest
+    from its latents (`denoising_start`, aesthetic-score ids): jdiff's images are those of
+    diffusers' StableDiffusionXLPipeline handing over to StableDiffusionXLImg2ImgPipeline."""
+    refiner = interop.load_pretrained(refiner_dir)
+    assert refiner.is_sdxl and refiner.text_encoder is None and refiner.requires_aesthetics_score
+    base_model = pipelines.LatentDiffusion.from_pretrained(loaded)
+    refiner_model = pipelines.LatentDiffusion.from_pretrained(refiner)
+    assert refiner_model.is_refiner and not base_model.is_refiner
+    latents = _latents(1)
+    key = jax.random.key(0)
+    handed = base_model.txt2img(loaded.params, PROMPTS, key, negative_prompts=["", "green"],
+                                guidance_scale=5.0, num_steps=10, latents=latents,
+                                denoising_end=0.8)  # fmt: skip
+    assert handed.shape == (2, 8, 8, 4)
+    ours = refiner_model.refine(refiner.params, handed, PROMPTS, key, denoising_start=0.8,
+                                negative_prompts=["", "green"], num_steps=10)  # fmt: skip
+    ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_dir)
+    for pipe in (base, second):
+        pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = base(PROMPTS, negative_prompt=["", "green"], num_inference_steps=10,
+                      guidance_scale=5.0, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+                      denoising_end=0.8, output_type="latent").images  # fmt: skip
+        np.testing.assert_allclose(np.asarray(handed), theirs.permute(0, 2, 3, 1).numpy(),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+        ref = second(PROMPTS, image=theirs, negative_prompt=["", "green"], num_inference_steps=10,
+                     denoising_start=0.8, output_type="np").images  # fmt: skip
+    assert ours.shape == ref.shape == (2, 16, 16, 3) and ref.std() > 0.05
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+    with pytest.raises(ValueError, match="call refine"):
+        refiner_model.txt2img(refiner.params, PROMPTS, key)
+    with pytest.raises(ValueError, match="leaves none of the 10 steps"):
+        base_model.txt2img(loaded.params, PROMPTS, key, num_steps=10, denoising_end=0.999)
+    with pytest.raises(ValueError, match="first-order sampler"):
+        refiner_model.refine(refiner.params, handed, PROMPTS, key, denoising_start=0.8,
+                             method="heun")  # fmt: skip

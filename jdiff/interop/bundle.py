@@ -32,6 +32,7 @@ class Pretrained:
     text_encoder_2: CLIPTextModel | None = None  # SDXL's second (the refiner's only) encoder
     tokenizer_2: CLIPTokenizer | None = None
     force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False  # SDXL's refiner: its ids end in a score
     pipeline_class: str = ""
     source: str = ""
 

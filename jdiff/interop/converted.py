@@ -28,8 +28,9 @@ def _configs_of(p: Pretrained) -> dict[str, Any]:
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(p, name) is not None:
             stored[name] = configs.text_encoder_config_to_transformers(getattr(p, name))
-    if p.force_zeros_for_empty_prompt:
-        stored["force_zeros_for_empty_prompt"] = True
+    for flag in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+        if getattr(p, flag):
+            stored[flag] = True
     return stored
 
 
@@ -70,8 +71,9 @@ def load_converted(root: pathlib.Path, dtype: Any) -> Pretrained:
             parts[name] = CLIPTextModel(**fields, dtype=dtype)
             shapes[name] = templates.text_encoder_shapes(parts[name])
             parts[f"tokenizer{suffix}"] = CLIPTokenizer.from_pretrained(root / f"tokenizer{suffix}")
-    if stored.get("force_zeros_for_empty_prompt"):
-        parts["force_zeros_for_empty_prompt"] = True
+    for flag in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+        if stored.get(flag):
+            parts[flag] = True
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(root.absolute() / "params", shapes)
     return Pretrained(unet, params, scheduler_from_diffusers(stored["scheduler"]),

@@ -91,8 +91,9 @@ def load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretra
     if unet.addition_embed_type == "text_time" and "text_encoder_2" not in parts:
         raise FileNotFoundError(f"{root}: an SDXL U-Net (addition_embed_type 'text_time') "
                                 "needs text_encoder_2/ and tokenizer_2/")  # fmt: skip
-    if "force_zeros_for_empty_prompt" in index:
-        parts["force_zeros_for_empty_prompt"] = bool(index["force_zeros_for_empty_prompt"])
+    for flag in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):  # SDXL's
+        if flag in index:
+            parts[flag] = bool(index[flag])
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler = scheduler_from_diffusers(files.read_json(scheduler_file))
     return Pretrained(unet, jax.tree.map(jnp.asarray, params), scheduler,
@@ -135,7 +136,8 @@ def save_pretrained(pretrained: Pretrained, directory: str | pathlib.Path) -> pa
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     if p.is_sdxl:
         pipeline = p.pipeline_class or "StableDiffusionXLPipeline"
-        index |= {"force_zeros_for_empty_prompt": p.force_zeros_for_empty_prompt}
+        index |= {"force_zeros_for_empty_prompt": p.force_zeros_for_empty_prompt,
+                  "requires_aesthetics_score": p.requires_aesthetics_score}  # fmt: skip
     elif p.is_latent:
         pipeline = p.pipeline_class or "StableDiffusionPipeline"
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None],

@@ -7,7 +7,9 @@ parameters, keys, labels, prompts or guidance scales do not retrace.
 
     pixel             make_generate, make_repaint
     latent            make_txt2img, make_img2img, make_inpaint, make_latent_repaint,
-                      make_upscale (pure factories), inpaint_extra, img2img_start_step
+                      make_upscale, make_refine (pure factories), inpaint_extra,
+                      img2img_start_step
+    text              encode_prompts, SDXLTextEncoders (prompts' ids -> Conditioning)
     latent_diffusion  LatentDiffusion (the user-facing class), load_latent_diffusion
 """
 
@@ -18,6 +20,7 @@ from jdiff.pipelines.latent import (
     make_img2img,
     make_inpaint,
     make_latent_repaint,
+    make_refine,
     make_txt2img,
     make_upscale,
 )
@@ -27,5 +30,5 @@ from jdiff.pipelines.pixel import make_generate, make_repaint
 __all__ = [
     "LatentDiffusion", "img2img_start_step", "inpaint_extra", "inpainting_inputs",
     "load_latent_diffusion", "make_generate", "make_img2img", "make_inpaint",
-    "make_latent_repaint", "make_repaint", "make_txt2img", "make_upscale",
+    "make_latent_repaint", "make_refine", "make_repaint", "make_txt2img", "make_upscale",
 ]  # fmt: skip

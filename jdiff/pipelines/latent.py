@@ -79,9 +79,10 @@ class _Skeleton:
         return guidance.classifier_free(fn, cond, null, guidance_scale,
                                         guidance_rescale=self.guidance_rescale)  # fmt: skip
 
-    def denoise(self, fn, key, *, z0=None, noise=None, start_step=0):
-        """Sampled latents [N, h, w, c]: from `noise` (x_T; drawn from `key` when None), or,
-        given clean latents z0, from z0 noised with `noise` to grid step `start_step`."""
+    def denoise(self, fn, key, *, z0=None, noise=None, start_step=0, end_step=None):
+        """Sampled latents [N, h, w, c]: from `noise` (x_T; drawn from `key` when None; with
+        start_step > 0 the sampler's state there), or, given clean latents z0, from z0 noised
+        with `noise` to grid step `start_step`; to the end or to `end_step`'s state."""
         x_T = noise
         if z0 is not None:
             x_T = samplers.add_noise(self.schedule, z0, noise, method=self.method,
@@ -89,7 +90,7 @@ class _Skeleton:
                                      **self.options)  # fmt: skip
         return samplers.sample(fn, self.schedule, key, self.latent_shape, method=self.method,
                                num_steps=self.num_steps, x_T=x_T, start_step=start_step,
-                               **self.options)  # fmt: skip
+                               end_step=end_step, **self.options)  # fmt: skip
 
 
 def _text_fields(cond: Conditioning) -> dict:
@@ -107,6 +108,7 @@ def make_txt2img(
     method: str = "ddim",
     num_steps: int = 50,
     guidance_rescale: float = 0.0,
+    end_step: int | None = None,
     **options,
 ) -> Callable[..., jax.Array]:
     """Text-to-image latent diffusion: encode the prompts' token ids, sample latents with
@@ -117,6 +119,8 @@ def make_txt2img(
     Args:
       latent_shape: [N, h, w, c] of the latents (N prompts).
       scaling_factor: the autoencoder's (the U-Net sees scaling_factor · z).
+      end_step: stop at this grid step and return the sampler's state there, undecoded: the
+        first expert of an ensemble (SDXL's base before its refiner, `make_refine`).
 
     Returns:
       generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None,
@@ -136,7 +140,44 @@ def make_txt2img(
                  time_ids=None, negative_time_ids=None):  # fmt: skip
         fn = sk.guided(params, ids, uncond_ids, guidance_scale, time_ids=time_ids,
                        negative_time_ids=negative_time_ids)  # fmt: skip
-        return sk.decode(vae_params, sk.denoise(fn, key, noise=latents))
+        z = sk.denoise(fn, key, noise=latents, end_step=end_step)
+        return z if end_step is not None else sk.decode(vae_params, z)
+
+    return generate
+
+
+def make_refine(
+    unet: UNet,
+    text_encoder: TextEncoders,
+    autoencoder: AutoencoderKL,
+    schedule: Schedule,
+    *,
+    latent_shape: tuple[int, int, int, int],
+    scaling_factor: float,
+    start_step: int,
+    method: str = "euler",
+    num_steps: int = 50,
+    guidance_rescale: float = 0.0,
+    **options,
+) -> Callable[..., jax.Array]:
+    """The second expert of an ensemble (Balaji et al. 2022; SDXL's refiner after its base,
+    diffusers' img2img with `denoising_start`): latents another model left at grid step
+    `start_step` (the sampler's state there, as `make_txt2img(..., end_step=start_step)`
+    returns it) denoised to the end with this model, classifier-free guided, and decoded.
+
+    Returns:
+      generate(params, vae_params, latents, ids, uncond_ids, key, guidance_scale=7.5,
+      time_ids=None, negative_time_ids=None) -> images [N, H, W, 3] in [-1, 1] (the
+      arguments as `make_txt2img`'s).
+    """
+    sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
+                   method, num_steps, guidance_rescale, options)  # fmt: skip
+
+    def generate(params, vae_params, latents, ids, uncond_ids, key, guidance_scale=7.5,
+                 time_ids=None, negative_time_ids=None):  # fmt: skip
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale, time_ids=time_ids,
+                       negative_time_ids=negative_time_ids)  # fmt: skip
+        return sk.decode(vae_params, sk.denoise(fn, key, noise=latents, start_step=start_step))
 
     return generate
 

@@ -19,6 +19,7 @@ from jdiff.pipelines.latent import (
     make_img2img,
     make_inpaint,
     make_latent_repaint,
+    make_refine,
     make_txt2img,
     make_upscale,
 )
@@ -68,6 +69,7 @@ class LatentDiffusion:
     method: str = "ddim"  # the default sampler
     tokenizer_2: Any = None  # SDXL's second tokenizer (pads with "!")
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zeros, not ""
+    requires_aesthetics_score: bool = False  # SDXL's refiner: ids end in an aesthetic score
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
@@ -79,25 +81,25 @@ class LatentDiffusion:
             raise ValueError(f"{p.source} is not a latent text-to-image model; use "
                              "pipelines.make_generate for a pixel-space U-Net")  # fmt: skip
         text, tokenizers = p.text_encoder, (p.tokenizer, None)
-        if p.is_sdxl:
-            if p.text_encoder is None:
-                raise ValueError(f"{p.source}: an SDXL refiner (one text encoder, aesthetic-"
-                                 "score ids) has no jdiff pipeline yet; load an SDXL base "
-                                 "model")  # fmt: skip
-            text, tokenizers = (
-                SDXLTextEncoders(p.text_encoder, p.text_encoder_2),
-                (p.tokenizer, p.tokenizer_2),
-            )
+        if p.is_sdxl:  # the base model, or the refiner (the second encoder alone)
+            text = SDXLTextEncoders(p.text_encoder, p.text_encoder_2)
+            tokenizers = (p.tokenizer, p.tokenizer_2)
         s = p.scheduler
         return cls(p.unet, text, p.autoencoder, s.make_schedule(), tokenizers[0],
                    p.autoencoder.scaling_factor, image_size=p.image_size,
                    sampler_options=tuple(sorted(s.options.items())), method=s.method,
                    tokenizer_2=tokenizers[1],
-                   force_zeros_for_empty_prompt=p.force_zeros_for_empty_prompt)  # fmt: skip
+                   force_zeros_for_empty_prompt=p.force_zeros_for_empty_prompt,
+                   requires_aesthetics_score=p.requires_aesthetics_score)  # fmt: skip
 
     @property
     def is_sdxl(self) -> bool:
         return isinstance(self.text_encoder, SDXLTextEncoders)
+
+    @property
+    def is_refiner(self) -> bool:
+        """SDXL's refiner: the second text encoder alone; it continues a base's latents."""
+        return self.is_sdxl and self.text_encoder.text_encoder is None
 
     @property
     def is_inpainting(self) -> bool:
@@ -131,8 +133,8 @@ class LatentDiffusion:
 
     def _tokens(self, prompts, negative_prompts):
         if self.is_sdxl:
-            raise ValueError("an SDXL model: jdiff has its txt2img so far (img2img, inpainting "
-                             "and the refiner are to come)")  # fmt: skip
+            raise ValueError("an SDXL model: jdiff has its txt2img and refine (base + refiner) "
+                             "so far (img2img and inpainting are to come)")  # fmt: skip
         prompts, negative_prompts = _prompt_lists(prompts, negative_prompts)
         return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative_prompts))
 
@@ -149,11 +151,26 @@ class LatentDiffusion:
         second, negative_2 = _prompt_lists(
             first if second is None else second,
             negative if negative_prompts_2 is None else negative_prompts_2, "second ")  # fmt: skip
-        ids = (jnp.asarray(self.tokenizer(first)), jnp.asarray(self.tokenizer_2(second)))
+        if self.is_refiner:  # its one encoder reads the first prompts (as diffusers' does)
+            second, negative_2 = first, negative
+        ids = (jnp.asarray(self.tokenizer_2(second)),)
+        uncond = (jnp.asarray(self.tokenizer_2(negative_2)),)
+        if not self.is_refiner:
+            ids = (jnp.asarray(self.tokenizer(first)), *ids)
+            uncond = (jnp.asarray(self.tokenizer(negative)), *uncond)
         if zeros and self.force_zeros_for_empty_prompt:
             return ids, None
-        return ids, (jnp.asarray(self.tokenizer(negative)),
-                     jnp.asarray(self.tokenizer_2(negative_2)))  # fmt: skip
+        return ids, uncond
+
+    def _sdxl_inputs(self, text, height, width, sizes):
+        """(ids, uncond, latent shape, {"time_ids", "negative_time_ids"}) of an SDXL call:
+        `text` the four prompt arguments, `sizes` the size/crop/aesthetic arguments."""
+        ids, uncond = self._sdxl_tokens(*text)
+        shape = self._latent_shape(len(ids[0]), height, width)
+        f = self.autoencoder.downsample_factor
+        cond, null = _time_ids(len(ids[0]), (shape[1] * f, shape[2] * f),
+                               self.requires_aesthetics_score, **sizes)  # fmt: skip
+        return ids, uncond, shape, {"time_ids": cond, "negative_time_ids": null}
 
     def _latent_shape(self, n, height, width):
         f = self.autoencoder.downsample_factor
@@ -178,22 +195,23 @@ class LatentDiffusion:
         self, params, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
         num_steps=50, method=None, height=None, width=None, latents=None, prompts_2=None,
         negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0),
-        target_size=None, **options,
+        target_size=None, denoising_end=None, **options,
     ) -> jax.Array:  # fmt: skip
         """Images [N, H, W, 3] in [-1, 1] for N prompts (`latents`: optional initial noise
         [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler;
-        the SDXL options as the class says)."""
+        the SDXL options as the class says). `denoising_end` (a fraction of the schedule, as
+        diffusers') stops there and returns the latents [N, h, w, c] for `refine`."""
         self._check_kind(False)
         sdxl = {}
+        if self.is_refiner:
+            raise ValueError("an SDXL refiner continues a base model's latents: call refine "
+                             "with those of txt2img(..., denoising_end=...)")  # fmt: skip
         if self.is_sdxl:
-            ids, uncond = self._sdxl_tokens(prompts, negative_prompts, prompts_2,
-                                            negative_prompts_2)  # fmt: skip
-            n = len(ids[0])
-            shape = self._latent_shape(n, height, width)
-            size = (shape[1] * self.autoencoder.downsample_factor,
-                    shape[2] * self.autoencoder.downsample_factor)  # fmt: skip
-            sdxl["time_ids"] = _time_ids(n, size, original_size, crops_coords_top_left,
-                                         target_size)  # fmt: skip
+            sizes = {"original_size": original_size, "target_size": target_size,
+                     "crops_coords_top_left": crops_coords_top_left}  # fmt: skip
+            ids, uncond, shape, sdxl = self._sdxl_inputs(
+                (prompts, negative_prompts, prompts_2, negative_prompts_2), height, width, sizes
+            )
         else:
             unused = {"prompts_2": prompts_2, "negative_prompts_2": negative_prompts_2,
                       "original_size": original_size, "target_size": target_size}  # fmt: skip
@@ -209,16 +227,65 @@ class LatentDiffusion:
             latents = jnp.asarray(latents, jnp.float32)
             if latents.shape != shape:
                 raise ValueError(f"latents have shape {latents.shape}; expected {shape}")
+        end = None
+        if denoising_end is not None:
+            end = samplers.split_step(self.schedule, denoising_end, method=method,
+                                      num_steps=num_steps, **options)  # fmt: skip
         generate = self._jit(
-            ("txt2img", shape, method, num_steps, tuple(sorted(options.items()))),
+            ("txt2img", shape, method, num_steps, end, tuple(sorted(options.items()))),
             lambda: make_txt2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
                                  latent_shape=shape, scaling_factor=self.scaling_factor,
-                                 method=method, num_steps=num_steps, **options),
+                                 method=method, num_steps=num_steps, end_step=end,
+                                 **options),
             guidance_scale,
         )  # fmt: skip
         vae = params["autoencoder"]
         return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale), latents,
                         **sdxl)  # fmt: skip
+
+    def refine(
+        self, params, latents, prompts, key, *, denoising_start, negative_prompts=None,
+        guidance_scale=5.0, num_steps=50, method=None, prompts_2=None, negative_prompts_2=None,
+        original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+        aesthetic_score=6.0, negative_aesthetic_score=2.5, **options,
+    ) -> jax.Array:  # fmt: skip
+        """The second expert of an ensemble: the `latents` [N, h, w, c] a base model's
+        `txt2img(..., denoising_end=f)` returned, denoised from `denoising_start=f` on with
+        this model (SDXL's refiner, or the base itself) and decoded: images [N, H, W, 3].
+        The same `num_steps` and sampler as the base's call; the refiner's ids end in
+        `aesthetic_score` (`negative_aesthetic_score` for the unconditional half), as
+        diffusers' `StableDiffusionXLImg2ImgPipeline(..., denoising_start=f)`."""
+        self._check_kind(False)
+        if not self.is_sdxl:
+            raise ValueError("refine continues SDXL latents: this is not an SDXL model")
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.ndim != 4 or latents.shape[-1] != self.autoencoder.latent_channels:
+            raise ValueError(f"latents have shape {latents.shape}; expected [N, h, w, "
+                             f"{self.autoencoder.latent_channels}]")  # fmt: skip
+        f = self.autoencoder.downsample_factor
+        sizes = {"original_size": original_size, "target_size": target_size,
+                 "crops_coords_top_left": crops_coords_top_left,
+                 "aesthetic_score": aesthetic_score,
+                 "negative_aesthetic_score": negative_aesthetic_score}  # fmt: skip
+        ids, uncond, shape, sdxl = self._sdxl_inputs(
+            (prompts, negative_prompts, prompts_2, negative_prompts_2),
+            latents.shape[1] * f, latents.shape[2] * f, sizes)  # fmt: skip
+        if latents.shape != shape:
+            raise ValueError(f"{len(latents)} latents for {shape[0]} prompts")
+        method = method or self.method
+        options = self._options(method, options)
+        start = samplers.split_step(self.schedule, denoising_start, method=method,
+                                    num_steps=num_steps, **options)  # fmt: skip
+        generate = self._jit(
+            ("refine", shape, method, num_steps, start, tuple(sorted(options.items()))),
+            lambda: make_refine(self.unet, self.text_encoder, self.autoencoder, self.schedule,
+                                latent_shape=shape, scaling_factor=self.scaling_factor,
+                                start_step=start, method=method, num_steps=num_steps,
+                                **options),
+            guidance_scale,
+        )  # fmt: skip
+        return generate(params, params["autoencoder"], latents, ids, uncond, key,
+                        jnp.float32(guidance_scale), **sdxl)  # fmt: skip
 
     def img2img(
         self, params, init_images, prompts, key, *, strength=0.8, negative_prompts=None,
@@ -381,9 +448,12 @@ def _prompt_lists(prompts, negative_prompts, which: str = "") -> tuple[list, lis
     return list(prompts), list(negative_prompts)
 
 
-def _time_ids(n, size, original_size, crops_coords_top_left, target_size) -> jax.Array:
-    """SDXL's six micro-conditioning ids per image [n, 6]: original (height, width), crop
-    (top, left), target (height, width) in pixels; the sizes default to the image's `size`."""
+def _time_ids(n, size, aesthetic: bool, *, original_size, crops_coords_top_left, target_size,
+              aesthetic_score=6.0, negative_aesthetic_score=2.5):  # fmt: skip
+    """SDXL's micro-conditioning ids [n, K] of both halves (conditional, unconditional or None
+    for the same): original (height, width) and crop (top, left) in pixels, then the target
+    (height, width) (base) or an aesthetic score (refiner: `aesthetic`); the sizes default to
+    `size`."""
     values = []
     for name, pair in (("original_size", original_size or size),
                        ("crops_coords_top_left", crops_coords_top_left),
@@ -392,8 +462,19 @@ def _time_ids(n, size, original_size, crops_coords_top_left, target_size) -> jax
         if len(pair) != 2 or not all(np.isfinite(v) and v >= 0 for v in pair):
             raise ValueError(f"{name}={pair}: expected two non-negative numbers (height, width"
                              "; top, left for the crop)")  # fmt: skip
-        values += [float(v) for v in pair]
-    return jnp.tile(jnp.asarray(values, jnp.float32), (n, 1))
+        values.append([float(v) for v in pair])
+    for name, score in (("aesthetic_score", aesthetic_score),
+                        ("negative_aesthetic_score", negative_aesthetic_score)):  # fmt: skip
+        if not np.isfinite(score):
+            raise ValueError(f"{name}={score}: expected a finite number (diffusers: 6 and 2.5)")
+
+    def tile(ids):
+        return jnp.tile(jnp.asarray(ids, jnp.float32), (n, 1))
+
+    if not aesthetic:
+        return tile(values[0] + values[1] + values[2]), None
+    return (tile(values[0] + values[1] + [aesthetic_score]),
+            tile(values[0] + values[1] + [negative_aesthetic_score]))  # fmt: skip
 
 
 def load_latent_diffusion(

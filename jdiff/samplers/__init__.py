@@ -14,7 +14,14 @@ The package: `steps` (each sampler's grid and update, `DEFAULTS`), `driver` (`sa
 `make_grid`, `add_noise`), `inpaint` (RePaint's own loop). Import from `jdiff.samplers`.
 """
 
-from jdiff.samplers.driver import add_noise, make_grid, resolve_options, sample, step_noise
+from jdiff.samplers.driver import (
+    add_noise,
+    make_grid,
+    resolve_options,
+    sample,
+    split_step,
+    step_noise,
+)
 from jdiff.samplers.inpaint import (
     REPAINT_DEFAULTS,
     repaint,
@@ -47,5 +54,6 @@ __all__ = [
     "resolve_options",
     "resolve_repaint_options",
     "sample",
+    "split_step",
     "step_noise",
 ]

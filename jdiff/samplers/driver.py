@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff import diffusion
 from jdiff.samplers.steps import DDPM_VARIANCES, DEFAULTS, METHODS, STEPS, ModelFn, _check_steps
@@ -41,15 +42,18 @@ def resolve_options(method: str, options: dict) -> dict:
     return opts
 
 
-def _prepare(schedule, method, num_steps, start_step, options):
+def _prepare(schedule, method, num_steps, start_step, options, end_step=None):
     opts = resolve_options(method, options)
     _check_steps(schedule.num_timesteps, num_steps)
     grid, scale = STEPS[method].grid(schedule, num_steps, opts, start_step)
     n = len(grid["t"])
     if not isinstance(start_step, int) or not 0 <= start_step < n:
         raise ValueError(f"start_step must be an integer in [0, {n - 1}], got {start_step!r}")
-    grid = {k: v[start_step:] for k, v in grid.items()}
-    grid["index"] = jnp.arange(start_step, n, dtype=jnp.int32)
+    end = n if end_step is None else end_step
+    if not isinstance(end, int) or not start_step < end <= n:
+        raise ValueError(f"end_step must be an integer in [{start_step + 1}, {n}], got {end!r}")
+    grid = {k: v[start_step:end] for k, v in grid.items()}
+    grid["index"] = jnp.arange(start_step, end, dtype=jnp.int32)
     return grid, jnp.asarray(scale, jnp.float32), opts
 
 
@@ -63,6 +67,28 @@ def make_grid(schedule: Schedule, *, method: str, num_steps: int, start_step: in
     """
     grid, scale, _ = _prepare(schedule, method, num_steps, start_step, options)
     return grid, scale
+
+
+def split_step(schedule: Schedule, fraction: float, *, method: str, num_steps: int,
+               **options) -> int:  # fmt: skip
+    """The grid index where `fraction` of the denoising is done, as diffusers splits an ensemble
+    of experts (`denoising_end` of the first model, `denoising_start` of the second): the
+    steps before it are those with timesteps >= round(T (1 - fraction)). Host-side: call it
+    with a concrete schedule, outside `jit`."""
+    if not 0.0 < fraction < 1.0:  # NaN too
+        raise ValueError(f"denoising fraction {fraction}; expected 0 < fraction < 1")
+    if method == "heun":
+        raise ValueError("a split of the schedule needs a first-order sampler: heun "
+                         "evaluates the model twice per step (euler, ddim, ...)")  # fmt: skip
+    grid, _ = make_grid(schedule, method=method, num_steps=num_steps, **options)
+    T = schedule.num_timesteps
+    cutoff = round(T - fraction * T)
+    split = int((np.asarray(grid["t"]) >= cutoff).sum())
+    if not 0 < split < len(grid["t"]):
+        raise ValueError(f"denoising fraction {fraction} leaves none of the {num_steps} "
+                         "steps to one of the two models: move it toward 0.5 or take more "
+                         "steps")  # fmt: skip
+    return split
 
 
 def step_noise(key: jax.Array, index: jax.Array, shape) -> jax.Array:
@@ -102,6 +128,7 @@ def sample(
     num_steps: int,
     x_T: jax.Array | None = None,
     start_step: int = 0,
+    end_step: int | None = None,
     after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     return_trajectory: bool = False,
     **options,
@@ -120,6 +147,9 @@ def sample(
             `init_noise_sigma`. With start_step > 0, x_T is instead the state at that step, as
             `add_noise` returns it, and is used as is.
         start_step: begin at this index of the grid (img2img); static.
+        end_step: stop before this index (None: run to the end) and return the state there,
+            which `sample(..., x_T=it, start_step=end_step)` continues, with another model too
+            (SDXL's ensemble of experts; `split_step` finds it); static.
         after_step: optional hook (x [B, ...], t_prev float32 [B]) -> x applied after every step
             to the variance-preserving state at timestep t_prev (-1 past the clean end; fractional
             on sigma grids). Inpainting replaces the known region this way.
@@ -129,7 +159,7 @@ def sample(
     Returns:
         x_0 [B, ...] float32, or (x_0, trajectory [S, B, ...]) with return_trajectory.
     """
-    grid, scale, opts = _prepare(schedule, method, num_steps, start_step, options)
+    grid, scale, opts = _prepare(schedule, method, num_steps, start_step, options, end_step)
     method_def = STEPS[method]
     init_key, step_key = jax.random.split(key)
     if x_T is None:
