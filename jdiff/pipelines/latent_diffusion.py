@@ -23,7 +23,13 @@ from jdiff.pipelines.latent import (
     make_txt2img,
     make_upscale,
 )
-from jdiff.pipelines.text import SDXLTextEncoders, TextEncoders
+from jdiff.pipelines.text import (
+    SDXLTextEncoders,
+    TextEncoders,
+    prompt_lists,
+    sdxl_time_ids,
+    sdxl_tokens,
+)
 from jdiff.schedules import Schedule
 
 
@@ -135,40 +141,17 @@ class LatentDiffusion:
         if self.is_sdxl:
             raise ValueError("an SDXL model: jdiff has its txt2img and refine (base + refiner) "
                              "so far (img2img and inpainting are to come)")  # fmt: skip
-        prompts, negative_prompts = _prompt_lists(prompts, negative_prompts)
+        prompts, negative_prompts = prompt_lists(prompts, negative_prompts)
         return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative_prompts))
-
-    def _sdxl_tokens(self, prompts, negative_prompts, prompts_2, negative_prompts_2):
-        """((ids, ids_2), (uncond, uncond_2) or None: zeros) as diffusers' SDXL pipeline
-        forms them: the second prompts default to the first, the negative prompts to "" or,
-        when none is given and `force_zeros_for_empty_prompt`, to zeros."""
-        zeros = negative_prompts is None and negative_prompts_2 is None
-        first, negative = _prompt_lists(prompts, negative_prompts)
-        second = [prompts_2] if isinstance(prompts_2, str) else prompts_2
-        if second is not None and len(second) != len(first):
-            raise ValueError(f"{len(second)} second prompts (prompts_2) for {len(first)} "
-                             "prompts; pass one per prompt, a single string, or None")  # fmt: skip
-        second, negative_2 = _prompt_lists(
-            first if second is None else second,
-            negative if negative_prompts_2 is None else negative_prompts_2, "second ")  # fmt: skip
-        if self.is_refiner:  # its one encoder reads the first prompts (as diffusers' does)
-            second, negative_2 = first, negative
-        ids = (jnp.asarray(self.tokenizer_2(second)),)
-        uncond = (jnp.asarray(self.tokenizer_2(negative_2)),)
-        if not self.is_refiner:
-            ids = (jnp.asarray(self.tokenizer(first)), *ids)
-            uncond = (jnp.asarray(self.tokenizer(negative)), *uncond)
-        if zeros and self.force_zeros_for_empty_prompt:
-            return ids, None
-        return ids, uncond
 
     def _sdxl_inputs(self, text, height, width, sizes):
         """(ids, uncond, latent shape, {"time_ids", "negative_time_ids"}) of an SDXL call:
         `text` the four prompt arguments, `sizes` the size/crop/aesthetic arguments."""
-        ids, uncond = self._sdxl_tokens(*text)
+        tokenizers = (None if self.is_refiner else self.tokenizer, self.tokenizer_2)
+        ids, uncond = sdxl_tokens(tokenizers, *text, zeros=self.force_zeros_for_empty_prompt)
         shape = self._latent_shape(len(ids[0]), height, width)
         f = self.autoencoder.downsample_factor
-        cond, null = _time_ids(len(ids[0]), (shape[1] * f, shape[2] * f),
+        cond, null = sdxl_time_ids(len(ids[0]), (shape[1] * f, shape[2] * f),
                                self.requires_aesthetics_score, **sizes)  # fmt: skip
         return ids, uncond, shape, {"time_ids": cond, "negative_time_ids": null}
 
@@ -428,53 +411,6 @@ class LatentDiffusion:
         )  # fmt: skip
         x = self.inpaint(params, canvas.image, canvas.masks, prompts, key, **kwargs)
         return canvas.finish(x)
-
-
-def _prompt_lists(prompts, negative_prompts, which: str = "") -> tuple[list, list]:
-    """(prompts, negative prompts) as lists of one string per prompt ("" where none)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError(f"no {which}prompts: pass a list of at least one string")
-    if negative_prompts is None:
-        negative_prompts = [""] * len(prompts)
-    elif isinstance(negative_prompts, str):
-        negative_prompts = [negative_prompts] * len(prompts)
-    if len(negative_prompts) != len(prompts):
-        raise ValueError(
-            f"{len(negative_prompts)} {which}negative prompts for {len(prompts)} prompts; pass "
-            "one per prompt, a single string, or None"
-        )
-    return list(prompts), list(negative_prompts)
-
-
-def _time_ids(n, size, aesthetic: bool, *, original_size, crops_coords_top_left, target_size,
-              aesthetic_score=6.0, negative_aesthetic_score=2.5):  # fmt: skip
-    """SDXL's micro-conditioning ids [n, K] of both halves (conditional, unconditional or None
-    for the same): original (height, width) and crop (top, left) in pixels, then the target
-    (height, width) (base) or an aesthetic score (refiner: `aesthetic`); the sizes default to
-    `size`."""
-    values = []
-    for name, pair in (("original_size", original_size or size),
-                       ("crops_coords_top_left", crops_coords_top_left),
-                       ("target_size", target_size or size)):  # fmt: skip
-        pair = tuple(pair)
-        if len(pair) != 2 or not all(np.isfinite(v) and v >= 0 for v in pair):
-            raise ValueError(f"{name}={pair}: expected two non-negative numbers (height, width"
-                             "; top, left for the crop)")  # fmt: skip
-        values.append([float(v) for v in pair])
-    for name, score in (("aesthetic_score", aesthetic_score),
-                        ("negative_aesthetic_score", negative_aesthetic_score)):  # fmt: skip
-        if not np.isfinite(score):
-            raise ValueError(f"{name}={score}: expected a finite number (diffusers: 6 and 2.5)")
-
-    def tile(ids):
-        return jnp.tile(jnp.asarray(ids, jnp.float32), (n, 1))
-
-    if not aesthetic:
-        return tile(values[0] + values[1] + values[2]), None
-    return (tile(values[0] + values[1] + [aesthetic_score]),
-            tile(values[0] + values[1] + [negative_aesthetic_score]))  # fmt: skip
 
 
 def load_latent_diffusion(
