@@ -162,8 +162,13 @@ def test_sdxl_bad_inputs_name_the_problem(sdxl_dir, loaded, tmp_path):
         model.txt2img(loaded.params, PROMPTS, key, original_size=(64,))
     with pytest.raises(ValueError, match="multiples of 2; got 15x16"):
         model.txt2img(loaded.params, PROMPTS, key, height=15, width=16)
-    with pytest.raises(ValueError, match="img2img and inpainting are to come"):
-        model.img2img(loaded.params, np.zeros((2, 16, 16, 3)), PROMPTS, key)
+    with pytest.raises(ValueError, match="inpainting and upscaling are to come"):
+        model.inpaint(loaded.params, np.zeros((2, 16, 16, 3)), np.ones((2, 16, 16, 1)), PROMPTS,
+                      key)  # fmt: skip
+    with pytest.raises(ValueError, match=r"\['aesthetic_score'\] do not apply"):
+        model.txt2img(loaded.params, PROMPTS, key, aesthetic_score=7.0)
+    with pytest.raises(ValueError, match="takes no option"):  # a misspelt option: the sampler's
+        model.txt2img(loaded.params, PROMPTS, key, prompt_2="x")
     broken = tmp_path / "no_second_encoder"
     shutil.copytree(sdxl_dir, broken)
     shutil.rmtree(broken / "text_encoder_2")
@@ -177,7 +182,7 @@ def test_sdxl_bad_inputs_name_the_problem(sdxl_dir, loaded, tmp_path):
 
 def test_sample_py_takes_an_sdxl_directory(sdxl_dir, tmp_path):
     """sample.py's library path (`sampling.sample_pretrained`): one image per prompt with the
-    directory's Euler; img2img on an SDXL model refused before anything is written."""
+    directory's Euler, then img2img from it; inpainting refused before anything is written."""
     from jdiff import sampling
     from jdiff.validate import InputError
 
@@ -186,9 +191,16 @@ def test_sample_py_takes_an_sdxl_directory(sdxl_dir, tmp_path):
     sampling.sample_pretrained(sdxl_dir, r)
     saved = np.load(tmp_path / "txt2img_euler3_cfg7.5_seed0.npz")
     assert saved["images"].shape == (2, 16, 16, 3) and saved["images"].std() > 0
+    image = next(tmp_path.glob("txt2img_*.png"))
+    r = sampling.Request(prompts=("a red circle",), num_steps=3, init_image=str(image),
+                         strength=0.5, output_dir=str(tmp_path / "img2img"))  # fmt: skip
+    sampling.sample_pretrained(sdxl_dir, r)
+    (again,) = (tmp_path / "img2img").glob("img2img_*.npz")
+    assert np.load(again)["images"].shape[1:] == (16, 16, 3)
     out = tmp_path / "refused"
-    r = sampling.Request(prompts=("x",), init_image=str(tmp_path / "any.png"), output_dir=str(out))
-    with pytest.raises(InputError, match="txt2img so far in sample"):
+    r = sampling.Request(prompts=("x",), init_image=str(image), mask=str(image),
+                         output_dir=str(out))  # fmt: skip
+    with pytest.raises(InputError, match="inpainting is to come"):
         sampling.sample_pretrained(sdxl_dir, r)
     assert not out.exists()
 
@@ -261,3 +273,34 @@ def test_base_and_refiner_as_an_ensemble_of_experts_match_diffusers(sdxl_dir, re
     with pytest.raises(ValueError, match="first-order sampler"):
         refiner_model.refine(refiner.params, handed, PROMPTS, key, denoising_start=0.8,
                              method="heun")  # fmt: skip
+
+
+def test_img2img_matches_stable_diffusion_xl_img2img_pipeline(sdxl_dir, loaded):
+    """SDXL img2img (strength 0.6, second prompts, the image's size ids): jdiff's images are
+    StableDiffusionXLImg2ImgPipeline's given the same image and noise. The autoencoder's
+    posterior is made near-deterministic (log-variance -30) in both, so that diffusers' draw
+    from it does not matter; the noise is its generator's next draw."""
+    image = np.random.default_rng(3).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.vae.quant_conv.bias[4:] = -30.0
+    params = dict(loaded.params)
+    vae = jax.tree.map(lambda a: a, params["autoencoder"])
+    vae["quant_conv"] = dict(vae["quant_conv"], bias=vae["quant_conv"]["bias"].at[4:].set(-30.0))
+    params["autoencoder"] = vae
+    generator = torch.Generator().manual_seed(0)
+    torch.randn((2, 4, 8, 8), generator=generator)  # the posterior's draw
+    noise = torch.randn((2, 4, 8, 8), generator=generator).permute(0, 2, 3, 1).numpy()
+    model = pipelines.LatentDiffusion.from_pretrained(loaded)
+    ours = model.img2img(params, 2 * image - 1, PROMPTS, jax.random.key(0), strength=0.6,
+                         negative_prompts=["", "green"], prompts_2=["an oil painting", "a photo"],
+                         guidance_scale=5.0, num_steps=10, noise=noise)  # fmt: skip
+    ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, image=image, strength=0.6, negative_prompt=["", "green"],
+                   prompt_2=["an oil painting", "a photo"], guidance_scale=5.0,
+                   num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images  # fmt: skip
+    assert ours.shape == ref.shape == (2, 16, 16, 3) and ref.std() > 0.05
+    np.testing.assert_allclose(ours, ref, atol=1e-3)

@@ -193,7 +193,7 @@ def img2img_start_step(num_steps: int, strength: float) -> int:
 
 def make_img2img(
     unet: UNet,
-    text_encoder: CLIPTextModel,
+    text_encoder: TextEncoders,
     autoencoder: AutoencoderKL,
     schedule: Schedule,
     *,
@@ -211,18 +211,22 @@ def make_img2img(
 
     Returns:
       generate(params, vae_params, images [N, H, W, 3] in [-1, 1], ids, uncond_ids, key,
-      guidance_scale=7.5) -> images [N, H, W, 3]. `strength` and `num_steps` are compiled in.
+      guidance_scale=7.5, noise=None, time_ids=None, negative_time_ids=None) -> images
+      [N, H, W, 3] (`noise`: the standard-normal noise added to the latents, default drawn
+      from key; the rest as `make_txt2img`'s). `strength` and `num_steps` are compiled in.
     """
     start = img2img_start_step(num_steps, strength)
     sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
                    method, num_steps, guidance_rescale, options)  # fmt: skip
 
-    def generate(params, vae_params, init_images, ids, uncond_ids, key, guidance_scale=7.5):
+    def generate(params, vae_params, init_images, ids, uncond_ids, key, guidance_scale=7.5,
+                 noise=None, time_ids=None, negative_time_ids=None):  # fmt: skip
         k_encode, k_noise, k_sample = jax.random.split(key, 3)
         z = sk.encode(vae_params, init_images, k_encode)
         if start < num_steps:
-            fn = sk.guided(params, ids, uncond_ids, guidance_scale)
-            noise = jax.random.normal(k_noise, z.shape)
+            fn = sk.guided(params, ids, uncond_ids, guidance_scale, time_ids=time_ids,
+                           negative_time_ids=negative_time_ids)  # fmt: skip
+            noise = jax.random.normal(k_noise, z.shape) if noise is None else noise
             z = sk.denoise(fn, k_sample, z0=z, noise=noise, start_step=start)
         return sk.decode(vae_params, z)
 

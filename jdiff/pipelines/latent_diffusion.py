@@ -24,6 +24,7 @@ from jdiff.pipelines.latent import (
     make_upscale,
 )
 from jdiff.pipelines.text import (
+    SDXL_OPTIONS,
     SDXLTextEncoders,
     TextEncoders,
     prompt_lists,
@@ -56,10 +57,12 @@ class LatentDiffusion:
     guidance scales or parameters reuse it.
 
     params: {"unet": ..., "text_encoder": ..., "autoencoder": ...} (SDXL: and "text_encoder_2").
-    An SDXL model (`text_encoder` an `SDXLTextEncoders`) takes a second prompt per tokenizer
-    (`prompts_2`, `negative_prompts_2`: by default the first) and its size/crop ids
-    (`original_size`, `crops_coords_top_left`, `target_size`: by default the image's size and
-    no crop), as diffusers' `StableDiffusionXLPipeline`.
+    An SDXL model (`text_encoder` an `SDXLTextEncoders`) takes, as keyword options of
+    txt2img, img2img and refine, a second prompt per tokenizer (`prompts_2`,
+    `negative_prompts_2`: by default the first) and its size/crop ids (`original_size`,
+    `crops_coords_top_left`, and the base's `target_size` or the refiner's `aesthetic_score`
+    and `negative_aesthetic_score`; by default the image's size, no crop, 6 and 2.5), as
+    diffusers' SDXL pipelines (`pipelines.text.SDXL_OPTIONS`).
     """
 
     unet: UNet
@@ -139,20 +142,44 @@ class LatentDiffusion:
 
     def _tokens(self, prompts, negative_prompts):
         if self.is_sdxl:
-            raise ValueError("an SDXL model: jdiff has its txt2img and refine (base + refiner) "
-                             "so far (img2img and inpainting are to come)")  # fmt: skip
+            raise ValueError("an SDXL model: jdiff has its txt2img, img2img and refine (base + "
+                             "refiner) so far (inpainting and upscaling are to come)")  # fmt: skip
         prompts, negative_prompts = prompt_lists(prompts, negative_prompts)
         return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative_prompts))
 
-    def _sdxl_inputs(self, text, height, width, sizes):
-        """(ids, uncond, latent shape, {"time_ids", "negative_time_ids"}) of an SDXL call:
-        `text` the four prompt arguments, `sizes` the size/crop/aesthetic arguments."""
+    def _text_inputs(self, prompts, negative_prompts, height, width, options):
+        """(ids, uncond, latent shape, the generate function's SDXL arguments) of a call;
+        SDXL's options (`SDXL_OPTIONS`) are taken out of `options` (the rest are the
+        sampler's), refused for another model and where they do not apply (an aesthetic
+        score to a base model, a target size to the refiner)."""
+        sdxl = {k: options.pop(k) for k in list(options) if k in SDXL_OPTIONS}
+        if not self.is_sdxl:
+            if sdxl:
+                raise ValueError(f"{sorted(sdxl)} apply to SDXL models only")
+            ids, uncond = self._tokens(prompts, negative_prompts)
+            return ids, uncond, self._latent_shape(len(ids), height, width), {}
+        own = (
+            ("aesthetic_score", "negative_aesthetic_score")
+            if self.requires_aesthetics_score
+            else ("target_size",)
+        )
+        other = (
+            {"target_size"}
+            if self.requires_aesthetics_score
+            else {"aesthetic_score", "negative_aesthetic_score"}
+        )
+        if set(sdxl) & other:
+            raise ValueError(f"{sorted(set(sdxl) & other)} do not apply to this SDXL model (its "
+                             f"size ids end in {own})")  # fmt: skip
+        sdxl = {k: v for k, v in SDXL_OPTIONS.items() if k not in other} | sdxl
         tokenizers = (None if self.is_refiner else self.tokenizer, self.tokenizer_2)
-        ids, uncond = sdxl_tokens(tokenizers, *text, zeros=self.force_zeros_for_empty_prompt)
+        text = [sdxl.pop(k) for k in ("prompts_2", "negative_prompts_2")]
+        ids, uncond = sdxl_tokens(tokenizers, prompts, negative_prompts, *text,
+                                  zeros=self.force_zeros_for_empty_prompt)  # fmt: skip
         shape = self._latent_shape(len(ids[0]), height, width)
         f = self.autoencoder.downsample_factor
         cond, null = sdxl_time_ids(len(ids[0]), (shape[1] * f, shape[2] * f),
-                               self.requires_aesthetics_score, **sizes)  # fmt: skip
+                                   self.requires_aesthetics_score, **sdxl)  # fmt: skip
         return ids, uncond, shape, {"time_ids": cond, "negative_time_ids": null}
 
     def _latent_shape(self, n, height, width):
@@ -176,9 +203,8 @@ class LatentDiffusion:
 
     def txt2img(
         self, params, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
-        num_steps=50, method=None, height=None, width=None, latents=None, prompts_2=None,
-        negative_prompts_2=None, original_size=None, crops_coords_top_left=(0, 0),
-        target_size=None, denoising_end=None, **options,
+        num_steps=50, method=None, height=None, width=None, latents=None, denoising_end=None,
+        **options,
     ) -> jax.Array:  # fmt: skip
         """Images [N, H, W, 3] in [-1, 1] for N prompts (`latents`: optional initial noise
         [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler;
@@ -189,21 +215,8 @@ class LatentDiffusion:
         if self.is_refiner:
             raise ValueError("an SDXL refiner continues a base model's latents: call refine "
                              "with those of txt2img(..., denoising_end=...)")  # fmt: skip
-        if self.is_sdxl:
-            sizes = {"original_size": original_size, "target_size": target_size,
-                     "crops_coords_top_left": crops_coords_top_left}  # fmt: skip
-            ids, uncond, shape, sdxl = self._sdxl_inputs(
-                (prompts, negative_prompts, prompts_2, negative_prompts_2), height, width, sizes
-            )
-        else:
-            unused = {"prompts_2": prompts_2, "negative_prompts_2": negative_prompts_2,
-                      "original_size": original_size, "target_size": target_size}  # fmt: skip
-            unused = [k for k, v in unused.items() if v is not None]
-            if unused or tuple(crops_coords_top_left) != (0, 0):
-                raise ValueError(f"{unused or ['crops_coords_top_left']} apply to SDXL models "
-                                 "only")  # fmt: skip
-            ids, uncond = self._tokens(prompts, negative_prompts)
-            shape = self._latent_shape(len(ids), height, width)
+        ids, uncond, shape, sdxl = self._text_inputs(prompts, negative_prompts, height, width,
+                                                     options)  # fmt: skip
         method = method or self.method
         options = self._options(method, options)
         if latents is not None:
@@ -228,9 +241,7 @@ class LatentDiffusion:
 
     def refine(
         self, params, latents, prompts, key, *, denoising_start, negative_prompts=None,
-        guidance_scale=5.0, num_steps=50, method=None, prompts_2=None, negative_prompts_2=None,
-        original_size=None, crops_coords_top_left=(0, 0), target_size=None,
-        aesthetic_score=6.0, negative_aesthetic_score=2.5, **options,
+        guidance_scale=5.0, num_steps=50, method=None, **options,
     ) -> jax.Array:  # fmt: skip
         """The second expert of an ensemble: the `latents` [N, h, w, c] a base model's
         `txt2img(..., denoising_end=f)` returned, denoised from `denoising_start=f` on with
@@ -246,13 +257,9 @@ class LatentDiffusion:
             raise ValueError(f"latents have shape {latents.shape}; expected [N, h, w, "
                              f"{self.autoencoder.latent_channels}]")  # fmt: skip
         f = self.autoencoder.downsample_factor
-        sizes = {"original_size": original_size, "target_size": target_size,
-                 "crops_coords_top_left": crops_coords_top_left,
-                 "aesthetic_score": aesthetic_score,
-                 "negative_aesthetic_score": negative_aesthetic_score}  # fmt: skip
-        ids, uncond, shape, sdxl = self._sdxl_inputs(
-            (prompts, negative_prompts, prompts_2, negative_prompts_2),
-            latents.shape[1] * f, latents.shape[2] * f, sizes)  # fmt: skip
+        ids, uncond, shape, sdxl = self._text_inputs(
+            prompts, negative_prompts, latents.shape[1] * f, latents.shape[2] * f, options
+        )
         if latents.shape != shape:
             raise ValueError(f"{len(latents)} latents for {shape[0]} prompts")
         method = method or self.method
@@ -272,13 +279,22 @@ class LatentDiffusion:
 
     def img2img(
         self, params, init_images, prompts, key, *, strength=0.8, negative_prompts=None,
-        guidance_scale=7.5, num_steps=50, method=None, **options,
+        guidance_scale=7.5, num_steps=50, method=None, noise=None, **options,
     ) -> jax.Array:  # fmt: skip
-        """`init_images` [N, H, W, 3] in [-1, 1] re-imagined with N prompts."""
+        """`init_images` [N, H, W, 3] in [-1, 1] re-imagined with N prompts (`noise`: the
+        standard-normal noise [N, h, w, c] added to their latents, default drawn from key;
+        SDXL's options as the class says)."""
         self._check_kind(False)
         method = method or self.method
-        init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
-        shape = self._latent_shape(len(ids), *init_images.shape[1:3])
+        init_images = self._check_images(init_images)
+        ids, uncond, shape, sdxl = self._text_inputs(prompts, negative_prompts,
+                                                     *init_images.shape[1:3], options)  # fmt: skip
+        if shape[0] != len(init_images):
+            raise ValueError(f"{len(init_images)} init images for {shape[0]} prompts")
+        if noise is not None:
+            noise = jnp.asarray(noise, jnp.float32)
+            if noise.shape != shape:
+                raise ValueError(f"noise has shape {noise.shape}; expected {shape}")
         start = img2img_start_step(num_steps, strength)  # validates strength
         options = self._options(method, options)
         generate = self._jit(
@@ -290,12 +306,17 @@ class LatentDiffusion:
             guidance_scale,
         )  # fmt: skip
         return generate(params, params["autoencoder"], init_images, ids, uncond, key,
-                        jnp.float32(guidance_scale))  # fmt: skip
+                        jnp.float32(guidance_scale), noise=noise, **sdxl)  # fmt: skip
 
-    def _images(self, init_images, prompts, negative_prompts):
+    @staticmethod
+    def _check_images(init_images):
         init_images = jnp.asarray(init_images, jnp.float32)
         if init_images.ndim != 4 or init_images.shape[-1] != 3:
             raise ValueError(f"init images must be [N, H, W, 3]; got shape {init_images.shape}")
+        return init_images
+
+    def _images(self, init_images, prompts, negative_prompts):
+        init_images = self._check_images(init_images)
         ids, uncond = self._tokens(prompts, negative_prompts)
         if len(ids) != len(init_images):
             raise ValueError(f"{len(init_images)} init images for {len(ids)} prompts")

@@ -101,8 +101,14 @@ def prompt_lists(prompts, negative_prompts, which: str = "") -> tuple[list, list
     return list(prompts), list(negative_prompts)
 
 
-def sdxl_time_ids(n, size, aesthetic: bool, *, original_size, crops_coords_top_left, target_size,
-              aesthetic_score=6.0, negative_aesthetic_score=2.5):  # fmt: skip
+# SDXL's call options (diffusers' names, with prompt -> prompts) and their defaults
+SDXL_OPTIONS = {"prompts_2": None, "negative_prompts_2": None, "original_size": None,
+                "crops_coords_top_left": (0, 0), "target_size": None, "aesthetic_score": 6.0,
+                "negative_aesthetic_score": 2.5}  # fmt: skip
+
+
+def sdxl_time_ids(n, size, aesthetic: bool, *, original_size=None, crops_coords_top_left=(0, 0),
+                  target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5):  # fmt: skip
     """SDXL's micro-conditioning ids [n, K] of both halves (conditional, unconditional or None
     for the same): original (height, width) and crop (top, left) in pixels, then the target
     (height, width) (base) or an aesthetic score (refiner: `aesthetic`); the sizes default to
