@@ -4,9 +4,12 @@ shapes (random weights: the work does not depend on their values).
     python benchmarks/bench_unet.py jdiff --model sd_v1 --latent 32 --batch 2
     python benchmarks/bench_unet.py diffusers --model sd_v1 --latent 32 --batch 2
     python benchmarks/bench_unet.py jdiff --model small --latent 32 --batch 4
+    python benchmarks/bench_unet.py jdiff --model sdxl --latent 64 --batch 2 --steps 1
 
 `sd_v1` is SD 1.5's network (32x32 latents = 256 px; a guided step's batch is 2 x images);
-`small` an SD-shaped one with 32/64/128 channels (8 heads, as SD). Prints one JSON line: the
+`small` an SD-shaped one with 32/64/128 channels (8 heads, as SD); `sdxl` SDXL base's
+(2,567,463,684 parameters, float32: 10.3 GB; 64x64 latents = 512 px), with its pooled text
+embedding and six size ids. Prints one JSON line: the
 median of `--repeats` warm calls (after one compiling / warming call); `--steps` calls run in one
 compiled loop (`lax.scan`) as a sampler runs them. Run each framework in its own process on an
 otherwise idle machine.
@@ -40,11 +43,24 @@ def _unet(model):
     sys.path.insert(0, str(ROOT))
     from jdiff.nn import VARIANTS, UNet
 
-    kwargs = dict(VARIANTS["sd_v1"])
+    kwargs = dict(VARIANTS["sdxl_base" if model == "sdxl" else "sd_v1"])
     if model == "small":
         kwargs.update(SMALL)
         kwargs.pop("attention_head_dim", None)
     return UNet(**kwargs)
+
+
+def _added(unet, batch, module):
+    """SDXL's added inputs (pooled text embedding [B, 1280], six size ids) of `module` (jnp or
+    torch), {} for another U-Net."""
+    if not unet.addition_embed_type:
+        return {}
+    pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+    ids = [[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]] * batch
+    if module.__name__ == "torch":
+        return {"added_cond_kwargs": {"text_embeds": module.zeros(batch, pooled),
+                                      "time_ids": module.tensor(ids)}}  # fmt: skip
+    return {"text_embeds": module.zeros((batch, pooled)), "time_ids": module.asarray(ids)}
 
 
 def _jdiff(unet, latent, batch, steps):
@@ -60,6 +76,7 @@ def _jdiff(unet, latent, batch, steps):
             jnp.zeros((1, latent, latent, 4)),
             jnp.zeros((1,)),
             context=jnp.zeros((1, 77, unet.cross_attention_dim)),
+            **_added(unet, 1, jnp),
         )
     )
     leaves, tree = jax.tree.flatten(shapes)
@@ -70,11 +87,12 @@ def _jdiff(unet, latent, batch, steps):
     )
     x = jax.random.normal(jax.random.key(2), (batch, latent, latent, 4))
     ctx = jax.random.normal(jax.random.key(3), (batch, 77, unet.cross_attention_dim))
+    added = _added(unet, batch, jnp)
 
     @jax.jit
     def loop(params, x, ctx):
         def body(x, t):
-            return x - 0.01 * unet.apply(params, x, t, context=ctx), None
+            return x - 0.01 * unet.apply(params, x, t, context=ctx, **added), None
 
         return jax.lax.scan(body, x, jnp.linspace(999.0, 1.0, steps))[0]
 
@@ -96,12 +114,13 @@ def _diffusers(unet, latent, batch, steps):
     x = torch.randn(batch, 4, latent, latent)
     ctx = torch.randn(batch, 77, unet.cross_attention_dim)
     ts = torch.linspace(999.0, 1.0, steps)
+    added = _added(unet, batch, torch)
 
     def run():
         with torch.no_grad():
             y = x
             for t in ts:
-                y = y - 0.01 * net(y, t, encoder_hidden_states=ctx).sample
+                y = y - 0.01 * net(y, t, encoder_hidden_states=ctx, **added).sample
         return y
 
     return run
@@ -156,7 +175,7 @@ def main() -> None:
     """Time one framework's U-Net and print a JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("framework", choices=("jdiff", "diffusers"))
-    parser.add_argument("--model", choices=("sd_v1", "small"), default="sd_v1")
+    parser.add_argument("--model", choices=("sd_v1", "small", "sdxl"), default="sd_v1")
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="U-Net calls per timed loop")
