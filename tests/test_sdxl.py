@@ -33,26 +33,32 @@ SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_
 
 def _text(width: int, projection: bool):
     config = transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=3,
+        num_attention_heads=width // 64,
+        max_position_embeddings=77,
+        hidden_act="gelu" if projection else "quick_gelu",
         projection_dim=width,
-    )  # fmt: skip
+    )  # fmt: skip  (SDXL's: OpenAI's CLIP ViT-L quick-GELU, OpenCLIP's bigG GELU)
     cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
     return perturbed(cls(config))
 
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
-    """The tiny SDXL base pipeline as diffusers saves it: U-Net 32/64 channels (no attention at
-    the first level, two transformer layers at the second), a 16 + 32 = 48-wide context, the
-    32-wide pooled embedding and six 8-wide id embeddings; an f=2 VAE (SDXL's scaling 0.13025)."""
+    """The tiny SDXL base pipeline as diffusers saves it: U-Net 64/128 channels (no attention at
+    the first level, two transformer layers at the second; heads 64 wide, as SDXL's), a
+    64 + 128 = 192-wide context, the 128-wide pooled embedding and six 8-wide id embeddings;
+    an f=2 VAE (SDXL's scaling 0.13025)."""
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2), cross_attention_dim=48, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
+        block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=192,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=128 + 6 * 8,
     )  # fmt: skip
     vae = AutoencoderKL(
         block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16,
@@ -65,7 +71,7 @@ def sdxl_dir(tmp_path_factory):
         CLIPTokenizer.default(**options).save_pretrained(folder / name)
         tokenizers.append(transformers.CLIPTokenizer.from_pretrained(folder / name))
     pipe = StableDiffusionXLPipeline(
-        vae=perturbed(vae), text_encoder=_text(16, False), text_encoder_2=_text(32, True),
+        vae=perturbed(vae), text_encoder=_text(64, False), text_encoder_2=_text(128, True),
         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=perturbed(unet),
         scheduler=EulerDiscreteScheduler.from_config(SCHEDULER),
         force_zeros_for_empty_prompt=True,
@@ -77,16 +83,16 @@ def sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def refiner_dir(sdxl_dir, tmp_path_factory):
     """A tiny SDXL refiner as diffusers saves it: the base's second encoder and autoencoder, its
-    own U-Net (a 32-wide context from that encoder alone; five ids: sizes, crop, aesthetic
+    own U-Net (a 128-wide context from that encoder alone; five ids: sizes, crop, aesthetic
     score), `requires_aesthetics_score`."""
     base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        transformer_layers_per_block=2, cross_attention_dim=32, use_linear_projection=True,
+        block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
+        transformer_layers_per_block=2, cross_attention_dim=128, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 5 * 8,
+        projection_class_embeddings_input_dim=128 + 5 * 8,
     )  # fmt: skip
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
@@ -106,14 +112,14 @@ def loaded(sdxl_dir):
 def test_an_sdxl_directory_loads_both_encoders_and_its_settings(loaded):
     p = loaded
     assert p.is_sdxl and p.unet.addition_embed_type == "text_time"
-    assert p.text_encoder.projection_dim is None and p.text_encoder_2.projection_dim == 32
+    assert p.text_encoder.projection_dim is None and p.text_encoder_2.projection_dim == 128
     assert p.tokenizer_2.pad_id == p.tokenizer_2.vocab["!"] != p.tokenizer.pad_id
     assert p.force_zeros_for_empty_prompt and p.autoencoder.scaling_factor == 0.13025
     assert p.scheduler.method == "euler"
     assert set(p.params) == {"unet", "autoencoder", "text_encoder", "text_encoder_2"}
     model = pipelines.LatentDiffusion.from_pretrained(p)
     assert isinstance(model.text_encoder, SDXLTextEncoders)
-    assert model.text_encoder.context_dim == p.unet.cross_attention_dim == 48
+    assert model.text_encoder.context_dim == p.unet.cross_attention_dim == 192
 
 
 def _latents(seed=0):
@@ -304,3 +310,85 @@ def test_img2img_matches_stable_diffusion_xl_img2img_pipeline(sdxl_dir, loaded):
                    output_type="np").images  # fmt: skip
     assert ours.shape == ref.shape == (2, 16, 16, 3) and ref.std() > 0.05
     np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def sdxl_file(pretrained, path):
+    """`pretrained` (base or refiner) written in SDXL's original single-file layout, with what
+    real files carry beside the modules (OpenCLIP's logit scale, CLIP's position ids)."""
+    from safetensors.numpy import save_file
+
+    from jdiff.interop import single_file
+
+    p = pretrained
+    maps = single_file.key_map(p.unet, p.autoencoder, p.text_encoder, openclip=False,
+                               text_encoder_2=p.text_encoder_2)  # fmt: skip
+    states = {k: interop.to_diffusers(v) for k, v in p.params.items()}
+    state = single_file.from_diffusers_state(states, maps)
+    second = "0" if p.text_encoder is None else "1"
+    state[f"conditioner.embedders.{second}.model.logit_scale"] = np.ones((), np.float32)
+    if p.text_encoder is not None:
+        ids = np.arange(77, dtype=np.int64)[None]
+        state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = ids
+    save_file(state, path)
+    return state
+
+
+def test_sdxl_single_file_layout_matches_diffusers_converter(loaded, tmp_path):
+    """Our SDXL single-file table against diffusers' own converters: the file jdiff writes
+    converts, by diffusers, back to exactly the directory's tensors (U-Net with its added
+    embedding, VAE, CLIP ViT-L, OpenCLIP with its transposed projection)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    p = loaded
+    state = sdxl_file(p, tmp_path / "sdxl.safetensors")
+    checkpoint = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    config = transformers.CLIPTextConfig(
+        **interop.text_encoder_config_to_transformers(p.text_encoder_2)
+    )
+    got = {
+        "unet": sfu.convert_ldm_unet_checkpoint(
+            checkpoint, interop.unet_config_to_diffusers(p.unet, p.sample_size)),
+        "autoencoder": sfu.convert_ldm_vae_checkpoint(
+            checkpoint, interop.vae_config_to_diffusers(p.autoencoder, p.image_size)),
+        "text_encoder": sfu.convert_ldm_clip_checkpoint(checkpoint),
+        "text_encoder_2": sfu.convert_open_clip_checkpoint(
+            transformers.CLIPTextModelWithProjection(config), checkpoint,
+            prefix="conditioner.embedders.1.model."),
+    }  # fmt: skip
+    for module, tree in p.params.items():
+        expected = interop.to_diffusers(tree)
+        theirs = {k if k.startswith(("text_model.", "text_projection")) or "text" not in module
+                  else f"text_model.{k}": v for k, v in got[module].items()
+                  if not k.endswith("position_ids")}  # fmt: skip
+        assert set(theirs) == set(expected), (module, set(theirs) ^ set(expected))
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(theirs[key], np.float32).reshape(value.shape),
+                                          value, err_msg=f"{module} {key}")  # fmt: skip
+
+
+def test_sdxl_single_files_load_like_the_directories(loaded, refiner_dir, tmp_path):
+    """Base and refiner single files read back to the directories' parameters and settings:
+    the architecture, the second encoder's projection and padding, the scheduler, the ids'
+    embedding width, and `force_zeros_for_empty_prompt` / `requires_aesthetics_score`."""
+    refiner = interop.load_pretrained(refiner_dir)
+    for p, name in ((loaded, "base"), (refiner, "refiner")):
+        sdxl_file(p, tmp_path / f"{name}.safetensors")
+        q = interop.load_pretrained(tmp_path / f"{name}.safetensors")
+        assert q.unet == p.unet or name == "refiner"  # the refiner's depth is per level here
+        for field in ("block_out_channels", "num_attention_heads", "cross_attention_dim",
+                      "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                      "down_block_types", "up_block_types", "use_linear_projection"):  # fmt: skip
+            assert getattr(q.unet, field) == getattr(p.unet, field), (name, field)
+        for ours, theirs in ((q.text_encoder, p.text_encoder),
+                             (q.text_encoder_2, p.text_encoder_2)):  # fmt: skip
+            # the end token's id: transformers 5 writes 49407, SDXL's files 2 ("the largest
+            # id"): the same token either way
+            assert theirs is None or ours.clone(eos_token_id=theirs.eos_token_id) == theirs
+        assert q.tokenizer_2.pad_id == q.tokenizer_2.vocab["!"]
+        assert q.is_sdxl and q.autoencoder.scaling_factor == 0.13025
+        assert q.force_zeros_for_empty_prompt == (name == "base")
+        assert q.requires_aesthetics_score == (name == "refiner")
+        assert q.scheduler.method == "euler" and q.image_size == 1024  # SDXL's default size
+        assert set(q.params) == set(p.params)
+        for a, b in zip(jax.tree.leaves(p.params), jax.tree.leaves(q.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

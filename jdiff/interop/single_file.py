@@ -3,11 +3,15 @@
 One file holds the U-Net (`model.diffusion_model.`), the autoencoder (`first_stage_model.`) and
 the text encoder: SD 1.x's CLIP in transformers' layout (`cond_stage_model.transformer.`),
 SD 2.x's OpenCLIP ViT-H (`cond_stage_model.model.`, q/k/v fused in `in_proj`, 24 blocks of which
-SD uses the first 23). `key_map` pairs every diffusers key of the modules with its place in the
-file, so the same table reads (`to_diffusers_state`) and writes (`from_diffusers_state`) the
-layout. The file holds no configs: `infer_configs` reads the sizes off the weights' shapes; what
-shapes cannot tell (heads, v- or ε-prediction, image size) takes SD 1.x's or SD 2.x's value,
-which the caller may override.
+SD uses the first 23). SDXL's (Stability's `sgm` layout) hold its two encoders as
+`conditioner.embedders.0.transformer.` (CLIP ViT-L, transformers' layout) and
+`conditioner.embedders.1.model.` (OpenCLIP ViT-bigG, every block, its `text_projection`
+stored transposed), the refiner's one as `conditioner.embedders.0.model.`, and the U-Net's
+added embedding as `label_emb.0`. `key_map` pairs every diffusers key of the modules with its
+place in the file, so the same table reads (`to_diffusers_state`) and writes
+(`from_diffusers_state`) the layout. The file holds no configs: `infer_configs` reads the sizes
+off the weights' shapes; what shapes cannot tell (heads, v- or ε-prediction, image size, the
+ids' embedding width) takes SD 1.x's, SD 2.x's or SDXL's value, which the caller may override.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from jdiff.tokenizer import CLIPTokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+EMBEDDERS = "conditioner.embedders."  # SDXL's text encoders: .0 (and .1)
 
 # the schedulers of the SD 1.5 and SD 2.1 diffusers directories
 SCHEDULERS = {
@@ -43,6 +48,10 @@ SCHEDULERS = {
             "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
             "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
             "prediction_type": "v_prediction"},
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+             "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon",
+             "interpolation_type": "linear", "use_karras_sigmas": False},
 }  # fmt: skip
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -60,7 +69,7 @@ class Entry(NamedTuple):
     i-th of n equal slices of a fused tensor along axis 0)."""
 
     key: str
-    how: Any = "same"
+    how: Any = "same"  # or "T": stored transposed (OpenCLIP's text_projection)
 
 
 def _unet_key(key: str, unet: UNet) -> str:
@@ -69,6 +78,8 @@ def _unet_key(key: str, unet: UNet) -> str:
         return f"time_embed.{2 * int(m[1]) - 2}.{m[2]}"
     if m := re.fullmatch(r"class_embedding\.(.*)", key):
         return f"label_emb.{m[1]}"
+    if m := re.fullmatch(r"add_embedding\.linear_([12])\.(.*)", key):  # SDXL's
+        return f"label_emb.0.{2 * int(m[1]) - 2}.{m[2]}"
     for ours, theirs in (("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"),
                          ("conv_out", "out.2")):  # fmt: skip
         if key.startswith(ours + "."):
@@ -131,6 +142,8 @@ def _openclip_key(key: str) -> Entry:
              "final_layer_norm.bias": "ln_final.bias"}  # fmt: skip
     if rest in fixed:
         return Entry(fixed[rest])
+    if key == "text_projection.weight":  # SDXL's: OpenCLIP multiplies by it on the right
+        return Entry("text_projection", "T")
     m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.*)\.(weight|bias)", rest)
     if m is None:
         raise ValueError(f"text encoder key {key} has no place in OpenCLIP's layout")
@@ -145,9 +158,12 @@ def _diffusers_keys(shapes: Any) -> list[str]:
             for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]  # fmt: skip
 
 
-def key_map(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-            *, openclip: bool) -> dict[str, dict[str, Entry]]:  # fmt: skip
-    """{"unet" | "autoencoder" | "text_encoder": {diffusers key: Entry in the file}}."""
+def key_map(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
+            *, openclip: bool, text_encoder_2: CLIPTextModel | None = None,
+            ) -> dict[str, dict[str, Entry]]:  # fmt: skip
+    """{"unet" | "autoencoder" | "text_encoder" (| "text_encoder_2"): {diffusers key: Entry in
+    the file}}. With `text_encoder_2` the layout is SDXL's (`text_encoder` None: the
+    refiner's)."""
     if any(k in ("AttnDownBlock2D", "AttnUpBlock2D") for k in
            (*unet.down_block_types, *unet.up_block_types)):  # fmt: skip
         raise ValueError("self-attention U-Net blocks have no single-file layout in jdiff")
@@ -159,6 +175,15 @@ def key_map(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                         _diffusers_keys(templates.vae_shapes(vae))
                         for e in [_vae_key(k, levels)]},
     }  # fmt: skip
+    if text_encoder_2 is not None:  # SDXL: the embedders, numbered in order
+        encoders = [("text_encoder", text_encoder, False), ("text_encoder_2", text_encoder_2, True)]
+        encoders = [e for e in encoders if e[1] is not None]
+        for i, (name, model, big) in enumerate(encoders):
+            text_keys = _diffusers_keys(templates.text_encoder_shapes(model))
+            prefix = f"{EMBEDDERS}{i}." + ("model." if big else "transformer.")
+            maps[name] = {k: Entry(prefix + e.key, e.how) for k in text_keys
+                          for e in [_openclip_key(k) if big else Entry(k)]}  # fmt: skip
+        return maps
     text_keys = _diffusers_keys(templates.text_encoder_shapes(text_encoder))
     if openclip:
         maps["text_encoder"] = {k: Entry(OPENCLIP + e.key, e.how) for k in text_keys
@@ -172,6 +197,8 @@ def _read(state: Mapping[str, Any], entry: Entry) -> np.ndarray:
     value = np.asarray(state[entry.key], np.float32)
     if entry.how == "conv1x1":
         return value.reshape(value.shape[:2])
+    if entry.how == "T":
+        return value.T
     if entry.how != "same":
         _, i, n = entry.how
         return np.split(value, n, axis=0)[i]
@@ -195,9 +222,10 @@ def to_diffusers_state(state: Mapping[str, Any], maps) -> dict[str, dict[str, np
                 continue
             used.add(entry.key)
             out[module][key] = _read(state, entry)
-    prefixes = (UNET, VAE, CLIP, OPENCLIP)
+    prefixes = (UNET, VAE, CLIP, OPENCLIP, EMBEDDERS)
     ignorable = re.compile(r".*(position_ids|logit_scale|text_projection|attn_mask)$")
-    last = max((int(m[1]) for e in maps["text_encoder"].values()
+    last = max((int(m[1]) for name in ("text_encoder", "text_encoder_2")
+                for e in maps.get(name, {}).values()
                 if (m := re.search(r"resblocks\.(\d+)\.", e.key))), default=-1)  # fmt: skip
     left = []
     for k in state:
@@ -221,6 +249,8 @@ def from_diffusers_state(states: Mapping[str, Mapping[str, Any]], maps) -> dict[
             value = np.asarray(states[module][key], np.float32)
             if entry.how == "conv1x1":
                 out[entry.key] = value.reshape(*value.shape, 1, 1)
+            elif entry.how == "T":  # contiguous: safetensors writes the buffer as it lies
+                out[entry.key] = np.ascontiguousarray(value.T)
             elif entry.how != "same":
                 _, i, n = entry.how
                 parts = out.setdefault(entry.key, [None] * n)
@@ -248,15 +278,51 @@ def _heads(width: int, what: str) -> int:
     return width // 64
 
 
+def _clip_fields(state, shape, t: str) -> dict[str, Any]:
+    """A CLIP text encoder's fields (transformers' layout under `t`)."""
+    width = shape[f"{t}embeddings.token_embedding.weight"][1]
+    return dict(
+        TEXT_VARIANTS["clip_vit_l14"],
+        vocab_size=shape[f"{t}embeddings.token_embedding.weight"][0],
+        hidden_size=width,
+        intermediate_size=shape[f"{t}encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=_count(state, rf"{re.escape(t)}encoder\.layers\.(\d+)\."),
+        num_attention_heads=_heads(width, "text encoder"),
+        max_position_embeddings=shape[f"{t}embeddings.position_embedding.weight"][0],
+    )
+
+
+def _openclip_fields(state, shape, t: str, *, sdxl: bool) -> dict[str, Any]:
+    """An OpenCLIP text tower's fields (under `t`): SD 2.x's all but its last block, SDXL's
+    every block and its projection."""
+    width = shape[f"{t}token_embedding.weight"][1]
+    blocks = _count(state, rf"{re.escape(t)}transformer\.resblocks\.(\d+)\.")
+    fields = dict(TEXT_VARIANTS["openclip_vit_bigg14" if sdxl else "openclip_vit_h14"],
+                  vocab_size=shape[f"{t}token_embedding.weight"][0], hidden_size=width,
+                  intermediate_size=shape[f"{t}transformer.resblocks.0.mlp.c_fc.weight"][0],
+                  num_hidden_layers=blocks if sdxl else blocks - 1,
+                  num_attention_heads=_heads(width, "text encoder"),
+                  max_position_embeddings=shape[f"{t}positional_embedding"][0])  # fmt: skip
+    if sdxl:
+        fields["projection_dim"] = shape[f"{t}text_projection"][1]
+    return fields
+
+
 def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The modules' fields (and the version, "sd1" or "sd2") read off the weights' shapes."""
+    """The modules' fields (and the version: "sd1", "sd2", "sdxl" or "sdxl_refiner") read off
+    the weights' shapes."""
     if not any(k.startswith(UNET) for k in state):
         raise ValueError(f"no U-Net weights ({UNET}*): not a Stable Diffusion checkpoint")
     openclip = any(k.startswith(OPENCLIP) for k in state)
-    if not openclip and not any(k.startswith(CLIP) for k in state):
-        raise ValueError("no text encoder weights (cond_stage_model.*): jdiff reads SD 1.x/2.x "
-                         "checkpoints")  # fmt: skip
+    sdxl = any(k.startswith(EMBEDDERS) for k in state)
+    if not openclip and not sdxl and not any(k.startswith(CLIP) for k in state):
+        raise ValueError("no text encoder weights (cond_stage_model.*, conditioner.*): jdiff "
+                         "reads SD 1.x/2.x/XL checkpoints")  # fmt: skip
     version = "sd2" if openclip else "sd1"
+    if sdxl:
+        version = (
+            "sdxl_refiner" if any(k.startswith(f"{EMBEDDERS}0.model.") for k in state) else "sdxl"
+        )
     u = UNET
     shape = {k: tuple(np.shape(v)) for k, v in state.items()}
     levels = 1 + sum(1 for k in state if re.fullmatch(rf"{re.escape(u)}input_blocks\.\d+\.0\.op"
@@ -271,13 +337,16 @@ def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
         if not cross and any(k.startswith(f"{first}.1.") for k in shape):
             raise ValueError("self-attention U-Net blocks are not supported in single files")
         down.append("CrossAttnDownBlock2D" if cross else "DownBlock2D")
-        depth.append(_count(state, rf"{re.escape(first)}\.1\.transformer_blocks\.(\d+)\.") or 1)
+        depth.append(_count(state, rf"{re.escape(first)}\.1\.transformer_blocks\.(\d+)\."))
         up_cross = f"{u}output_blocks.{(L + 1) * i}.1.transformer_blocks.0.attn2.to_k.weight"
         up.append("CrossAttnUpBlock2D" if up_cross in shape else "UpBlock2D")
     attn = next(k for k in shape if k.endswith("attn2.to_k.weight") and k.startswith(u))
     proj_in = next(k for k in shape if k.endswith("proj_in.weight") and k.startswith(u))
     heads = 8 if version == "sd1" else tuple(_heads(c, "U-Net") for c in channels)
-    unet = dict(UNET_VARIANTS["sd_v1"],
+    # a level without attention: depth 1, but the innermost one's is the middle block's
+    middle = _count(state, rf"{re.escape(u)}middle_block\.1\.transformer_blocks\.(\d+)\.")
+    depth = [d or (middle if i == levels - 1 else 1) for i, d in enumerate(depth)]
+    unet = dict(UNET_VARIANTS["sdxl_base" if sdxl else "sd_v1"],
                 in_channels=shape[f"{u}input_blocks.0.0.weight"][1],
                 out_channels=shape[f"{u}out.2.weight"][0], block_out_channels=tuple(channels),
                 down_block_types=tuple(down), up_block_types=tuple(up), layers_per_block=L,
@@ -285,6 +354,15 @@ def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
                 transformer_layers_per_block=tuple(depth),
                 use_linear_projection=len(shape[proj_in]) == 2,
                 upcast_attention=version == "sd2")  # fmt: skip
+    if sdxl:  # the added embedding's MLP input: the pooled text, then 6 (refiner: 5) ids
+        width = shape[f"{u}label_emb.0.0.weight"][1]
+        pooled = next(v[1] for k, v in shape.items() if k.startswith(EMBEDDERS)
+                      and k.endswith(".model.text_projection"))  # fmt: skip
+        ids = 5 if version == "sdxl_refiner" else 6
+        unet.update(
+            projection_class_embeddings_input_dim=width,
+            addition_time_embed_dim=(width - pooled) // ids,
+        )
     if f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight" not in shape:
         raise ValueError("the U-Net's middle block has no cross-attention: not SD 1.x/2.x")
 
@@ -298,31 +376,20 @@ def infer_configs(state: Mapping[str, Any]) -> dict[str, Any]:
         "layers_per_block": _count(state, rf"{re.escape(v)}encoder\.down\.0\.block\.(\d+)\."),
         "latent_channels": shape[f"{v}post_quant_conv.weight"][0],
         "norm_num_groups": 32,
-        "scaling_factor": 0.18215,
+        "scaling_factor": 0.13025 if sdxl else 0.18215,
     }  # fmt: skip
+    if sdxl:
+        second = f"{EMBEDDERS}{0 if version == 'sdxl_refiner' else 1}.model."
+        text = None
+        if version == "sdxl":
+            text = _clip_fields(state, shape, f"{EMBEDDERS}0.transformer.text_model.")
+        return {"version": version, "unet": unet, "vae": vae, "text_encoder": text,
+                "text_encoder_2": _openclip_fields(state, shape, second, sdxl=True)}  # fmt: skip
 
     if openclip:
-        t = OPENCLIP
-        width = shape[f"{t}token_embedding.weight"][1]
-        text = dict(TEXT_VARIANTS["openclip_vit_h14"],
-                    vocab_size=shape[f"{t}token_embedding.weight"][0], hidden_size=width,
-                    intermediate_size=shape[f"{t}transformer.resblocks.0.mlp.c_fc.weight"][0],
-                    num_hidden_layers=_count(state, rf"{re.escape(t)}transformer\.resblocks\."
-                                                    r"(\d+)\.") - 1,
-                    num_attention_heads=_heads(width, "text encoder"),
-                    max_position_embeddings=shape[f"{t}positional_embedding"][0])  # fmt: skip
+        text = _openclip_fields(state, shape, OPENCLIP, sdxl=False)
     else:
-        t = CLIP + "text_model."
-        width = shape[f"{t}embeddings.token_embedding.weight"][1]
-        text = dict(
-            TEXT_VARIANTS["clip_vit_l14"],
-            vocab_size=shape[f"{t}embeddings.token_embedding.weight"][0],
-            hidden_size=width,
-            intermediate_size=shape[f"{t}encoder.layers.0.mlp.fc1.weight"][0],
-            num_hidden_layers=_count(state, rf"{re.escape(t)}encoder\.layers\.(\d+)\."),
-            num_attention_heads=_heads(width, "text encoder"),
-            max_position_embeddings=shape[f"{t}embeddings.position_embedding.weight"][0],
-        )
+        text = _clip_fields(state, shape, CLIP + "text_model.")
     return {"version": version, "unet": unet, "vae": vae, "text_encoder": text}
 
 
@@ -343,30 +410,40 @@ def load(
         raise ValueError(f"{path}: missing {e.args[0]}: not a complete SD 1.x/2.x "
                          "checkpoint") from None  # fmt: skip
     dtype = dtype or jnp.float32
+    version = configs["version"]
     unet = UNet(**configs["unet"], dtype=dtype)
     vae = AutoencoderKL(**configs["vae"])  # float32: see interop.load_pretrained
-    text = CLIPTextModel(**configs["text_encoder"], dtype=dtype)
-    maps = key_map(unet, vae, text, openclip=configs["version"] == "sd2")
+    texts = {name: CLIPTextModel(**configs[name], dtype=dtype)
+             for name in ("text_encoder", "text_encoder_2") if configs.get(name)}  # fmt: skip
+    maps = key_map(unet, vae, texts.get("text_encoder"), openclip=version == "sd2",
+                   text_encoder_2=texts.get("text_encoder_2"))  # fmt: skip
     try:
         states = to_diffusers_state(state, maps)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     shapes = {"unet": templates.unet_shapes(unet), "autoencoder": templates.vae_shapes(vae),
-              "text_encoder": templates.text_encoder_shapes(text)}  # fmt: skip
+              **{name: templates.text_encoder_shapes(m) for name, m in texts.items()}}  # fmt: skip
     params = {name: keys.from_diffusers(states[name], shapes[name]) for name in shapes}
-    scheduler = dict(SCHEDULERS[configs["version"]])
+    sdxl = version.startswith("sdxl")
+    scheduler = dict(SCHEDULERS["sdxl" if sdxl else version])
     if prediction_type is not None:
         scheduler["prediction_type"] = prediction_type
     v_model = scheduler["prediction_type"] == "v_prediction"
-    image_size = 768 if configs["version"] == "sd2" and v_model else 512
-    tokenizer = CLIPTokenizer.default(
-        max_length=configs["text_encoder"]["max_position_embeddings"],
-        **({"pad_token": "!"} if configs["version"] == "sd2" else {}),
-    )
+    image_size = 1024 if sdxl else 768 if version == "sd2" and v_model else 512
+    tokenizers = {}
+    for name, text in texts.items():  # SD 2.x's and SDXL's OpenCLIP tokenizer pads with "!"
+        pad = version == "sd2" or name == "text_encoder_2"
+        tokenizers[name.replace("text_encoder", "tokenizer")] = CLIPTokenizer.default(
+            max_length=text.max_position_embeddings, **({"pad_token": "!"} if pad else {})
+        )
     inpaint = unet.in_channels == 2 * unet.out_channels + 1
+    pipeline = {"sdxl": "StableDiffusionXLPipeline",
+                "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}.get(version, (
+        "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"))  # fmt: skip
     return Pretrained(
         unet, jax.tree.map(jnp.asarray, params), scheduler_from_diffusers(scheduler),
-        sample_size=image_size // vae.downsample_factor, text_encoder=text, autoencoder=vae,
-        tokenizer=tokenizer, source=str(path),
-        pipeline_class="StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+        sample_size=image_size // vae.downsample_factor, autoencoder=vae, source=str(path),
+        pipeline_class=pipeline, **texts, **tokenizers,
+        force_zeros_for_empty_prompt=version == "sdxl",
+        requires_aesthetics_score=version == "sdxl_refiner",
     )  # fmt: skip
