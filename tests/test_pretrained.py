@@ -320,6 +320,18 @@ def test_single_file_loads_like_the_directory(loaded, version, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_single_file_export_reads_back(loaded, version, tmp_path):
+    """`single_file.save` (`python -m jdiff.interop ... --format single_file`): the file reads
+    back to the same parameters (SD 2.x's with OpenCLIP's unused last block, zeroed)."""
+    p = loaded[version]
+    single_file.save(p, tmp_path / "model.safetensors")
+    q = interop.load_pretrained(tmp_path / "model.safetensors", image_size=16)
+    assert q.text_encoder.num_hidden_layers == p.text_encoder.num_hidden_layers
+    for a, b in zip(jax.tree.leaves(p.params), jax.tree.leaves(q.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_single_file_defaults_overrides_and_errors(loaded, tmp_path):
     original_file(loaded["sd2"], tmp_path / "sd2.safetensors")
     sd2 = interop.load_pretrained(tmp_path / "sd2.safetensors")

@@ -392,3 +392,20 @@ def test_sdxl_single_files_load_like_the_directories(loaded, refiner_dir, tmp_pa
         assert set(q.params) == set(p.params)
         for a, b in zip(jax.tree.leaves(p.params), jax.tree.leaves(q.params), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sdxl_exports_to_a_single_file_and_reads_back(loaded, sdxl_dir, tmp_path):
+    """`python -m jdiff.interop DIR --format single_file --output F.safetensors`: the file
+    reads back to the directory's parameters; an existing or non-.safetensors output is
+    refused."""
+    from jdiff.interop import cli
+
+    out = tmp_path / "sdxl.safetensors"
+    cli.main([str(sdxl_dir), "--output", str(out), "--format", "single_file"])
+    back = interop.load_pretrained(out)
+    assert back.is_sdxl and back.pipeline_class == "StableDiffusionXLPipeline"
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(back.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for bad in (out, tmp_path / "sdxl.ckpt"):
+        with pytest.raises(ValueError, match=r"writes a new \.safetensors file"):
+            cli.main([str(sdxl_dir), "--output", str(bad), "--format", "single_file"])

@@ -1,7 +1,8 @@
 """`python -m jdiff.interop SOURCE --output DIR`: convert pretrained weights (a diffusers
 directory, an original single file or a jdiff checkpoint) to a jdiff checkpoint (orbax), which
-`train.py` (`config.pretrained`) and `sample.py` read, or with `--format diffusers` to a
-diffusers-format directory."""
+`train.py` (`config.pretrained`) and `sample.py` read, with `--format diffusers` to a
+diffusers-format directory, or with `--format single_file` to one original-layout
+.safetensors file (SD 1.x, 2.x, XL)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pathlib
 import jax
 import numpy as np
 
+from jdiff.interop import single_file
 from jdiff.interop.converted import write_converted
 from jdiff.interop.diffusers_dir import save_pretrained
 from jdiff.interop.pretrained import load_pretrained
@@ -28,12 +30,14 @@ def main(argv: list[str] | None = None) -> None:
         "or a diffusers-format directory out.",
     )
     parser.add_argument("source", help="diffusers directory, .safetensors file or jdiff checkpoint")
-    parser.add_argument("--output", required=True, help="the directory to write (must be new)")
+    parser.add_argument("--output", required=True,
+                        help="the new directory (single_file: file) to write")  # fmt: skip
     parser.add_argument(
         "--format",
-        choices=("jdiff", "diffusers"),
+        choices=("jdiff", "diffusers", "single_file"),
         default="jdiff",
-        help="jdiff: orbax checkpoint + configs; diffusers: diffusers-format",
+        help="jdiff: orbax checkpoint + configs; diffusers: diffusers-format; single_file: "
+        "one original-layout .safetensors (--output names the file)",
     )
     parser.add_argument(
         "--prediction_type",
@@ -54,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)  # fmt: skip
     output = pathlib.Path(args.output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    if args.format == "single_file":
+        if output.suffix != ".safetensors" or output.exists():
+            raise ValueError(f"--output {output}: --format single_file writes a new "
+                             ".safetensors file; name one that does not exist")  # fmt: skip
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ValueError(f"--output {output} exists and is not an empty directory; choose another")
     pretrained = load_pretrained(
         args.source,
@@ -62,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         image_size=args.image_size,
         allow_pickle=args.allow_pickle,
     )
-    write = write_converted if args.format == "jdiff" else save_pretrained
+    write = {"jdiff": write_converted, "diffusers": save_pretrained,
+             "single_file": single_file.save}[args.format]  # fmt: skip
     written = write(pretrained, output)
     counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
               for name, tree in pretrained.params.items()}  # fmt: skip

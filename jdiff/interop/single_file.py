@@ -447,3 +447,31 @@ def load(
         force_zeros_for_empty_prompt=version == "sdxl",
         requires_aesthetics_score=version == "sdxl_refiner",
     )  # fmt: skip
+
+
+def save(pretrained: Pretrained, path) -> Any:
+    """Write a latent text-to-image model (SD 1.x, SD 2.x, SDXL base or refiner) as one
+    original-layout .safetensors file, which `load` and diffusers' `from_single_file` read.
+    SD 2.x's OpenCLIP gets its unused last block as zeros (released files carry one; readers
+    skip it)."""
+    import pathlib
+
+    from safetensors.numpy import save_file
+
+    p = pretrained
+    if p.autoencoder is None or (p.text_encoder is None and p.text_encoder_2 is None):
+        raise ValueError(f"{p.source}: only a latent text-to-image model (U-Net, autoencoder, "
+                         "text encoder) has a single-file layout")  # fmt: skip
+    sd2 = p.text_encoder_2 is None and p.text_encoder.hidden_act == "gelu"
+    maps = key_map(p.unet, p.autoencoder, p.text_encoder, openclip=sd2,
+                   text_encoder_2=p.text_encoder_2)  # fmt: skip
+    states = {name: keys.to_diffusers(p.params[name]) for name in maps}
+    state = from_diffusers_state(states, maps)
+    if sd2:  # the block SD 2.x leaves unused, as released files carry it
+        last = f"{OPENCLIP}transformer.resblocks.{p.text_encoder.num_hidden_layers - 1}."
+        extra = f"{OPENCLIP}transformer.resblocks.{p.text_encoder.num_hidden_layers}."
+        for k in [k for k in state if k.startswith(last)]:
+            state[extra + k[len(last) :]] = np.zeros_like(state[k])
+    path = pathlib.Path(path)
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+    return path
