@@ -113,7 +113,6 @@ class Target:
     inpainting: bool = False
     upscaler: bool = False
     method: str = "ddim"
-    sdxl: bool = False  # an SDXL model: txt2img and img2img so far
 
 
 def task(r: Request, t: Target) -> str:
@@ -236,6 +235,3 @@ def refuse_inapplicable(r: Request, t: Target, rules: tuple[Applies, ...] = APPL
             raise InputError(f"--{rule.flag} does not apply: {t.what}{doing}; {rule.fits}")
     if rules is APPLIES and t.upscaler and kind != "upscale":
         raise InputError(f"{t.what}, a super-resolution model: pass --upscale LOW_RES.png")
-    if rules is APPLIES and t.sdxl and kind not in ("generate", "img2img"):
-        raise InputError(f"{t.what}: jdiff has SDXL's txt2img and img2img so far "
-                         "(inpainting is to come); drop --mask / --outpaint")  # fmt: skip

@@ -245,7 +245,6 @@ def latent_target(model, what: str, source: str, method: str) -> Target:
         inpainting=model.is_inpainting,
         upscaler=model.is_upscaler,
         method=method,
-        sdxl=model.is_sdxl,
     )
 
 

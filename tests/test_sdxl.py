@@ -168,9 +168,8 @@ def test_sdxl_bad_inputs_name_the_problem(sdxl_dir, loaded, tmp_path):
         model.txt2img(loaded.params, PROMPTS, key, original_size=(64,))
     with pytest.raises(ValueError, match="multiples of 2; got 15x16"):
         model.txt2img(loaded.params, PROMPTS, key, height=15, width=16)
-    with pytest.raises(ValueError, match="inpainting and upscaling are to come"):
-        model.inpaint(loaded.params, np.zeros((2, 16, 16, 3)), np.ones((2, 16, 16, 1)), PROMPTS,
-                      key)  # fmt: skip
+    with pytest.raises(ValueError, match="3 init images for 2 prompts"):
+        model.img2img(loaded.params, np.zeros((3, 16, 16, 3)), PROMPTS, key)
     with pytest.raises(ValueError, match=r"\['aesthetic_score'\] do not apply"):
         model.txt2img(loaded.params, PROMPTS, key, aesthetic_score=7.0)
     with pytest.raises(ValueError, match="takes no option"):  # a misspelt option: the sampler's
@@ -188,7 +187,9 @@ def test_sdxl_bad_inputs_name_the_problem(sdxl_dir, loaded, tmp_path):
 
 def test_sample_py_takes_an_sdxl_directory(sdxl_dir, tmp_path):
     """sample.py's library path (`sampling.sample_pretrained`): one image per prompt with the
-    directory's Euler, then img2img from it; inpainting refused before anything is written."""
+    directory's Euler, then img2img from it, and inpainting with RePaint (the base model is
+    not an inpainting one): the unmasked pixels kept exactly; an option that does not apply
+    refused before anything is written."""
     from jdiff import sampling
     from jdiff.validate import InputError
 
@@ -203,10 +204,24 @@ def test_sample_py_takes_an_sdxl_directory(sdxl_dir, tmp_path):
     sampling.sample_pretrained(sdxl_dir, r)
     (again,) = (tmp_path / "img2img").glob("img2img_*.npz")
     assert np.load(again)["images"].shape[1:] == (16, 16, 3)
+    from PIL import Image
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    single = tmp_path / "single.png"
+    Image.fromarray(saved["images"][0]).save(single)
+    r = sampling.Request(prompts=("a red circle",), num_steps=3, init_image=str(single),
+                         mask=str(tmp_path / "mask.png"),
+                         output_dir=str(tmp_path / "repaint"))  # fmt: skip
+    sampling.sample_pretrained(sdxl_dir, r)
+    (painted,) = (tmp_path / "repaint").glob("*.npz")
+    painted = np.load(painted)["images"][0]
+    np.testing.assert_array_equal(painted[mask == 0], saved["images"][0][mask == 0])
+    assert np.abs(painted[mask > 0].astype(int) - saved["images"][0][mask > 0]).max() > 0
     out = tmp_path / "refused"
-    r = sampling.Request(prompts=("x",), init_image=str(image), mask=str(image),
-                         output_dir=str(out))  # fmt: skip
-    with pytest.raises(InputError, match="inpainting is to come"):
+    r = sampling.Request(prompts=("x",), eta=0.5, output_dir=str(out))
+    with pytest.raises(InputError, match="--eta does not apply"):
         sampling.sample_pretrained(sdxl_dir, r)
     assert not out.exists()
 
@@ -409,3 +424,48 @@ def test_sdxl_exports_to_a_single_file_and_reads_back(loaded, sdxl_dir, tmp_path
     for bad in (out, tmp_path / "sdxl.ckpt"):
         with pytest.raises(ValueError, match=r"writes a new \.safetensors file"):
             cli.main([str(sdxl_dir), "--output", str(bad), "--format", "single_file"])
+
+
+def test_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(loaded, sdxl_dir, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    """SDXL's 9-channel inpainting U-Net (latents, mask, masked-image latents): jdiff's inpaint
+    gives StableDiffusionXLInpaintPipeline's images (strength 1, the same initial latents; the
+    masked image's latents at the posterior mode on both sides, where diffusers would draw
+    them with torch's generator)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from diffusers.pipelines.stable_diffusion_xl import (
+        pipeline_stable_diffusion_xl_inpaint as module,
+    )
+
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    pipe = StableDiffusionXLInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=perturbed(unet),
+        scheduler=base.scheduler, force_zeros_for_empty_prompt=True,
+    )  # fmt: skip
+    pipe.save_pretrained(tmp_path / "inpaint")
+    p = interop.load_pretrained(tmp_path / "inpaint")
+    model = pipelines.LatentDiffusion.from_pretrained(p)
+    assert p.is_sdxl and model.is_inpainting
+    rng = np.random.default_rng(1)
+    image = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    mask = np.zeros((2, 16, 16, 1), np.float32)
+    mask[:, 4:12, 2:10] = 1.0
+    ours = model.inpaint(p.params, image, mask, PROMPTS, jax.random.key(0), num_steps=8,
+                         negative_prompts=["", "green"], guidance_scale=5.0,
+                         latents=_latents())  # fmt: skip
+    ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample":
+                        original(out, generator, "argmax"))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, image=torch.from_numpy(image).permute(0, 3, 1, 2),
+                   mask_image=torch.from_numpy(mask).permute(0, 3, 1, 2), strength=1.0,
+                   negative_prompt=["", "green"], num_inference_steps=8, guidance_scale=5.0,
+                   height=16, width=16, latents=torch.from_numpy(_latents()).permute(0, 3, 1, 2),
+                   output_type="np").images  # fmt: skip
+    assert ref.std() > 0.05
+    np.testing.assert_allclose(ours, ref, atol=1e-3)

@@ -289,12 +289,14 @@ def make_inpaint(
                    method, num_steps, guidance_rescale, options)  # fmt: skip
 
     def generate(params, vae_params, init_images, masks, ids, uncond_ids, key,
-                 guidance_scale=7.5, latents=None):  # fmt: skip
+                 guidance_scale=7.5, latents=None, time_ids=None,
+                 negative_time_ids=None):  # fmt: skip
         k_encode, k_noise, k_sample = jax.random.split(key, 3)
         extra = inpaint_extra(autoencoder, vae_params, init_images, masks, scaling_factor)
         noise = jax.random.normal(k_noise, latent_shape) if latents is None else latents
         z0 = sk.encode(vae_params, init_images, k_encode) if start > 0 else None
-        fn = sk.guided(params, ids, uncond_ids, guidance_scale, extra=extra)
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale, extra=extra, time_ids=time_ids,
+                       negative_time_ids=negative_time_ids)  # fmt: skip
         return sk.decode(vae_params, sk.denoise(fn, k_sample, z0=z0, noise=noise, start_step=start))
 
     return generate
@@ -341,9 +343,11 @@ def make_latent_repaint(
     sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
                    "repaint", num_steps, guidance_rescale, options)  # fmt: skip
 
-    def inpaint(params, vae_params, images, masks, ids, uncond_ids, key, guidance_scale=7.5):
+    def inpaint(params, vae_params, images, masks, ids, uncond_ids, key, guidance_scale=7.5,
+                time_ids=None, negative_time_ids=None):  # fmt: skip
         z0 = sk.encode(vae_params, images)
-        fn = sk.guided(params, ids, uncond_ids, guidance_scale)
+        fn = sk.guided(params, ids, uncond_ids, guidance_scale, time_ids=time_ids,
+                       negative_time_ids=negative_time_ids)  # fmt: skip
 
         def decode(z):
             return sk.decode(vae_params, z)

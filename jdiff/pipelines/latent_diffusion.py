@@ -142,8 +142,8 @@ class LatentDiffusion:
 
     def _tokens(self, prompts, negative_prompts):
         if self.is_sdxl:
-            raise ValueError("an SDXL model: jdiff has its txt2img, img2img and refine (base + "
-                             "refiner) so far (inpainting and upscaling are to come)")  # fmt: skip
+            raise ValueError("an SDXL model: jdiff has no SDXL upscaler (SD's x4 upscaler is "
+                             "a 1.x/2.x-era model)")  # fmt: skip
         prompts, negative_prompts = prompt_lists(prompts, negative_prompts)
         return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative_prompts))
 
@@ -339,9 +339,12 @@ class LatentDiffusion:
         which starts from noise, steps as DDIM does and returns the original exactly where the
         mask is 0 (`return_unpasted`: also the decoded prediction before that paste).
         """
-        init_images, ids, uncond = self._images(init_images, prompts, negative_prompts)
+        init_images = self._check_images(init_images)
+        ids, uncond, shape, sdxl = self._text_inputs(prompts, negative_prompts,
+                                                     *init_images.shape[1:3], options)  # fmt: skip
+        if shape[0] != len(init_images):
+            raise ValueError(f"{len(init_images)} init images for {shape[0]} prompts")
         masks = jnp.asarray(inpainting.check_masks(masks, init_images))
-        shape = self._latent_shape(len(ids), *init_images.shape[1:3])
         if not self.is_inpainting:
             if method not in (None, "ddim") or strength != 1.0 or latents is not None:
                 raise ValueError(
@@ -360,7 +363,7 @@ class LatentDiffusion:
                 guidance_scale,
             )  # fmt: skip
             return generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
-                            jnp.float32(guidance_scale))  # fmt: skip
+                            jnp.float32(guidance_scale), **sdxl)  # fmt: skip
         if return_unpasted:
             raise ValueError("return_unpasted is RePaint's; an inpainting model's result is "
                              "not pasted")  # fmt: skip
@@ -377,7 +380,7 @@ class LatentDiffusion:
         if latents is not None:
             latents = jnp.asarray(latents, jnp.float32)
         x = generate(params, params["autoencoder"], init_images, masks, ids, uncond, key,
-                     jnp.float32(guidance_scale), latents)  # fmt: skip
+                     jnp.float32(guidance_scale), latents, **sdxl)  # fmt: skip
         return masks * x + (1.0 - masks) * init_images if paste else x
 
     def upscale(
