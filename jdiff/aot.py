@@ -197,7 +197,15 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
     if announce:
         print(f"compiling the {p.name} for {topology} (minutes at SD sizes) ...", flush=True)
     start = time.perf_counter()
-    compiled, in_sh, kernels = _compile(p, mesh, config.mesh.fsdp_min_size, effort)
+    try:
+        compiled, in_sh, kernels = _compile(p, mesh, config.mesh.fsdp_min_size, effort)
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler's own verdict: it does not fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        raise InputError(f"the {p.name} does NOT fit {topology} ({chip.name}, "
+                         f"{chip.hbm_gib:g} GiB HBM per chip): XLA's TPU compiler says: {need} "
+                         f"Lower {what} (now {count}) or raise mesh.fsdp") from None  # fmt: skip
     flops, traffic, estimate, by = _cost(compiled, chip, kernels)
     loop = None
     if p.call is not None:  # the loop's body counted once: the model call's cost, apart

@@ -65,7 +65,7 @@ class _VisionTransformer(nn.Module):
         x = _VisionEmbeddings(c.hidden_size, self.patch_size, self.image_size,
                               name="embeddings")(pixels)  # fmt: skip
         x = nn.LayerNorm(c.layer_norm_eps, name="pre_layrnorm")(x)
-        x = _Encoder(c, name="encoder")(x, None, c.num_hidden_layers)
+        x, _ = _Encoder(c, name="encoder")(x, None, c.num_hidden_layers, None)
         return nn.LayerNorm(c.layer_norm_eps, name="post_layernorm")(x[:, 0])
 
 
@@ -101,7 +101,7 @@ class CLIPModel(nn.Module):
         self.logit_scale = _Parameter(())
 
     def encode_text(self, ids):
-        return self.text_projection(self.text_model(ids, None, 0).pooler_output)
+        return self.text_projection(self.text_model(ids, None, 0, None).pooler_output)
 
     def encode_image(self, pixels):
         return self.visual_projection(self.vision_model(pixels))
