@@ -168,6 +168,10 @@ CASES = [
     ("aot-batch", "aot", [TINY, "--topology=v5e:2x2", "--config.data.batch_size=6"],
      "does not split over the mesh's 4 chips"),
     ("aot-effort", "aot", [TINY, "--topology=v5e:2x2", "--effort=2"], "--effort=2.0"),
+    # the TPU compiler's own verdict (4M 8x8 images per chip): no traceback
+    ("aot-does-not-fit", "aot", [TINY, "--topology=v5e:2x2", "--effort=-1",
+                                 "--config.data.batch_size=16777216"],
+     "does NOT fit v5e:2x2"),
     ("aot-fsdp", "aot", [TINY, "--topology=v5e:2x2", "--config.mesh.fsdp=3"], "fsdp=3"),
     ("aot-unknown-key", "aot", [TINY, "--topology=v5e:2x2", "--config.mesh.fsdp_size=2"],
      "config.mesh has no key"),
