@@ -92,3 +92,30 @@ def latent_cache(workdir, source, vae_model, vae_params, key: str, tok, size: in
         np.savez(tmp, autoencoder=key, **arrays)
         tmp.rename(path)
     return arrays
+
+
+def sdxl_text_cache(source, ids, empty_ids, encoders, params, tokenizer_2, image_size: int):
+    """SDXL's frozen text inputs of every record, computed once (not stored: the encoders are
+    fast beside the autoencoder): its caption's context [N, L, D] and pooled embedding [N, P]
+    (`pipelines.text.SDXLTextEncoders`; `ids` and `empty_ids` [L] the first tokenizer's, the
+    second's made here),
+    its size ids [N, 6] (the record's own height and width, no crop, the training size), and
+    the empty prompt's context [L, D] and pooled embedding [P] that caption dropout uses."""
+    texts = captions(source)
+    pairs = np.stack([ids, np.asarray(tokenizer_2(texts))], axis=1)  # [N, 2, L]
+
+    @jax.jit
+    def encode(pair):
+        cond = encoders.encode(params, (pair[:, 0], pair[:, 1]))
+        return jax.numpy.concatenate([cond.context.reshape(len(pair), -1), cond.text_embeds], 1)
+
+    length, width = ids.shape[1], encoders.context_dim
+    flat = autoencoder.in_chunks(encode, pairs, 256)
+    empty = np.stack([np.asarray(empty_ids)[None], np.asarray(tokenizer_2([""]))], axis=1)
+    empty = np.asarray(encode(empty))
+    sizes = [np.shape(source[i]["image"])[:2] for i in range(len(source))]
+    time_ids = np.array([[h, w, 0, 0, image_size, image_size] for h, w in sizes], np.float32)
+    split = length * width
+    return ({"context": flat[:, :split].reshape(-1, length, width), "text_embeds": flat[:, split:],
+             "time_ids": time_ids},
+            empty[0, :split].reshape(length, width), empty[0, split:])  # fmt: skip

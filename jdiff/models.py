@@ -108,17 +108,22 @@ def make_text_encoder(config: Any) -> CLIPTextModel:
 
 def load_pretrained_parts(config: Any):
     """`jdiff.interop.load_pretrained(config.latent.pretrained)` for fine-tuning: the U-Net in
-    `config.model.dtype` (and `remat`), the text encoder in it too, the autoencoder float32."""
+    `config.model.dtype` (and `remat`), the text encoders in it too, the autoencoder float32.
+    An SDXL refiner (its text encoder the second alone) is refused: fine-tune the base."""
     import dataclasses
 
     from jdiff import interop
 
     p = interop.load_pretrained(config.latent.pretrained)
     if not p.is_latent or p.text_encoder is None:
-        raise ValueError(f"latent.pretrained={config.latent.pretrained!r} is not a latent "
-                         "text-to-image model (Stable Diffusion)")  # fmt: skip
-    text = p.text_encoder.clone(dtype=_dtype(config.model.dtype))
-    return dataclasses.replace(p, unet=configured_unet(p.unet, config), text_encoder=text)
+        what = ("an SDXL refiner: jdiff fine-tunes SDXL's base" if p.text_encoder_2 is not None
+                else "not a latent text-to-image model (Stable Diffusion)")  # fmt: skip
+        raise ValueError(f"latent.pretrained={config.latent.pretrained!r} is {what}")
+    dtype = _dtype(config.model.dtype)
+    second = p.text_encoder_2 and p.text_encoder_2.clone(dtype=dtype)
+    return dataclasses.replace(p, unet=configured_unet(p.unet, config),
+                               text_encoder=p.text_encoder.clone(dtype=dtype),
+                               text_encoder_2=second)  # fmt: skip
 
 
 def make_autoencoder(config: Any) -> AutoencoderKL:

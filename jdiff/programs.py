@@ -52,13 +52,15 @@ def autoencoder_step(config: Any, model, optimizer):
 
 
 def latent_step(config: Any, unet, text, schedule, optimizer, *, empty_ids, empty_context,
-                scaling_factor: float, prediction_type: str, kind: str | None):  # fmt: skip
+                scaling_factor: float, prediction_type: str, kind: str | None,
+                empty_text_embeds=None):  # fmt: skip
     """Text-conditional latent diffusion's step (`training.make_latent_train_step`); `kind`
     is the image conditioning by concatenation (None, "inpaint" or "upscale": its input
     noise-augmented as SD's upscaler's)."""
     return training.make_latent_train_step(
         unet, text, schedule, optimizer, empty_ids=empty_ids, empty_context=empty_context,
-        scaling_factor=scaling_factor, caption_dropout=config.train.caption_dropout,
+        empty_text_embeds=empty_text_embeds, scaling_factor=scaling_factor,
+        caption_dropout=config.train.caption_dropout,
         prediction_type=prediction_type, snr_gamma=config.diffusion.snr_gamma or None,
         noise_augmentation=superres.low_res_schedule() if kind == "upscale" else None,
         max_noise_level=superres.MAX_NOISE_LEVEL,

@@ -27,6 +27,7 @@ from ml_collections import ConfigDict
 import jdiff
 from jdiff import (
     autoencoder,
+    caches,
     checkpoints,
     data,
     images,
@@ -239,6 +240,8 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         scaling, cache_key = p.autoencoder.scaling_factor, f"pretrained:{path}"
         schedule, frozen = p.scheduler.make_schedule(), True
         sampler = p.scheduler.options_for(config.sample.method)
+        if p.is_sdxl:  # both encoders, frozen: captions, pooled embeddings and ids cached
+            text = pipelines.SDXLTextEncoders(p.text_encoder, p.text_encoder_2)
     else:
         vae_workdir = pathlib.Path(config.latent.autoencoder_workdir).absolute()
         vae_model, vae_params, info = autoencoder.load(vae_workdir)
@@ -265,14 +268,20 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
     if frozen:
         optimizer = training.freeze_text_encoder(optimizer)
     if path:
-        weights = {"unet": p.params["unet"], "text_encoder": p.params["text_encoder"]}
+        weights = {k: v for k, v in p.params.items() if k != "autoencoder"}
         init, init_args = lambda params: training.init_state(params, optimizer), (weights,)
     else:
         unet = models.make_latent_unet(config, latent_shape[-1], text.hidden_size)
         init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
         init_args = ()
-    empty_ids, empty_context = tok([""])[0], None
-    if frozen:  # encode every caption once with the (unchanging) initial text encoder
+    empty_ids, empty_context, empty_embeds = tok([""])[0], None, None
+    sdxl = isinstance(text, pipelines.SDXLTextEncoders)
+    if sdxl:
+        added, empty_context, empty_embeds = caches.sdxl_text_cache(
+            source, cache["ids"], empty_ids, text, p.params, p.tokenizer_2,
+            config.data.image_size)  # fmt: skip
+        cache = cache | added
+    elif frozen:  # encode every caption once with the (unchanging) initial text encoder
         text_params = (p.params["text_encoder"] if path else
                        jax.jit(lambda k: training.init_text_encoder(text, k))(k_init))  # fmt: skip
         encode = jax.jit(lambda ids: text.apply({"params": text_params}, ids).last_hidden_state)
@@ -280,8 +289,8 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         empty_context = encode(empty_ids[None])[0]
     step = programs.latent_step(
         config, unet, text, schedule, optimizer, empty_ids=empty_ids,
-        empty_context=empty_context, scaling_factor=scaling, kind=kind,
-        prediction_type=sampler.get("prediction_type", "epsilon"),
+        empty_context=empty_context, empty_text_embeds=empty_embeds, scaling_factor=scaling,
+        kind=kind, prediction_type=sampler.get("prediction_type", "epsilon"),
     )  # fmt: skip
     prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
     prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
@@ -292,7 +301,11 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
         scaling_factor=scaling, method=config.sample.method, num_steps=config.sample.num_steps,
         **(sampler | dict(config.sample.get("options", {}))),
     )  # fmt: skip
-    ids, uncond = tok(prompts), tok([""] * len(prompts))
+    ids, uncond, added = tok(prompts), tok([""] * len(prompts)), {}
+    if sdxl:  # the second tokenizer's ids too, and the training size's ids, no crop
+        ids, uncond = (ids, p.tokenizer_2(prompts)), (uncond, p.tokenizer_2([""] * len(prompts)))
+        size = (config.data.image_size,) * 2
+        added = {"time_ids": pipelines.text.sdxl_time_ids(len(prompts), size, False)[0]}
     guidance = config.sample.guidance_scale
     inputs = sample_inputs(kind, config, len(prompts), vae_model.downsample_factor)
 
@@ -301,7 +314,7 @@ def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sam
             return generate(params, vae_params, *inputs, ids, uncond, k_sample, guidance)
         if kind == "upscale":  # the grid's images, downsampled, upscaled
             return generate(params, vae_params, inputs, ids, uncond, k_sample, guidance)
-        return generate(params, vae_params, ids, uncond, k_sample, guidance)
+        return generate(params, vae_params, ids, uncond, k_sample, guidance, **added)
 
     batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
                                 process_index=jax.process_index(),

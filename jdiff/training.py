@@ -274,6 +274,7 @@ def make_latent_train_step(
     scaling_factor: float,
     caption_dropout: float = 0.1,
     empty_context: jax.Array | None = None,
+    empty_text_embeds: jax.Array | None = None,
     prediction_type: str = "epsilon",
     snr_gamma: float | None = None,
     ema_max_decay: float = 0.9999,
@@ -293,7 +294,9 @@ def make_latent_train_step(
 
     A frozen text encoder's contexts are computed once: a batch with "context" [B, L, D] (the
     cached encodings) uses them, and the empty prompt's `empty_context` [L, D], instead of
-    running the encoder (freeze its parameters with `freeze_text_encoder`).
+    running the encoder (freeze its parameters with `freeze_text_encoder`). SDXL's batches add
+    the cached pooled "text_embeds" [B, P] (dropped to `empty_text_embeds` [P] with their
+    captions) and the size/crop "time_ids" [B, K].
 
     Image conditioning by concatenation: a batch with "extra" [B, h, w, k] (an inpainting
     model's mask and masked-image latents, a super-resolution model's low-resolution image)
@@ -311,6 +314,7 @@ def make_latent_train_step(
 
     def loss_fn(params, batch, key):
         k_z, k_drop, k_loss, k_dropout = jax.random.split(key, 4)
+        added = {}
         mean = batch["latent_mean"]
         z = scaling_factor * (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape))
         drop = jax.random.bernoulli(k_drop, caption_dropout, (mean.shape[0], 1))
@@ -318,11 +322,14 @@ def make_latent_train_step(
             if empty_context is None:
                 raise ValueError("a batch with cached 'context' needs empty_context")
             context = jnp.where(drop[..., None], empty_context[None], batch["context"])
+            if "text_embeds" in batch:  # SDXL: the second encoder's pooled output too
+                embeds = jnp.where(drop, empty_text_embeds[None], batch["text_embeds"])
+                added = {"text_embeds": embeds, "time_ids": batch["time_ids"]}
         else:
             ids = jnp.where(drop, empty_ids[None], batch["ids"])
             context = text.apply({"params": params["text_encoder"]}, ids).last_hidden_state
 
-        cond = Conditioning(context=context, concat=batch.get("extra"))
+        cond = Conditioning(context=context, concat=batch.get("extra"), **added)
         if noise_augmentation is not None:
             k_level, k_aug = jax.random.split(k_drop)
             level = superres.draw_noise_levels(k_level, mean.shape[0], max_noise_level,
@@ -344,11 +351,14 @@ def make_latent_train_step(
 
 
 def freeze_text_encoder(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`optimizer` on the U-Net's parameters, none on the text encoder's (latent models whose
-    parameters are {"unet", "text_encoder"}): the text encoder stays as it was initialised or
-    loaded, and keeps no optimizer state."""
-    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
-                                 {"unet": "train", "text_encoder": "frozen"})  # fmt: skip
+    """`optimizer` on the U-Net's parameters, none on the text encoders' (latent models whose
+    parameters are {"unet", "text_encoder"} and SDXL's "text_encoder_2"): they stay as they
+    were initialised or loaded, and keep no optimizer state."""
+
+    def labels(params):
+        return {k: "train" if k == "unet" else "frozen" for k in params}
+
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def freeze_encoder(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -469,3 +469,30 @@ def test_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(loaded, sdxl_di
                    output_type="np").images  # fmt: skip
     assert ref.std() > 0.05
     np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_train_py_fine_tunes_an_sdxl_unet(sdxl_dir, loaded, tmp_path):
+    """configs/sd_finetune.py:tiny on the SDXL directory: the U-Net trains from the converted
+    weights on cached latents, contexts, pooled embeddings and size ids; both text encoders
+    and the autoencoder stay as loaded; the workdir samples as an SDXL model."""
+    import importlib
+
+    from jdiff import trainer
+
+    config = importlib.import_module("configs.sd_finetune").get_config("tiny")
+    config.latent.pretrained = str(sdxl_dir)
+    config.mesh.data = 1
+    assert trainer.train(config, tmp_path).exists()  # the sample grid
+    model, params, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
+    before = loaded.params
+    for name in ("text_encoder", "text_encoder_2", "autoencoder"):
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(params[name]),
+                        strict=True):  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(before["unet"]), jax.tree.leaves(params["unet"]),
+                             strict=True)]  # fmt: skip
+    assert min(moved) > 0  # every U-Net tensor took the two steps, the added embedding too
+    assert model.is_sdxl and model.method == "euler"
+    images = model.txt2img(params, PROMPTS, jax.random.key(0), num_steps=2)
+    assert images.shape == (2, 16, 16, 3)

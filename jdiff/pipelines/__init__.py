@@ -26,9 +26,11 @@ from jdiff.pipelines.latent import (
 )
 from jdiff.pipelines.latent_diffusion import LatentDiffusion, load_latent_diffusion
 from jdiff.pipelines.pixel import make_generate, make_repaint
+from jdiff.pipelines.text import SDXLTextEncoders, encode_prompts
 
 __all__ = [
-    "LatentDiffusion", "img2img_start_step", "inpaint_extra", "inpainting_inputs",
+    "LatentDiffusion", "SDXLTextEncoders", "encode_prompts", "img2img_start_step",
+    "inpaint_extra", "inpainting_inputs",
     "load_latent_diffusion", "make_generate", "make_img2img", "make_inpaint",
     "make_latent_repaint", "make_refine", "make_repaint", "make_txt2img", "make_upscale",
 ]  # fmt: skip
