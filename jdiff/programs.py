@@ -22,8 +22,11 @@ CALLS_PER_STEP = {"heun": 2}
 
 # latent.pretrained architectures sized without their weights: the U-Net, text encoder and
 # autoencoder variants (jdiff.nn's VARIANTS)
-ARCHITECTURES = {"sd_v1": ("sd_v1", "clip_vit_l14", "sd"),
-                 "sd_v2_1": ("sd_v2_1", "openclip_vit_h14", "sd")}  # fmt: skip
+ARCHITECTURES = {
+    "sd_v1": ("sd_v1", "clip_vit_l14", "sd"),
+    "sd_v2_1": ("sd_v2_1", "openclip_vit_h14", "sd"),
+    "sdxl_base": ("sdxl_base", ("clip_vit_l14", "openclip_vit_bigg14"), "sd"),  # two encoders
+}
 
 
 def step_options(config: Any) -> dict:
@@ -152,6 +155,9 @@ def sample_program(config) -> Abstract:
     if parts.kind:
         raise InputError(f"--program=sample sizes text-to-image; latent.conditioning="
                          f"{parts.kind!r} models are sized by their train step")  # fmt: skip
+    if parts.unet.addition_embed_type:
+        raise InputError("--program=sample sizes SD 1.x/2.x text-to-image; an SDXL model is "
+                         "sized by its train step (--program=train) so far")  # fmt: skip
     h, ae = _latent_size(config, parts), parts.autoencoder
     generate = pipelines.make_txt2img(
         parts.unet, parts.text, ae, models.make_schedule(config.diffusion),
@@ -240,8 +246,50 @@ def latent_parts(config) -> LatentParts:
     return LatentParts(unet, text, ae, config.text.get("frozen", False), kind)
 
 
+def _sdxl_program(config, parts, optimizer, key) -> TrainParts:
+    """SDXL's fine-tuning step as train.py builds it: the captions' contexts (both encoders),
+    pooled embeddings and size ids cached, both encoders frozen in the state."""
+    from jdiff.pipelines import SDXLTextEncoders
+
+    unet, text = parts.unet, parts.text
+    assert isinstance(text, SDXLTextEncoders)
+    second = text.text_encoder_2
+    h = _latent_size(config, parts)
+    b, length, pooled = (
+        config.data.batch_size,
+        second.max_position_embeddings,
+        second.projection_dim,
+    )
+    latent = (b, h, h, parts.autoencoder.latent_channels)
+    batch = {"latent_mean": _spec(latent), "latent_std": _spec(latent),
+             "ids": _spec((b, length), jnp.int32),
+             "context": _spec((b, length, text.context_dim), second.dtype),
+             "text_embeds": _spec((b, pooled)), "time_ids": _spec((b, 6))}  # fmt: skip
+    optimizer = training.freeze_text_encoder(optimizer)
+
+    def init():
+        one = {k: jnp.zeros((1, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+        x = jnp.zeros((1, h, h, unet.in_channels))
+        params = {"unet": unet.init(key, x, jnp.zeros(1), context=one["context"],
+                                    text_embeds=one["text_embeds"],
+                                    time_ids=one["time_ids"])["params"]}  # fmt: skip
+        params |= {name: training.init_text_encoder(m, key) for name, m in text.encoders}
+        return training.init_state(params, optimizer)
+
+    step = latent_step(
+        config, unet, text, models.make_schedule(config.diffusion), optimizer,
+        empty_ids=jnp.zeros(length, jnp.int32), scaling_factor=1.0,
+        empty_context=jnp.zeros((length, text.context_dim)),
+        empty_text_embeds=jnp.zeros(pooled), prediction_type=config.diffusion.prediction_type,
+        kind=None,
+    )  # fmt: skip
+    return TrainParts(init, step, batch)
+
+
 def _latent_program(config, optimizer, key) -> TrainParts:
     parts = latent_parts(config)
+    if parts.unet.addition_embed_type:
+        return _sdxl_program(config, parts, optimizer, key)
     unet, text = parts.unet, parts.text
     channels, h = parts.autoencoder.latent_channels, _latent_size(config, parts)
     b, length = config.data.batch_size, text.max_position_embeddings
@@ -281,23 +329,32 @@ def _pretrained_architecture(config, pretrained: str):
 
     dtype = models._dtype(config.model.dtype)
     root = pathlib.Path(pretrained)
+
+    def encoder(fields):
+        return text_encoder.CLIPTextModel(**fields, dtype=dtype)
+
     if pretrained in ARCHITECTURES:
         unet_variant, text_variant, vae_variant = ARCHITECTURES[pretrained]
         net = UNet(**unet.VARIANTS[unet_variant])
-        text = text_encoder.CLIPTextModel(**text_encoder.VARIANTS[text_variant])
+        texts = text_variant if isinstance(text_variant, tuple) else (text_variant,)
+        text = [encoder(text_encoder.VARIANTS[v]) for v in texts]
         ae = vae.AutoencoderKL(**vae.VARIANTS[vae_variant])
     elif all((root / part / "config.json").is_file() for part in ("unet", "vae", "text_encoder")):
         read = lambda part: files.read_json(root / part / "config.json")  # noqa: E731
         net = UNet(**foreign.unet_config_from_diffusers(read("unet")))
         ae = vae.AutoencoderKL(**foreign.vae_config_from_diffusers(read("vae")))
-        text = text_encoder.CLIPTextModel(
-            **foreign.text_encoder_config_from_transformers(read("text_encoder"))
-        )
+        text = [encoder(foreign.text_encoder_config_from_transformers(read(part)))
+                for part in ("text_encoder", "text_encoder_2")
+                if (root / part / "config.json").is_file()]  # fmt: skip
     else:
         raise InputError(f"latent.pretrained={pretrained!r}: to size it without its weights, "
                          f"name a diffusers-format directory (unet/, vae/, text_encoder/ "
                          f"config.json) or one of {sorted(ARCHITECTURES)}")  # fmt: skip
-    return models.configured_unet(net, config), text.clone(dtype=dtype), ae
+    if len(text) == 2:  # SDXL's two
+        from jdiff.pipelines import SDXLTextEncoders
+
+        return models.configured_unet(net, config), SDXLTextEncoders(*text), ae
+    return models.configured_unet(net, config), text[0], ae
 
 
 def _stored_autoencoder(config):

@@ -496,3 +496,25 @@ def test_train_py_fine_tunes_an_sdxl_unet(sdxl_dir, loaded, tmp_path):
     assert model.is_sdxl and model.method == "euler"
     images = model.txt2img(params, PROMPTS, jax.random.key(0), num_steps=2)
     assert images.shape == (2, 16, 16, 3)
+
+
+def test_an_sdxl_train_step_is_sized_for_a_tpu_topology(sdxl_dir):
+    """`python -m jdiff.aot` on an SDXL directory's config files (no weights read): its
+    fine-tuning step (both encoders frozen in the state, the pooled embeddings and size ids
+    in the batch) compiles for four v5p chips with fsdp 4 and fits."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the [tpu] extra")
+    import importlib
+
+    from jdiff import aot
+
+    config = importlib.import_module("configs.sd_finetune").get_config("tiny")
+    config.latent.pretrained = str(sdxl_dir)
+    config.mesh.update(fsdp=4, fsdp_min_size=1)
+    config.data.batch_size = 8
+    report = aot.compile_for(config, "v5p:2x2x1", effort=-1.0)
+    assert report.fits and report.batch_per_chip == 2 and report.flops > 0
+    shapes = interop.load_pretrained(sdxl_dir).params
+    whole = sum(a.size * 4 for k, v in shapes.items() if k != "autoencoder"
+                for a in jax.tree.leaves(v))  # fmt: skip
+    assert whole / 4 <= report.state["parameters"] < 0.3 * whole  # split over the four chips
+    assert "all-gather" in report.collectives
