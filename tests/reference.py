@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -158,3 +159,15 @@ def perturbed(model):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+def assert_only_the_unet_moved(before, after, frozen) -> None:
+    """A fine-tune's parameters against the loaded ones: every tensor of the `frozen`
+    modules bit-identical, every U-Net tensor moved."""
+    for name in frozen:
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(before["unet"]), jax.tree.leaves(after["unet"]),
+                             strict=True)]  # fmt: skip
+    assert min(moved) > 0

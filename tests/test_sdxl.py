@@ -18,7 +18,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from reference import perturbed
+from reference import assert_only_the_unet_moved, perturbed
 
 from jdiff import interop, pipelines
 from jdiff.pipelines.text import SDXLTextEncoders
@@ -485,14 +485,7 @@ def test_train_py_fine_tunes_an_sdxl_unet(sdxl_dir, loaded, tmp_path):
     assert trainer.train(config, tmp_path).exists()  # the sample grid
     model, params, _ = pipelines.load_latent_diffusion(tmp_path, ema=False)
     before = loaded.params
-    for name in ("text_encoder", "text_encoder_2", "autoencoder"):
-        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(params[name]),
-                        strict=True):  # fmt: skip
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
-             for a, b in zip(jax.tree.leaves(before["unet"]), jax.tree.leaves(params["unet"]),
-                             strict=True)]  # fmt: skip
-    assert min(moved) > 0  # every U-Net tensor took the two steps, the added embedding too
+    assert_only_the_unet_moved(before, params, ("text_encoder", "text_encoder_2", "autoencoder"))
     assert model.is_sdxl and model.method == "euler"
     images = model.txt2img(params, PROMPTS, jax.random.key(0), num_steps=2)
     assert images.shape == (2, 16, 16, 3)
