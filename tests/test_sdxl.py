@@ -511,3 +511,28 @@ def test_an_sdxl_train_step_is_sized_for_a_tpu_topology(sdxl_dir):
                 for a in jax.tree.leaves(v))  # fmt: skip
     assert whole / 4 <= report.state["parameters"] < 0.3 * whole  # split over the four chips
     assert "all-gather" in report.collectives
+
+
+def test_fp16_variants_and_sharded_weights_load(sdxl_dir, loaded, tmp_path):
+    """A directory saved as diffusers' fp16 variant with its weights sharded (the index
+    files): jdiff reads it to the float32 parameters' float16 roundings."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, torch_dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16", max_shard_size="200KB")
+    assert list((tmp_path / "fp16" / "unet").glob("*.fp16.safetensors.index.json"))
+    p = interop.load_pretrained(tmp_path / "fp16")
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(p.params), strict=True):
+        expected = np.asarray(a).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(b), expected)
+
+
+def test_new_prompts_seeds_scales_and_size_ids_do_not_retrace(loaded):
+    """One compiled program per shape, sampler and step count: new prompts, second prompts,
+    seeds, guidance scales and size ids reuse it."""
+    model = pipelines.LatentDiffusion.from_pretrained(loaded)
+    model.txt2img(loaded.params, PROMPTS, jax.random.key(0), num_steps=2, guidance_scale=5.0)
+    (fn,) = model._compiled.values()
+    before = fn._cache_size()
+    model.txt2img(loaded.params, ["a green triangle", "a cat"], jax.random.key(7), num_steps=2,
+                  guidance_scale=3.0, prompts_2=["x", "y"], original_size=(512, 384),
+                  crops_coords_top_left=(16, 8), target_size=(1024, 1024))  # fmt: skip
+    assert len(model._compiled) == 1 and fn._cache_size() == before == 1
