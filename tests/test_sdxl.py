@@ -518,7 +518,7 @@ def test_fp16_variants_and_sharded_weights_load(sdxl_dir, loaded, tmp_path):
     files): jdiff reads it to the float32 parameters' float16 roundings."""
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, torch_dtype=torch.float16)
     pipe.save_pretrained(tmp_path / "fp16", variant="fp16", max_shard_size="200KB")
-    assert list((tmp_path / "fp16" / "unet").glob("*.fp16.safetensors.index.json"))
+    assert list((tmp_path / "fp16" / "unet").glob("*.safetensors.index.fp16.json"))
     p = interop.load_pretrained(tmp_path / "fp16")
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(p.params), strict=True):
         expected = np.asarray(a).astype(np.float16).astype(np.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def read_weights(path: str | pathlib.Path, *, allow_pickle: bool = False) -> dic
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
-    if path.name.endswith(".index.json"):
+    if re.search(r"\.safetensors\.index(\.\w+)?\.json$", path.name):  # a variant's: .fp16
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         out = {}
         for shard in shards:
@@ -64,7 +65,10 @@ def component_weights(folder: pathlib.Path, allow_pickle: bool) -> pathlib.Path:
         for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
             if (folder / name).exists():
                 return folder / name
-    variants = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.safetensors.index*"))
+    # a variant (fp16): sharded (its index, `....safetensors.index.fp16.json`) or one file
+    variants = sorted(folder.glob("*.safetensors.index*.json")) + sorted(
+        p for p in folder.glob("*.safetensors") if not re.search(r"-\d+-of-\d+\.", p.name)
+    )
     if variants:
         return variants[0]
     pickles = [p for p in sorted(folder.iterdir()) if p.suffix in PICKLE_SUFFIXES]
