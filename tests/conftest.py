@@ -98,13 +98,13 @@ def tiny_vae_decoder_workdir(tiny_vae_workdir, tmp_path_factory, worker_id):
     return made_once(tmp_path_factory, worker_id, "vae_shapes_decoder_tiny", make)[0]
 
 
-# the modules by their time on two workers (fresh clone, 2026-12-05), longest first: the two
+# the modules by their time on two workers (fresh clone, 2026-12-05/06), longest first: the two
 # workers take them in this order (a long one left for last would run alone); the rest follow
 # in their own order
 LONGEST_FIRST = [
-    "test_latent", "test_pretrained", "test_image_conditioned", "test_training", "test_sharding",
-    "test_evaluation", "test_unet", "test_vae", "test_aot", "test_samplers", "test_checkpoints",
-    "test_losses", "test_bad_inputs",
+    "test_latent", "test_pretrained", "test_sdxl", "test_image_conditioned", "test_training",
+    "test_sharding", "test_evaluation", "test_unet", "test_vae", "test_aot", "test_samplers",
+    "test_checkpoints", "test_losses", "test_bad_inputs",
 ]  # fmt: skip
 
 
