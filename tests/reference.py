@@ -171,3 +171,12 @@ def assert_only_the_unet_moved(before, after, frozen) -> None:
              for a, b in zip(jax.tree.leaves(before["unet"]), jax.tree.leaves(after["unet"]),
                              strict=True)]  # fmt: skip
     assert min(moved) > 0
+
+
+def posterior_mode_in(monkeypatch, module) -> None:
+    """Make a diffusers pipeline `module` take its autoencoder's posterior at the mode (as
+    jdiff's inpainting does) where it would draw from it with torch's generator."""
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample":
+                        original(out, generator, "argmax"))  # fmt: skip

@@ -18,7 +18,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from reference import assert_only_the_unet_moved, perturbed
+from reference import assert_only_the_unet_moved, perturbed, posterior_mode_in
 
 from jdiff import interop, pipelines
 from jdiff.pipelines.text import SDXLTextEncoders
@@ -456,10 +456,7 @@ def test_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(loaded, sdxl_di
                          negative_prompts=["", "green"], guidance_scale=5.0,
                          latents=_latents())  # fmt: skip
     ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
-    original = module.retrieve_latents
-    monkeypatch.setattr(module, "retrieve_latents",
-                        lambda out, generator=None, sample_mode="sample":
-                        original(out, generator, "argmax"))  # fmt: skip
+    posterior_mode_in(monkeypatch, module)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ref = pipe(PROMPTS, image=torch.from_numpy(image).permute(0, 3, 1, 2),
