@@ -6,6 +6,7 @@ depends on and computed again when that changes."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -107,7 +108,7 @@ def sdxl_text_cache(source, ids, empty_ids, encoders, params, tokenizer_2, image
     @jax.jit
     def encode(pair):
         cond = encoders.encode(params, (pair[:, 0], pair[:, 1]))
-        return jax.numpy.concatenate([cond.context.reshape(len(pair), -1), cond.text_embeds], 1)
+        return jnp.concatenate([cond.context.reshape(len(pair), -1), cond.text_embeds], axis=1)
 
     length, width = ids.shape[1], encoders.context_dim
     flat = autoencoder.in_chunks(encode, pairs, 256)

@@ -286,11 +286,8 @@ class LatentDiffusion:
         SDXL's options as the class says)."""
         self._check_kind(False)
         method = method or self.method
-        init_images = self._check_images(init_images)
-        ids, uncond, shape, sdxl = self._text_inputs(prompts, negative_prompts,
-                                                     *init_images.shape[1:3], options)  # fmt: skip
-        if shape[0] != len(init_images):
-            raise ValueError(f"{len(init_images)} init images for {shape[0]} prompts")
+        init_images, ids, uncond, shape, sdxl = self._images(init_images, prompts,
+                                                             negative_prompts, options)  # fmt: skip
         if noise is not None:
             noise = jnp.asarray(noise, jnp.float32)
             if noise.shape != shape:
@@ -308,19 +305,17 @@ class LatentDiffusion:
         return generate(params, params["autoencoder"], init_images, ids, uncond, key,
                         jnp.float32(guidance_scale), noise=noise, **sdxl)  # fmt: skip
 
-    @staticmethod
-    def _check_images(init_images):
+    def _images(self, init_images, prompts, negative_prompts, options):
+        """(images, ids, uncond, latent shape, SDXL's arguments) of an image-to-image call, one
+        prompt per image (`_text_inputs`)."""
         init_images = jnp.asarray(init_images, jnp.float32)
         if init_images.ndim != 4 or init_images.shape[-1] != 3:
             raise ValueError(f"init images must be [N, H, W, 3]; got shape {init_images.shape}")
-        return init_images
-
-    def _images(self, init_images, prompts, negative_prompts):
-        init_images = self._check_images(init_images)
-        ids, uncond = self._tokens(prompts, negative_prompts)
-        if len(ids) != len(init_images):
-            raise ValueError(f"{len(init_images)} init images for {len(ids)} prompts")
-        return init_images, ids, uncond
+        ids, uncond, shape, sdxl = self._text_inputs(prompts, negative_prompts,
+                                                     *init_images.shape[1:3], options)  # fmt: skip
+        if shape[0] != len(init_images):
+            raise ValueError(f"{len(init_images)} init images for {shape[0]} prompts")
+        return init_images, ids, uncond, shape, sdxl
 
     def inpaint(
         self, params, init_images, masks, prompts, key, *, strength=1.0, negative_prompts=None,
@@ -339,11 +334,8 @@ class LatentDiffusion:
         which starts from noise, steps as DDIM does and returns the original exactly where the
         mask is 0 (`return_unpasted`: also the decoded prediction before that paste).
         """
-        init_images = self._check_images(init_images)
-        ids, uncond, shape, sdxl = self._text_inputs(prompts, negative_prompts,
-                                                     *init_images.shape[1:3], options)  # fmt: skip
-        if shape[0] != len(init_images):
-            raise ValueError(f"{len(init_images)} init images for {shape[0]} prompts")
+        init_images, ids, uncond, shape, sdxl = self._images(init_images, prompts,
+                                                             negative_prompts, options)  # fmt: skip
         masks = jnp.asarray(inpainting.check_masks(masks, init_images))
         if not self.is_inpainting:
             if method not in (None, "ddim") or strength != 1.0 or latents is not None:
