@@ -72,7 +72,10 @@ class Entry(NamedTuple):
     how: Any = "same"  # or "T": stored transposed (OpenCLIP's text_projection)
 
 
-def _unet_key(key: str, unet: UNet) -> str:
+def unet_key(key: str, unet: UNet) -> str:
+    """The original (CompVis / SGM) layout's name of a diffusers U-Net key, without the
+    `model.diffusion_model.` prefix (`down_blocks.1.attentions.0.proj_in.weight` ->
+    `input_blocks.4.1.proj_in.weight` for two layers per block)."""
     L = unet.layers_per_block
     if m := re.fullmatch(r"time_embedding\.linear_([12])\.(.*)", key):
         return f"time_embed.{2 * int(m[1]) - 2}.{m[2]}"
@@ -169,7 +172,7 @@ def key_map(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
         raise ValueError("self-attention U-Net blocks have no single-file layout in jdiff")
     levels = len(vae.block_out_channels)
     maps = {
-        "unet": {k: Entry(UNET + _unet_key(k, unet)) for k in
+        "unet": {k: Entry(UNET + unet_key(k, unet)) for k in
                  _diffusers_keys(templates.unet_shapes(unet))},
         "autoencoder": {k: Entry(VAE + e.key, e.how) for k in
                         _diffusers_keys(templates.vae_shapes(vae))
