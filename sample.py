@@ -139,6 +139,9 @@ _DTYPE = flags.DEFINE_enum(
     ["float32", "bfloat16"],
     "--pretrained: U-Net and text-encoder compute dtype (float32; the VAE stays float32).",
 )
+_LORA = flags.DEFINE_multi_string(
+    "lora", None, "--pretrained: a LoRA file merged at a scale, FILE or FILE:SCALE (1); repeatable."
+)
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "--pretrained: where to write (default ./samples)."
 )
@@ -157,6 +160,7 @@ def request() -> sampling.Request:
         jump_length=_JUMP_LENGTH.value, jump_n_sample=_JUMP_N_SAMPLE.value,
         prediction_type=_PREDICTION.value, image_size=_IMAGE_SIZE.value,
         allow_pickle=_ALLOW_PICKLE.value, dtype=_DTYPE.value, output_dir=_OUTPUT_DIR.value,
+        loras=tuple(_LORA.value or ()),
     )  # fmt: skip
 
 

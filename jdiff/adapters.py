@@ -100,8 +100,10 @@ def check(params: Mapping, lora: LoRA, what: str = "the adapter") -> None:
         down, up = lora.down[layer].shape, lora.up[layer].shape
         want = (*kernel.shape[:-1], down[-1]), (down[-1], kernel.shape[-1])
         if (tuple(down), tuple(up)) != want:
-            errors.append(f"{layer}: down {tuple(down)} and up {tuple(up)} do not fit its "
-                          f"kernel {tuple(kernel.shape)} (need {want[0]} and {want[1]})")  # fmt: skip
+            errors.append(
+                f"{layer}: down {tuple(down)} and up {tuple(up)} do not fit its kernel "
+                f"{tuple(kernel.shape)} (need {want[0]} and {want[1]})"
+            )
     if errors:
         raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(errors))
 

@@ -14,6 +14,7 @@ what would fit; a new sample.py option gets its rule there.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Callable
 
 from jdiff.validate import InputError, integer, number
@@ -30,7 +31,8 @@ class Request:
     Image tasks: `init_image` (+ `strength`: img2img 0.8, inpainting 1), `mask` or `outpaint`
     (+ `overlap`, 4), `upscale` (+ `noise_level`, 20), `projection`, RePaint's `jump_length`
     and `jump_n_sample`. Pretrained weights: `prediction_type`, `image_size`, `allow_pickle`,
-    `dtype` (float32), `output_dir` (./samples).
+    `dtype` (float32), `output_dir` (./samples), `loras` ("FILE" or "FILE:SCALE", each a LoRA
+    merged at its scale, 1 by default).
     """
 
     step: int | None = None
@@ -60,6 +62,7 @@ class Request:
     allow_pickle: bool = False
     dtype: str | None = None
     output_dir: str | None = None
+    loras: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Refuse what no model takes (`InputError` naming the flag): non-finite or
@@ -79,6 +82,12 @@ class Request:
         for text in (*self.prompts, self.negative_prompt or ""):
             if any("\udc80" <= c <= "\udcff" for c in text):  # undecodable argv bytes
                 raise InputError(f"--prompt {text!r}: not valid UTF-8 text")
+        for spec in self.loras:
+            path, scale = lora_spec(spec)
+            if not pathlib.Path(path).is_file():
+                raise InputError(f"--lora {spec}: no file {path} (give FILE or FILE:SCALE)")
+            if (fits := number(-10.0, 10.0).check(scale)) is not None:
+                raise InputError(f"--lora {spec}: the scale {scale} must be {fits}")
         if self.mask and self.outpaint:
             raise InputError("--mask and --outpaint: pass one (inpainting or outpainting)")
         if self.repaints and not self.init_image:
@@ -113,6 +122,17 @@ class Target:
     inpainting: bool = False
     upscaler: bool = False
     method: str = "ddim"
+
+
+def lora_spec(spec: str) -> tuple[str, float]:
+    """--lora's "FILE" or "FILE:SCALE" -> (FILE, SCALE); the scale 1 when none is given (a
+    path may hold colons: only a number after the last one is a scale)."""
+    path, sep, tail = spec.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        return spec, 1.0
+    return (path, scale) if sep and path else (spec, 1.0)
 
 
 def task(r: Request, t: Target) -> str:
@@ -174,6 +194,12 @@ BY_SOURCE = (  # what only a --workdir run or only --pretrained weights take
         )
         for name in PRETRAINED_ONLY
     ),
+    Applies(
+        "lora",
+        _set("loras"),
+        _pretrained,
+        "LoRA files adapt --pretrained weights (a --workdir run samples as it was trained)",
+    ),
 )
 APPLIES = (
     *BY_SOURCE,
@@ -182,6 +208,8 @@ APPLIES = (
             "it draws the forward / reverse strip of a pixel-space --workdir run's samples"),
     Applies("prompt", _set("prompts"), lambda r, t, k: t.text,
             "prompts need a text-conditional latent model"),
+    Applies("lora", _set("loras"), lambda r, t, k: t.text,
+            "LoRA files adapt a latent text-to-image model (its U-Net and text encoders)"),
     Applies("negative_prompt", _set("negative_prompt"), lambda r, t, k: t.text,
             "prompts need a text-conditional latent model"),
     Applies("guidance_scale", lambda r: r.guidance_scale not in (None, 1.0),

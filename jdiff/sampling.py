@@ -33,7 +33,7 @@ from jdiff import (
     samplers,
     superres,
 )
-from jdiff.request import BY_SOURCE, Request, Target, refuse_inapplicable
+from jdiff.request import BY_SOURCE, Request, Target, lora_spec, refuse_inapplicable
 
 __all__ = ["Request", "sample_pretrained", "sample_workdir"]
 
@@ -350,6 +350,27 @@ def repaint_text(model, params, prompts, n, guidance, options, size, out, r) -> 
                     prompts=np.asarray(prompts))  # fmt: skip
 
 
+def with_loras(p, specs: tuple[str, ...]) -> dict:
+    """`p.params` with each --lora FILE[:SCALE] merged at its scale (files read, and refused
+    with every key that places nowhere named, before anything compiles)."""
+    from jdiff import adapters, interop
+
+    if not specs:
+        return p.params
+    loras, scales = [], []
+    for spec in specs:
+        path, scale = lora_spec(spec)
+        lora = interop.read_lora(path, p.unet, p.params)
+        print(
+            f"LoRA {path} at scale {scale:g}: {len(lora.layers)} layers of "
+            f"{', '.join(lora.components())}, {lora.size():,} weights",
+            flush=True,
+        )
+        loras.append(lora)
+        scales.append(scale)
+    return adapters.merge_jit(p.params, loras, scales)
+
+
 def sample_pretrained(path: pathlib.Path, r: Request) -> None:
     """Generate from converted Stable Diffusion (txt2img, img2img, inpainting) or DDPM
     weights; outputs to `output_dir` (./samples)."""
@@ -373,7 +394,8 @@ def sample_pretrained(path: pathlib.Path, r: Request) -> None:
         guidance = 7.5 if r.guidance_scale is None else r.guidance_scale
         prompts = list(r.prompts)
         n = r.num_samples or len(prompts)
-        return generate_text(model, p.params, prompts, n, method, guidance, {}, p.image_size,
+        params = with_loras(p, r.loras)
+        return generate_text(model, params, prompts, n, method, guidance, {}, p.image_size,
                              out, r)  # fmt: skip
     if p.unet.num_class_embeds is not None:
         raise ValueError("class-conditional pretrained U-Nets are not supported by sample.py")

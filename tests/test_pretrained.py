@@ -14,51 +14,21 @@ import pytest
 import torch
 import transformers
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
     UNet2DModel,
 )
-from reference import assert_only_the_unet_moved, perturbed, posterior_mode_in
+from reference import assert_only_the_unet_moved, perturbed, posterior_mode_in, tiny_pipeline
 
 from jdiff import interop, pipelines, samplers
 from jdiff.interop import cli, configs, single_file
-from jdiff.tokenizer import CLIPTokenizer
 
 SD1_SCHEDULER = dict(single_file.SCHEDULERS["sd1"])
 SD2_SCHEDULER = dict(single_file.SCHEDULERS["sd2"])
 PROMPTS = ["a red circle at the top left", "a blue square"]
 NEGATIVE = ["", "green"]
-
-
-def tiny_pipeline(version: str, in_channels: int = 4):
-    """The parts of an SD 1.x- or 2.x-shaped pipeline (random weights): U-Net 32/64 channels
-    (SD 2.x: 64/128, 64-channel heads, linear projections, upcast attention), an f=2 VAE, a
-    2-layer CLIP text encoder with the real 49,408-token vocabulary."""
-    sd2 = version == "sd2"
-    width = 64
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128) if sd2 else (32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(1, 2) if sd2 else 8, cross_attention_dim=width,
-        use_linear_projection=sd2, upcast_attention=sd2,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )  # fmt: skip
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=1, max_position_embeddings=77,
-        hidden_act="gelu" if sd2 else "quick_gelu",
-    ))  # fmt: skip
-    tokenizer = CLIPTokenizer.default(**({"pad_token": "!"} if sd2 else {}))
-    return unet, vae, text, tokenizer
 
 
 @pytest.fixture(scope="module")

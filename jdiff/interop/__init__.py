@@ -11,6 +11,7 @@ One module a concern, none importing another in a circle, `jdiff.nn` never impor
     bundle         `Pretrained`: modules, parameters, scheduler, tokenizer
     diffusers_dir  diffusers-format directories in and out
     single_file    the original CompVis / Stability single-file layout
+    lora           LoRA files: diffusers / PEFT and Kohya in, diffusers / PEFT out
     converted      jdiff checkpoints (orbax) of a pretrained model
     pretrained     `load_pretrained`: any of the three sources
     cli            `python -m jdiff.interop SOURCE --output DIR`
@@ -19,6 +20,8 @@ One module a concern, none importing another in a circle, `jdiff.nn` never impor
     model = pipelines.LatentDiffusion.from_pretrained(pretrained)
     images = model.txt2img(pretrained.params, ["a photo of a cat"], jax.random.key(0))
     interop.save_pretrained(pretrained, "exported/")                 # diffusers loads it
+    style = interop.read_lora("style.safetensors", pretrained.unet, pretrained.params)
+    params = adapters.merge(pretrained.params, [style], [0.8])        # then txt2img(params, ...)
 """
 
 from jdiff.interop.bundle import Pretrained
@@ -41,6 +44,7 @@ from jdiff.interop.keys import (
     to_diffusers,
     torch_key,
 )
+from jdiff.interop.lora import read_lora, write_lora
 from jdiff.interop.pretrained import load_pretrained
 from jdiff.interop.schedulers import (
     SCHEDULER_METHODS,
@@ -53,9 +57,11 @@ from jdiff.interop.templates import text_encoder_shapes, unet_shapes, vae_shapes
 __all__ = [
     "PICKLE_SUFFIXES", "SCHEDULER_METHODS", "Pretrained", "SchedulerSettings",
     "clip_config_from_transformers", "clip_from_transformers", "from_diffusers", "load_pretrained",
-    "read_weights", "save_pretrained", "scheduler_from_diffusers", "scheduler_to_diffusers",
+    "read_lora", "read_weights", "save_pretrained", "scheduler_from_diffusers",
+    "scheduler_to_diffusers",
     "text_encoder_config_from_transformers", "text_encoder_config_to_transformers",
     "text_encoder_from_transformers", "text_encoder_shapes", "to_diffusers", "torch_key",
     "unet_config_from_diffusers", "unet_config_to_diffusers", "unet_shapes",
     "vae_config_from_diffusers", "vae_config_to_diffusers", "vae_shapes", "write_converted",
+    "write_lora",
 ]  # fmt: skip

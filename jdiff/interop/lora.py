@@ -67,7 +67,8 @@ def module_table(unet: UNet, params: Mapping) -> dict[str, str]:
     """Every name a LoRA file may give an adaptable module of this model -> its jdiff layer
     ("unet/down_blocks_0/.../to_q"): diffusers' dotted names with their part as prefix (a bare
     U-Net name too, as diffusers' oldest files have; a text encoder's with and without
-    `text_model.`), Kohya's underscored ones, and for the U-Net the original (SGM) layout's underscored names."""
+    `text_model.`), Kohya's underscored ones, and for the U-Net the original (SGM) layout's
+    underscored names."""
     table: dict[str, str] = {}
     kohya = {part: prefix for prefix, part in _kohya_prefixes(params).items()}
     for part in _PARTS:
@@ -163,8 +164,10 @@ def read_lora(path: str | pathlib.Path, unet: UNet, params: Mapping) -> LoRA:
     for key in state:
         for marker, name in _UNSUPPORTED.items():
             if marker in key:
-                raise ValueError(f"{path}: {key} belongs to {name}, which jdiff does not "
-                                 "apply; use a plain LoRA (lora_A/lora_B or lora_down/lora_up)")
+                raise ValueError(
+                    f"{path}: {key} belongs to {name}, which jdiff does not "
+                    "apply; use a plain LoRA (lora_A/lora_B or lora_down/lora_up)"
+                )
     table = module_table(unet, params)
     found: dict[str, dict[str, Any]] = collections.defaultdict(dict)
     unplaced = []
@@ -252,6 +255,9 @@ def write_lora(lora: LoRA, path: str | pathlib.Path, params: Mapping) -> pathlib
         }  # fmt: skip
     from safetensors.numpy import save_file
 
-    save_file(state, str(path), metadata={"format": "pt",
-                                          METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    save_file(
+        state,
+        str(path),
+        metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)},
+    )
     return path
