@@ -22,7 +22,6 @@ from reference import perturbed, tiny_pipeline
 from safetensors.torch import save_file
 
 from jdiff import adapters, interop, pipelines
-from jdiff.interop import lora as lora_io
 from jdiff.interop import single_file
 
 PROMPTS = ["a red circle at the top left", "a blue square"]
@@ -89,8 +88,15 @@ def sd1(tmp_path_factory):
         requires_safety_checker=False,
     ).save_pretrained(folder / "pipeline")  # fmt: skip
     fresh_unet, _, fresh_text, _ = tiny_pipeline("sd1")
-    unet_state, unet_config = peft_lora(fresh_unet, UNET_TARGETS, rank=4, alpha=8, seed=1,
-                                        rank_pattern={"conv1": 2}, alpha_pattern={"proj_in": 3})
+    unet_state, unet_config = peft_lora(
+        fresh_unet,
+        UNET_TARGETS,
+        rank=4,
+        alpha=8,
+        seed=1,
+        rank_pattern={"conv1": 2},
+        alpha_pattern={"proj_in": 3},
+    )
     text_state, text_config = peft_lora(fresh_text, TEXT_TARGETS, rank=2, alpha=2, seed=2)
     StableDiffusionPipeline.save_lora_weights(
         folder / "style", unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
@@ -186,3 +192,115 @@ def test_lora_files_merge_as_diffusers_loads_them(sd1, loaded, name):
     np.testing.assert_allclose(ours, ref, atol=1e-4)
     np.testing.assert_allclose(text_out(loaded, merged), torch_text_out(text_pipe.text_encoder),
                                atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters: intended
+def test_txt2img_with_loras_matches_diffusers_at_any_scale_compiled_once(sd1, loaded):
+    """The whole pipeline (PNDM, 10 steps, guidance 7.5, the same latents) with "style" at
+    scales 0, 0.5 and 1, and with "style" 1 and "detail" 0.5 together, equals diffusers'
+    (`set_adapters`) within 1e-3; the sampler compiles once, and merging once per set of
+    adapters (a new scale compiles nothing); the base parameters stay as they were."""
+    style = interop.read_lora(sd1["style"] / "pytorch_lora_weights.safetensors", loaded.unet,
+                              loaded.params)  # fmt: skip
+    detail = interop.read_lora(sd1["detail"], loaded.unet, loaded.params)
+    before = jax.tree.map(np.array, loaded.params)
+    model = pipelines.LatentDiffusion.from_pretrained(loaded)
+    pipe = torch_pipeline(sd1, style=sd1["style"], detail=sd1["detail_twin"])
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    merges = adapters.merge_jit._cache_size()
+    for names, scales in ((["style"], [0.0]), (["style"], [0.5]), (["style"], [1.0]),
+                          (["style", "detail"], [1.0, 0.5])):  # fmt: skip
+        loras = [{"style": style, "detail": detail}[n] for n in names]
+        params = adapters.merge_jit(loaded.params, loras, [jnp.float32(s) for s in scales])
+        ours = model.txt2img(params, PROMPTS, jax.random.key(0), num_steps=10, latents=latents)
+        pipe.set_adapters(names, scales)
+        with torch.no_grad():
+            ref = pipe(PROMPTS, num_inference_steps=10, guidance_scale=7.5, output_type="np",
+                       latents=torch.from_numpy(latents).permute(0, 3, 1, 2)).images  # fmt: skip
+        np.testing.assert_allclose(np.clip((np.asarray(ours) + 1) / 2, 0, 1), ref, atol=1e-3)
+    assert len(model._compiled) == 1
+    assert adapters.merge_jit._cache_size() - merges == 2  # one per set of adapters
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, before)
+    # scale 0 is the base bit for bit; the base tree is what "unmerging" returns to
+    zero = adapters.merge_jit(loaded.params, [style], [jnp.float32(0)])
+    jax.tree.map(np.testing.assert_array_equal, zero, loaded.params)
+
+
+def test_a_jdiff_written_lora_loads_into_diffusers(sd1, loaded, tmp_path):
+    """`write_lora` of the Kohya file: diffusers' `load_lora_weights` reads it (ranks and
+    alphas from its metadata) to the same U-Net and text encoder outputs, and jdiff reads it
+    back to the same factors."""
+    lora = interop.read_lora(sd1["detail"], loaded.unet, loaded.params)
+    path = interop.write_lora(lora, tmp_path / "exported", loaded.params)
+    assert path.name == "pytorch_lora_weights.safetensors"
+    again = interop.read_lora(path, loaded.unet, loaded.params)
+    jax.tree.map(np.testing.assert_array_equal, again, lora)
+    pipe = torch_pipeline(sd1, exported=path.parent)
+    merged = adapters.merge(loaded.params, [lora], [1.0])
+    x, context, t = _inputs(1)
+    np.testing.assert_allclose(unet_out(loaded, merged, x, context, t),
+                               torch_unet_out(pipe.unet, x, context, t), atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(text_out(loaded, merged), torch_text_out(pipe.text_encoder),
+                               atol=1e-4)  # fmt: skip
+
+
+def test_lora_files_that_do_not_fit_are_refused_naming_the_keys(sd1, loaded, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    style = load_file(sd1["style"] / "pytorch_lora_weights.safetensors")
+    stray = dict(style)
+    stray["unet.down_blocks.7.attentions.0.proj_in.lora_A.weight"] = np.zeros((4, 32), np.float32)
+    save_file(stray, tmp_path / "stray.safetensors")
+    with pytest.raises(ValueError, match=r"down_blocks\.7\.attentions\.0\.proj_in\.lora_A.*no "
+                                         "module of this model"):  # fmt: skip
+        interop.read_lora(tmp_path / "stray.safetensors", loaded.unet, loaded.params)
+    half = {k: v for k, v in style.items() if "mid_block" not in k or "lora_B" not in k}
+    save_file(half, tmp_path / "half.safetensors")
+    with pytest.raises(ValueError, match=r"unet/mid_block/.*: the file has no up factor"):
+        interop.read_lora(tmp_path / "half.safetensors", loaded.unet, loaded.params)
+    dora = dict(style)
+    dora["unet.mid_block.attentions.0.proj_in.lora_magnitude_vector"] = np.ones(64, np.float32)
+    save_file(dora, tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match="DoRA, which jdiff does not apply"):
+        interop.read_lora(tmp_path / "dora.safetensors", loaded.unet, loaded.params)
+    wide = {k: np.concatenate([v, v], axis=-1) if "lora_A" in k and v.ndim == 2 else v
+            for k, v in style.items()}  # fmt: skip
+    save_file(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=r"attn1.to_q: down \(4, 64\) and up \(32, 4\) .* do not fit its kernel \(32, 32\)",
+    ):
+        interop.read_lora(tmp_path / "wide.safetensors", loaded.unet, loaded.params)
+    lora = interop.read_lora(sd1["detail"], loaded.unet, loaded.params)
+    with pytest.raises(ValueError, match="2 adapters but 1 scales"):
+        adapters.merge(loaded.params, [lora, lora], [1.0])
+    with pytest.raises(ValueError, match="no such module"):
+        adapters.merge({"unet": loaded.params["unet"]}, [lora], [1.0])
+
+
+def test_sample_py_takes_loras_with_scales(sd1, tmp_path):
+    """`sample.py --pretrained DIR --lora FILE[:SCALE]`'s library path: the two LoRAs merged
+    at their scales change the image, the same seed without them gives the base's; bad
+    --lora values are one line each, before anything loads."""
+    from jdiff import sampling
+    from jdiff.request import lora_spec
+    from jdiff.validate import InputError
+
+    style = sd1["style"] / "pytorch_lora_weights.safetensors"
+    outputs = {}
+    for name, loras in (("base", ()), ("lora", (f"{style}:0.7", str(sd1["detail"])))):
+        r = sampling.Request(prompts=("a red circle",), num_steps=2, loras=loras,
+                             output_dir=str(tmp_path / name))  # fmt: skip
+        sampling.sample_pretrained(sd1["pipeline"], r)
+        (saved,) = (tmp_path / name).glob("*.npz")
+        outputs[name] = np.load(saved)["images"].astype(int)
+    assert np.abs(outputs["lora"] - outputs["base"]).max() > 0
+    assert lora_spec("a:b/c.safetensors:0.5") == ("a:b/c.safetensors", 0.5)
+    assert lora_spec("dir:x/file.safetensors") == ("dir:x/file.safetensors", 1.0)
+    for loras, message in (((f"{style}:nan",), "the scale nan must be a finite number"),
+                           ((str(tmp_path / "none.safetensors"),), "no file"),
+                           ((f"{style}:20",), ">= -10.0 and <= 10.0")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            sampling.sample_pretrained(
+                sd1["pipeline"], sampling.Request(prompts=("x",), loras=loras)
+            )

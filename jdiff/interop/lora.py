@@ -131,21 +131,21 @@ def _peft_alpha(metadata: Mapping, module: str, rank: int) -> float | None:
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
-def _to_jax(value: np.ndarray, role: str, kernel_shape: tuple) -> np.ndarray:
-    """A torch-layout down [r, in(, kh, kw)] or up [out, r(, 1, 1)] -> jdiff's down
-    [(kh, kw,) in, r] or up [r, out]."""
-    value = np.asarray(value, np.float32)
-    if role == "down":
-        if value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)
-        else:
-            value = value.T
-        return value.reshape(*kernel_shape[:-1], value.shape[-1])
-    if value.ndim == 4:
-        if value.shape[2:] != (1, 1):
-            raise ValueError(f"an up factor of spatial size {value.shape[2:]} (only 1x1)")
-        value = value[:, :, 0, 0]
-    return value.T
+def _factors(down: Any, up: Any, kernel: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Torch-layout factors, down [r, in(, kh, kw)] and up [out, r(, 1, 1)], as jdiff's down
+    [(kh, kw,) in, r] and up [r, out] for a kernel of shape `kernel` (jdiff's)."""
+    down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+    r = down.shape[0]
+    fits = (
+        down.ndim in (2, 4) and up.ndim in (2, 4) and up.shape[2:] in ((), (1, 1))
+        and up.shape[:2] == (kernel[-1], r) and math.prod(down.shape[1:]) == math.prod(kernel[:-1])
+    )  # fmt: skip
+    if not fits:
+        torch_kernel = (kernel[-1], *kernel[-2::-1]) if len(kernel) == 4 else kernel[::-1]
+        raise ValueError(f"down {down.shape} and up {up.shape} (torch layout) do not fit its "
+                         f"kernel {torch_kernel} ([out, in(, kh, kw)])")  # fmt: skip
+    down = down.transpose(2, 3, 1, 0) if down.ndim == 4 else down.T
+    return down.reshape(*kernel[:-1], r), up.reshape(up.shape[:2]).T
 
 
 def read_lora(path: str | pathlib.Path, unet: UNet, params: Mapping) -> LoRA:
@@ -178,20 +178,16 @@ def read_lora(path: str | pathlib.Path, unet: UNet, params: Mapping) -> LoRA:
             continue
         module, role = parsed
         found[table[module]][role] = (module, value)
-    errors = [f"{k}: no module of this model by that name" for k in sorted(unplaced)[:20]]
-    if len(unplaced) > 20:
-        errors.append(f"... and {len(unplaced) - 20} more")
+    errors = [f"{k}: no module of this model by that name" for k in sorted(unplaced)]
     down, up, alpha = {}, {}, {}
     for layer, roles in sorted(found.items()):
         if "down" not in roles or "up" not in roles:
             missing = "up" if "down" in roles else "down"
             errors.append(f"{layer}: the file has no {missing} factor for it")
             continue
-        kernel = np.shape(_kernel(params, layer))
         module, value = roles["down"]
         try:
-            down[layer] = _to_jax(value, "down", kernel)
-            up[layer] = _to_jax(roles["up"][1], "up", kernel)
+            down[layer], up[layer] = _factors(value, roles["up"][1], _kernel(params, layer).shape)
         except ValueError as e:
             errors.append(f"{module}: {e}")
             continue
@@ -200,7 +196,8 @@ def read_lora(path: str | pathlib.Path, unet: UNet, params: Mapping) -> LoRA:
         value = float(np.asarray(given[1])) if given else _peft_alpha(metadata, module, rank)
         alpha[layer] = np.float32(rank if value is None else value)
     if errors:
-        raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(errors))
+        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(shown))
     if not down:
         raise ValueError(f"{path} holds no LoRA weights")
     lora = LoRA(down, up, alpha)
@@ -236,7 +233,10 @@ def write_lora(lora: LoRA, path: str | pathlib.Path, params: Mapping) -> pathlib
     by_part = collections.defaultdict(list)
     for layer in lora.layers:
         part, *names = layer.split("/")
+        # a text encoder's modules as transformers 5 names them, without `text_model.` (a
+        # PEFT target name matches any module path it ends, transformers 4's too)
         module = keys.torch_key((*names, "kernel")).removesuffix(".weight")
+        module = module.removeprefix("text_model.")
         down = _to_torch(lora.down[layer], "down")
         up = _to_torch(lora.up[layer], "up")
         if np.ndim(_kernel(params, layer)) == 4:
