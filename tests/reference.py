@@ -5,6 +5,7 @@ diffusers' pipelines drive them, on a smooth analytic model function written twi
 from __future__ import annotations
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,9 @@ from diffusers import (
     PNDMScheduler,
     UNet2DConditionModel,
 )
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from jdiff import samplers
 from jdiff.tokenizer import CLIPTokenizer
@@ -211,3 +215,45 @@ def tiny_pipeline(version: str, in_channels: int = 4):
     ))  # fmt: skip
     tokenizer = CLIPTokenizer.default(**({"pad_token": "!"} if sd2 else {}))
     return unet, vae, text, tokenizer
+
+
+def allow_peft(monkeypatch) -> None:
+    """transformers 5.24 asks for PEFT >= 0.22, which the registries do not have yet; 0.21's
+    LoRA layers are what its text-encoder loading uses, so the references run with it."""
+    import transformers.integrations.peft as integration
+
+    monkeypatch.setattr(integration, "check_peft_version", lambda **_: None)
+
+
+def peft_lora(module, targets, *, rank, alpha, seed, **patterns):
+    """PEFT's LoRA on `module` (a fresh copy's shapes suffice) with random up factors (PEFT
+    starts them at zero): its state dict as `save_lora_weights` takes it, and its config."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                        init_lora_weights="gaussian", **patterns)  # fmt: skip
+    inject_adapter_in_model(config, module)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return get_peft_model_state_dict(module), config
+
+
+def kohya_file(state, path, *, alpha, unet_name=lambda m: m, text_prefixes=None):
+    """A Kohya-format file of a diffusers-format LoRA state dict: `lora_unet_` + the module's
+    name (`unet_name` maps diffusers' to another layout) with "." -> "_", `lora_te_` for the
+    text encoder, `lora_down` / `lora_up` and an `alpha` per module."""
+    text_prefixes = text_prefixes or {"text_encoder": "lora_te_"}
+    out = {}
+    for key, value in state.items():
+        part, rest = key.split(".", 1)
+        module, role = re.fullmatch(r"(.+)\.lora_([AB])\.weight", rest).groups()
+        if part == "unet":
+            name = "lora_unet_" + unet_name(module).replace(".", "_")
+        else:
+            module = module if module.startswith("text_model.") else f"text_model.{module}"
+            name = text_prefixes[part] + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if role == 'A' else 'up'}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(out, path)
+    return path

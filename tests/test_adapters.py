@@ -7,8 +7,6 @@ The LoRAs are made by PEFT on diffusers' and transformers' modules and saved by 
 another rank, `proj_in` at another alpha, and the text encoder), and by a Kohya-format writer
 ("detail": the same layout Kohya's scripts write, with alphas)."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +14,7 @@ import pytest
 import torch
 import transformers
 from diffusers import PNDMScheduler, StableDiffusionPipeline
-from peft import LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict
-from reference import perturbed, tiny_pipeline
-from safetensors.torch import save_file
+from reference import allow_peft, kohya_file, peft_lora, perturbed, tiny_pipeline
 
 from jdiff import adapters, interop, pipelines
 from jdiff.interop import single_file
@@ -31,45 +26,7 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 @pytest.fixture(autouse=True)
 def peft_for_transformers(monkeypatch):
-    """transformers 5.24 asks for PEFT >= 0.22, which the registries do not have yet; 0.21's
-    LoRA layers are what its text-encoder loading uses, so the reference runs with it."""
-    import transformers.integrations.peft as integration
-
-    monkeypatch.setattr(integration, "check_peft_version", lambda **_: None)
-
-
-def peft_lora(module, targets, *, rank, alpha, seed, **patterns):
-    """PEFT's LoRA on `module` (a fresh copy's shapes suffice) with random up factors (PEFT
-    starts them at zero): its state dict as `save_lora_weights` takes it, and its config."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                        init_lora_weights="gaussian", **patterns)  # fmt: skip
-    inject_adapter_in_model(config, module)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    return get_peft_model_state_dict(module), config
-
-
-def kohya_file(state, path, *, alpha, unet_name=lambda m: m, text_prefixes=None):
-    """A Kohya-format file of a diffusers-format LoRA state dict: `lora_unet_` + the module's
-    name (`unet_name` maps diffusers' to another layout) with "." -> "_", `lora_te_` for the
-    text encoder, `lora_down` / `lora_up` and an `alpha` per module."""
-    text_prefixes = text_prefixes or {"text_encoder": "lora_te_"}
-    out = {}
-    for key, value in state.items():
-        part, rest = key.split(".", 1)
-        module, role = re.fullmatch(r"(.+)\.lora_([AB])\.weight", rest).groups()
-        if part == "unet":
-            name = "lora_unet_" + unet_name(module).replace(".", "_")
-        else:
-            module = module if module.startswith("text_model.") else f"text_model.{module}"
-            name = text_prefixes[part] + module.replace(".", "_")
-        out[f"{name}.lora_{'down' if role == 'A' else 'up'}.weight"] = value.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    save_file(out, path)
-    return path
+    allow_peft(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -533,3 +533,57 @@ def test_new_prompts_seeds_scales_and_size_ids_do_not_retrace(loaded):
                   guidance_scale=3.0, prompts_2=["x", "y"], original_size=(512, 384),
                   crops_coords_top_left=(16, 8), target_size=(1024, 1024))  # fmt: skip
     assert len(model._compiled) == 1 and fn._cache_size() == before == 1
+
+
+def test_a_kohya_sdxl_lora_merges_as_diffusers_loads_it(sdxl_dir, loaded, tmp_path,
+                                                        monkeypatch):  # fmt: skip
+    """A Kohya-format SDXL LoRA as kohya-ss writes one (the U-Net's modules in the original
+    layout's names, `input_blocks_4_1_...`; `lora_te1_` / `lora_te2_`; LoCon on the residual
+    blocks' convolutions): the U-Net and both text encoders equal diffusers' after
+    `load_lora_weights`, within 1e-4."""
+    from reference import allow_peft, kohya_file, peft_lora
+
+    from jdiff import adapters
+    from jdiff.interop import single_file
+
+    allow_peft(monkeypatch)
+    fresh = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    unet_state, _ = peft_lora(fresh.unet, ["to_q", "to_v", "to_out.0", "proj_in", "conv1"],
+                              rank=4, alpha=2, seed=5)  # fmt: skip
+    state = {f"unet.{k}": v for k, v in unet_state.items()}
+    for part, seed in (("text_encoder", 6), ("text_encoder_2", 7)):
+        text_state, _ = peft_lora(getattr(fresh, part), ["fc1", "fc2"], rank=2, alpha=2,
+                                  seed=seed)  # fmt: skip
+        state |= {f"{part}.{k}": v for k, v in text_state.items()}
+    path = kohya_file(
+        state, tmp_path / "sdxl_kohya.safetensors", alpha=2,
+        unet_name=lambda m: single_file.unet_key(f"{m}.weight", loaded.unet)[: -len(".weight")],
+        text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    )  # fmt: skip
+    lora = interop.read_lora(path, loaded.unet, loaded.params)
+    assert lora.components() == ("text_encoder", "text_encoder_2", "unet")
+    assert "unet/up_blocks_0/attentions_1/transformer_blocks_1/attn1/to_q" in lora.layers
+    merged = adapters.merge(loaded.params, [lora], [1.0])
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.load_lora_weights(tmp_path, weight_name=path.name)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 5, 192)).astype(np.float32)
+    pooled = rng.standard_normal((2, 128)).astype(np.float32)
+    ids = np.array([[16, 16, 0, 0, 16, 16]] * 2, np.float32)
+    t = np.array([10.0, 700.0], np.float32)
+    ours = loaded.unet.apply({"params": merged["unet"]}, x, t, context=context,
+                             text_embeds=pooled, time_ids=ids)  # fmt: skip
+    with torch.no_grad():
+        ref = pipe.unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                        encoder_hidden_states=torch.from_numpy(context),
+                        added_cond_kwargs={"text_embeds": torch.from_numpy(pooled),
+                                           "time_ids": torch.from_numpy(ids)}).sample  # fmt: skip
+    np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    tokens = np.array([[49406, 320, 1125, 49407, 49407]])
+    for part, module in (("text_encoder", loaded.text_encoder),
+                         ("text_encoder_2", loaded.text_encoder_2)):  # fmt: skip
+        out = module.apply({"params": merged[part]}, tokens)
+        with torch.no_grad():
+            want = getattr(pipe, part)(torch.from_numpy(tokens)).last_hidden_state.numpy()
+        np.testing.assert_allclose(np.asarray(out.last_hidden_state), want, atol=1e-4)
