@@ -261,3 +261,40 @@ def test_sample_py_takes_loras_with_scales(sd1, tmp_path):
             sampling.sample_pretrained(
                 sd1["pipeline"], sampling.Request(prompts=("x",), loras=loras)
             )
+
+
+def test_an_sd2_lora_merges_as_diffusers_loads_it(tmp_path):
+    """SD 2.x's shapes (linear projections, 64-channel heads, an OpenCLIP-style GELU text
+    encoder): a diffusers-format LoRA equals diffusers' after `load_lora_weights`, within 1e-4."""
+    from diffusers import DDIMScheduler
+
+    torch.manual_seed(1)
+    unet, vae, text, tokenizer = tiny_pipeline("sd2")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    StableDiffusionPipeline(
+        vae=perturbed(vae), text_encoder=perturbed(text), unet=perturbed(unet),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path / "tokenizer"),
+        scheduler=DDIMScheduler.from_config(single_file.SCHEDULERS["sd2"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(tmp_path / "pipeline")  # fmt: skip
+    fresh_unet, _, fresh_text, _ = tiny_pipeline("sd2")
+    unet_state, unet_config = peft_lora(fresh_unet, UNET_TARGETS, rank=4, alpha=4, seed=8)
+    text_state, text_config = peft_lora(fresh_text, TEXT_TARGETS, rank=2, alpha=1, seed=9)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )  # fmt: skip
+    loaded = interop.load_pretrained(tmp_path / "pipeline")
+    lora = interop.read_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors", loaded.unet,
+                             loaded.params)  # fmt: skip
+    assert np.ndim(lora.down["unet/mid_block/attentions_0/proj_in"]) == 2  # linear in SD 2.x
+    merged = adapters.merge(loaded.params, [lora], [1.0])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "lora")
+    x, _, t = _inputs(2)
+    context = np.random.default_rng(2).standard_normal((2, 5, 64)).astype(np.float32)
+    np.testing.assert_allclose(unet_out(loaded, merged, x, context, t),
+                               torch_unet_out(pipe.unet, x, context, t), atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(text_out(loaded, merged), torch_text_out(pipe.text_encoder),
+                               atol=1e-4)  # fmt: skip
