@@ -27,21 +27,15 @@ from ml_collections import ConfigDict
 import jdiff
 from jdiff import (
     autoencoder,
-    caches,
     checkpoints,
     data,
     images,
-    inpainting,
-    models,
-    pipelines,
+    parts,
     programs,
     sharding,
-    superres,
-    tokenizer,
     training,
     validate,
 )
-from jdiff.caches import captions, conditioning_cache, latent_cache, latent_cache_key
 from jdiff.data import shapes
 
 # settings that shape the model or its data: a resume must not change them
@@ -98,20 +92,6 @@ def load_data(config: ConfigDict):
 task = programs.task  # the config's task, as every program reads it
 
 
-@dataclasses.dataclass(frozen=True)
-class Parts:
-    """What a task contributes to a run (`_diffusion_parts`, `_autoencoder_parts`,
-    `_latent_parts`)."""
-
-    init: Callable[..., training.TrainState]  # (*init_args) -> the initial state
-    step: Callable  # train_step(state, batch, key) -> (state, metrics), pure
-    model: Any  # the network trained
-    batches: Any  # batches(step) -> dict of host arrays; .iterate(start)
-    sample: Callable | None = None  # EMA params -> sample images, or None
-    init_args: tuple = ()
-    prompts: tuple = ()  # a text model's sample-grid prompts
-
-
 @dataclasses.dataclass
 class Run:
     """A run in training: its state, the compiled step and sampler, and what feeds them."""
@@ -136,11 +116,11 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
     optimizer = training.make_optimizer(config.optim)
     k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
-    make_parts = {"diffusion": _diffusion_parts, "autoencoder": _autoencoder_parts,
-                  "latent_diffusion": _latent_parts}[task(config)]  # fmt: skip
-    parts = make_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample)
+    make_parts = {"diffusion": parts.diffusion_parts, "autoencoder": parts.autoencoder_parts,
+                  "latent_diffusion": parts.latent_parts}[task(config)]  # fmt: skip
+    made = make_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample)
 
-    abstract = jax.eval_shape(parts.init, *parts.init_args)
+    abstract = jax.eval_shape(made.init, *made.init_args)
     state_sh = sharding.tree_shardings(mesh, abstract, min_size=config.mesh.fsdp_min_size)
     batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     manager = checkpoints.make_manager(
@@ -148,192 +128,16 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     )
     state = checkpoints.restore_latest(manager, sharding.with_shardings(abstract, state_sh))
     # traced with the mesh in context: the attention picks its kernel for the mesh's platform
-    state = state or jax.jit(sharding.traced_in(mesh, parts.init),
-                             out_shardings=state_sh)(*parts.init_args)  # fmt: skip
-    step_jit = jax.jit(sharding.traced_in(mesh, parts.step),
+    state = state or jax.jit(sharding.traced_in(mesh, made.init),
+                             out_shardings=state_sh)(*made.init_args)  # fmt: skip
+    step_jit = jax.jit(sharding.traced_in(mesh, made.step),
                        in_shardings=(state_sh, batch_sh, replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
     sample = None
-    if parts.sample is not None:
-        sample = jax.jit(sharding.traced_in(mesh, parts.sample), out_shardings=replicated)
-    return Run(state, step_jit, sample, parts.model, parts.batches, manager, k_train, k_sample,
-               batch_sh, num_classes, source, parts.prompts)  # fmt: skip
-
-
-def _image_batches(config: ConfigDict, source) -> data.Batches:
-    return data.Batches(source, batch_size=config.data.batch_size,
-                        image_size=config.data.image_size, seed=config.seed,
-                        random_flip=config.data.random_flip, process_index=jax.process_index(),
-                        process_count=jax.process_count())  # fmt: skip
-
-
-def _diffusion_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample):
-    """Pixel-space diffusion: the U-Net, its step, and sample(params) -> a grid's images."""
-    model = models.make_model(config, num_classes)
-    schedule = models.make_schedule(config.diffusion)
-    size, channels = config.data.image_size, config.data.channels
-    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
-    step = programs.diffusion_step(config, model, schedule, optimizer, num_classes)
-    generate = pipelines.make_generate(
-        model, schedule, shape=(config.sample.num_samples, size, size, channels),
-        method=config.sample.method, num_steps=config.sample.num_steps, null_class=num_classes,
-        learned_variance=config.diffusion.loss == "hybrid",
-        prediction_type=config.diffusion.prediction_type, **config.sample.get("options", {}),
-    )  # fmt: skip
-    labels = None
-    if num_classes is not None:
-        labels = jax.numpy.arange(config.sample.num_samples) % num_classes
-    guidance = config.sample.guidance_scale
-
-    def sample(params):
-        return generate(params, k_sample, labels, guidance)
-
-    return Parts(init, step, model, _image_batches(config, source), sample)
-
-
-def _autoencoder_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample):
-    """The autoencoder and its step; its "samples" are reconstructions (write_samples). With
-    `autoencoder.init_from` (a trained autoencoder's workdir) it starts from that run's EMA
-    weights; with `autoencoder.trainable = "decoder"` only the decoder side trains."""
-    ae = config.autoencoder
-    model = models.make_autoencoder(config)
-    optimizer = training.make_autoencoder_optimizer(config)
-    size, channels = config.data.image_size, config.data.channels
-    init = training.make_init(model, optimizer, k_init, image_shape=(size, size, channels))
-    init_args = ()
-    if ae.get("trainable", "all") == "decoder" and not ae.get("init_from"):
-        raise ValueError("autoencoder.trainable='decoder' fine-tunes the decoder of a trained "
-                         "autoencoder: set autoencoder.init_from to its workdir")  # fmt: skip
-    if ae.get("init_from"):
-        params = load_autoencoder_weights(ae.init_from, jax.eval_shape(init).params)
-        init, init_args = (lambda p: training.init_state(p, optimizer)), (params,)
-    step = programs.autoencoder_step(config, model, optimizer)
-    return Parts(init, step, model, _image_batches(config, source), None, init_args)
-
-
-def load_autoencoder_weights(source_workdir: str, expected) -> dict:
-    """The EMA weights of the autoencoder trained in `source_workdir`, which must have the
-    parameter shapes `expected` (this config's model)."""
-    _, params, _ = autoencoder.load(source_workdir)
-    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
-    if shapes(params) != shapes(expected):
-        raise ValueError(
-            f"autoencoder.init_from={source_workdir!r} holds an autoencoder of another "
-            "architecture than this config's model; use the same model settings as its run"
-        )
-    return params
-
-
-def _latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_sample):
-    """Text-conditional latent diffusion on a frozen autoencoder trained by this program:
-    cached latents and token ids, the U-Net and text encoder, and a txt2img sample function."""
-    if "caption" not in source[0]:
-        raise ValueError(
-            f"task='latent_diffusion' trains on captions; data set {config.data.name!r} has "
-            "none (the embedded 'shapes' has)"
-        )
-    path = config.latent.get("pretrained") or None
-    if path:  # fine-tune converted weights: U-Net trained, autoencoder and text encoder frozen
-        p = models.load_pretrained_parts(config)
-        vae_model, vae_params, tok, text, unet = (p.autoencoder, p.params["autoencoder"],
-                                                  p.tokenizer, p.text_encoder, p.unet)  # fmt: skip
-        scaling, cache_key = p.autoencoder.scaling_factor, f"pretrained:{path}"
-        schedule, frozen = p.scheduler.make_schedule(), True
-        sampler = p.scheduler.options_for(config.sample.method)
-        if p.is_sdxl:  # both encoders, frozen: captions, pooled embeddings and ids cached
-            text = pipelines.SDXLTextEncoders(p.text_encoder, p.text_encoder_2)
-    else:
-        vae_workdir = pathlib.Path(config.latent.autoencoder_workdir).absolute()
-        vae_model, vae_params, info = autoencoder.load(vae_workdir)
-        scaling = info["scaling_factor"]
-        cache_key = f"{config.latent.autoencoder_workdir}@{info['step']}"
-        tok = tokenizer.CLIPTokenizer.default(max_length=config.text.max_length)
-        text = models.make_text_encoder(config)
-        schedule, frozen = (
-            models.make_schedule(config.diffusion),
-            config.text.get("frozen", False),
-        )
-        sampler = {"prediction_type": config.diffusion.prediction_type}
-    cache_key = latent_cache_key(config, cache_key)
-    cache = latent_cache(workdir, source, vae_model, vae_params, cache_key, tok,
-                         config.data.image_size)  # fmt: skip
-    latent_shape = cache["latent_mean"].shape[1:]
-    kind = config.latent.get("conditioning") or None
-    if kind and path:
-        raise ValueError("latent.conditioning trains a new U-Net; it cannot fine-tune "
-                         "latent.pretrained weights yet")  # fmt: skip
-    if kind:
-        cache = conditioning_cache(workdir, kind, source, cache, vae_model, vae_params, scaling,
-                                   cache_key, config)  # fmt: skip
-    if frozen:
-        optimizer = training.freeze_text_encoder(optimizer)
-    if path:
-        weights = {k: v for k, v in p.params.items() if k != "autoencoder"}
-        init, init_args = lambda params: training.init_state(params, optimizer), (weights,)
-    else:
-        unet = models.make_latent_unet(config, latent_shape[-1], text.hidden_size)
-        init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
-        init_args = ()
-    empty_ids, empty_context, empty_embeds = tok([""])[0], None, None
-    sdxl = isinstance(text, pipelines.SDXLTextEncoders)
-    if sdxl:
-        added, empty_context, empty_embeds = caches.sdxl_text_cache(
-            source, cache["ids"], empty_ids, text, p.params, p.tokenizer_2,
-            config.data.image_size)  # fmt: skip
-        cache = cache | added
-    elif frozen:  # encode every caption once with the (unchanging) initial text encoder
-        text_params = (p.params["text_encoder"] if path else
-                       jax.jit(lambda k: training.init_text_encoder(text, k))(k_init))  # fmt: skip
-        encode = jax.jit(lambda ids: text.apply({"params": text_params}, ids).last_hidden_state)
-        cache = cache | {"context": autoencoder.in_chunks(encode, cache["ids"], 512)}
-        empty_context = encode(empty_ids[None])[0]
-    step = programs.latent_step(
-        config, unet, text, schedule, optimizer, empty_ids=empty_ids,
-        empty_context=empty_context, empty_text_embeds=empty_embeds, scaling_factor=scaling,
-        kind=kind, prediction_type=sampler.get("prediction_type", "epsilon"),
-    )  # fmt: skip
-    prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
-    prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
-    make = {None: pipelines.make_txt2img, "inpaint": pipelines.make_inpaint,
-            "upscale": pipelines.make_upscale}[kind]  # fmt: skip
-    generate = make(
-        unet, text, vae_model, schedule, latent_shape=(len(prompts), *latent_shape),
-        scaling_factor=scaling, method=config.sample.method, num_steps=config.sample.num_steps,
-        **(sampler | dict(config.sample.get("options", {}))),
-    )  # fmt: skip
-    ids, uncond, added = tok(prompts), tok([""] * len(prompts)), {}
-    if sdxl:  # the second tokenizer's ids too, and the training size's ids, no crop
-        ids, uncond = (ids, p.tokenizer_2(prompts)), (uncond, p.tokenizer_2([""] * len(prompts)))
-        size = (config.data.image_size,) * 2
-        added = {"time_ids": pipelines.text.sdxl_time_ids(len(prompts), size, False)[0]}
-    guidance = config.sample.guidance_scale
-    inputs = sample_inputs(kind, config, len(prompts), vae_model.downsample_factor)
-
-    def sample(params):
-        if kind == "inpaint":  # the grid's own images, boxes repainted
-            return generate(params, vae_params, *inputs, ids, uncond, k_sample, guidance)
-        if kind == "upscale":  # the grid's images, downsampled, upscaled
-            return generate(params, vae_params, inputs, ids, uncond, k_sample, guidance)
-        return generate(params, vae_params, ids, uncond, k_sample, guidance, **added)
-
-    batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())  # fmt: skip
-    return Parts(init, step, unet, batches, sample, init_args, tuple(prompts))
-
-
-def sample_inputs(kind, config: ConfigDict, n: int, f: int):
-    """The images a sample grid of an image-conditioned model starts from: n images of the
-    test split (boxes masked, or downsampled by the autoencoder's factor f to the latent
-    grid)."""
-    if kind is None:
-        return None
-    x = _eval_images(config, config.sample.get("split", "test"), n, seed=0)
-    if kind == "upscale":
-        return superres.downsample(x, f)
-    masks = inpainting.random_masks(np.random.default_rng(0), len(x), x.shape[1], kind="box",
-                                    min_cover=0.3, max_cover=0.5)  # fmt: skip
-    return x, masks
+    if made.sample is not None:
+        sample = jax.jit(sharding.traced_in(mesh, made.sample), out_shardings=replicated)
+    return Run(state, step_jit, sample, made.model, made.batches, manager, k_train, k_sample,
+               batch_sh, num_classes, source, made.prompts)  # fmt: skip
 
 
 def write_samples(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int):
@@ -348,19 +152,9 @@ def write_samples(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int
     return None
 
 
-def _eval_images(config: ConfigDict, split: str, count: int, seed: int) -> np.ndarray:
-    """`count` images of `split` (all if fewer), drawn without replacement, in [-1, 1]."""
-    source = data.load_source(config.data.name, split=split,
-                              data_dir=config.data.data_dir or None)  # fmt: skip
-    rng = np.random.default_rng(seed)
-    index = np.sort(rng.permutation(len(source))[:count])
-    size = config.data.image_size
-    return np.stack([data.preprocess(source[int(i)]["image"], image_size=size) for i in index])
-
-
 def write_reconstructions(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int):
     """Held-out images (odd rows) over their reconstructions (even rows), EMA weights."""
-    x = _eval_images(config, config.autoencoder.eval_split, 32, seed=0)
+    x = parts.eval_images(config, config.autoencoder.eval_split, 32, seed=0)
     recon = autoencoder.make_codec(run.model)["reconstruct"](run.state.ema_params, x)
     if jax.process_index() == 0:
         grid = autoencoder.reconstruction_grid(x, np.asarray(recon))
@@ -374,8 +168,8 @@ def measure_autoencoder(run: Run, config: ConfigDict, workdir: pathlib.Path) -> 
     ae = config.autoencoder
     info = autoencoder.measure(
         run.model, run.state.ema_params,
-        train_images=_eval_images(config, config.data.split, ae.scaling_images, seed=1),
-        eval_images=_eval_images(config, ae.eval_split, ae.eval_images, seed=2),
+        train_images=parts.eval_images(config, config.data.split, ae.scaling_images, seed=1),
+        eval_images=parts.eval_images(config, ae.eval_split, ae.eval_images, seed=2),
         key=jax.random.fold_in(run.k_sample, 1),
         describe=shapes.describe if config.data.name == "shapes" else None,
     )  # fmt: skip
@@ -388,7 +182,7 @@ def measure_autoencoder(run: Run, config: ConfigDict, workdir: pathlib.Path) -> 
     if jax.process_index() == 0:
         path = autoencoder.save_info(workdir, info)
         print(f"held-out PSNR {info['psnr_db']:.2f} dB (5th percentile "
-              f"{info['psnr_db_p5']:.2f} dB) on {info['num_eval_images']} {ae.eval_split} "
+              f"{info['psnr_db_p5']:.2f} dB) on {info['numeval_images']} {ae.eval_split} "
               f"images; latent scaling factor {info['scaling_factor']:.4f} (1/std of z, "
               f"latents {tuple(info['latent_shape'])}): {path}", flush=True)  # fmt: skip
         if "described_alike" in info:
