@@ -11,6 +11,12 @@ schedule, prediction type and sampler settings are the pretrained scheduler's. I
 upscaled to 256x256 (32x32 latents for SD's f=8 autoencoder). Samples use the scheduler's
 sampler settings (DDIM, 50 steps) at guidance 7.5.
 
+With `--config.lora.rank=R` (> 0) it trains LoRA adapters instead (the whole model frozen):
+`lora.alpha` (default R), the U-Net's `lora.targets` (its attention projections) and, with
+`lora.text_encoder=True`, the text encoder's `lora.text_targets` (SD 1.x / 2.x); only the
+adapters are differentiated, kept in optimizer state and checkpointed, and the trained one is
+written in the diffusers format (`workdir/lora/pytorch_lora_weights.safetensors`).
+
 Real SD sizes need an accelerator (bfloat16, rematerialised blocks); `:tiny` is the few-step
 variant the tests run on a small random-weight directory.
 """
@@ -21,6 +27,8 @@ from configs import ldm_shapes
 def get_config(arg: str | None = None):
     c = ldm_shapes.get_config()
     c.latent = {"pretrained": "", "autoencoder_workdir": ""}
+    c.lora = {"rank": 0, "alpha": 0.0, "targets": "to_q,to_k,to_v,to_out_0",
+              "text_encoder": False, "text_targets": "q_proj,k_proj,v_proj,out_proj"}  # fmt: skip
     c.data.update(image_size=256, batch_size=8)
     c.model.update(dtype="bfloat16", remat=True)  # the U-Net's and text encoder's compute
     c.train.update(num_steps=2000, checkpoint_every=500, caption_dropout=0.1)

@@ -180,3 +180,33 @@ def init(
         down[layer] = jax.random.uniform(k, (*kernel.shape[:-1], rank), jnp.float32, -bound, bound)
         up[layer] = jnp.zeros((rank, kernel.shape[-1]), jnp.float32)
     return LoRA(down, up, {layer: jnp.float32(alpha) for layer in layers})
+
+
+def as_tree(lora: LoRA) -> dict:
+    """The adapter's factors as a nested dict shaped like the parameters it adapts, each layer
+    {"down", "up"} ({"unet": {"down_blocks_0": {... "to_q": {"down": A, "up": B}}}}): what a
+    LoRA run trains, shards and checkpoints (path keys carry no "/")."""
+    tree: dict = {}
+    for layer in lora.layers:
+        node = tree
+        for name in layer.split("/"):
+            node = node.setdefault(name, {})
+        node.update(down=lora.down[layer], up=lora.up[layer])
+    return tree
+
+
+def from_tree(tree: Mapping, alpha: float | Mapping[str, Any]) -> LoRA:
+    """The LoRA of `as_tree`'s factors, with one `alpha` for every layer or one per layer."""
+    down, up = {}, {}
+
+    def walk(node, path):
+        if "down" in node and "up" in node:
+            layer = "/".join(path)
+            down[layer], up[layer] = node["down"], node["up"]
+            return
+        for name, child in node.items():
+            walk(child, (*path, name))
+
+    walk(tree, ())
+    alphas = {k: jnp.float32(alpha[k] if isinstance(alpha, Mapping) else alpha) for k in down}
+    return LoRA(down, up, alphas)

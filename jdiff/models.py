@@ -126,6 +126,38 @@ def load_pretrained_parts(config: Any):
                                text_encoder_2=second)  # fmt: skip
 
 
+def _names(value) -> tuple[str, ...]:
+    """A list of module names, or one comma-separated string of them."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(n.strip() for n in items if n.strip())
+
+
+def make_lora(config: Any, params: Any, key: Any) -> Any:
+    """`config.lora`'s adapter for the pretrained `params` ({"unet", "text_encoder"(, ...)}):
+    rank `lora.rank`, `lora.alpha` (0: the rank), on the U-Net's `lora.targets` and, with
+    `lora.text_encoder`, the text encoder's `lora.text_targets` (module names, as the
+    parameters spell them: "to_q", "to_out_0"). Freshly initialised (`adapters.init`); a
+    run restores its trained factors over it."""
+    from jdiff import adapters
+
+    lora = config.lora
+    components = {"unet": _names(lora.get("targets", adapters.UNET_TARGETS))}
+    if lora.get("text_encoder"):
+        if "text_encoder_2" in params:
+            raise ValueError(
+                "lora.text_encoder=True: LoRA training on SDXL's text encoders "
+                "is not supported yet; train the U-Net's (lora.text_encoder=False)"
+            )
+        components["text_encoder"] = _names(lora.get("text_targets", adapters.TEXT_TARGETS))
+    return adapters.init(key, params, rank=lora.rank, alpha=lora.get("alpha") or None,
+                         components=components)  # fmt: skip
+
+
+def lora_alpha(config: Any) -> float:
+    """The alpha of a LoRA run's every layer (`lora.alpha`, or its rank)."""
+    return float(config.lora.get("alpha") or config.lora.rank)
+
+
 def make_autoencoder(config: Any) -> AutoencoderKL:
     """The autoencoder of `config.model` (a `jdiff.nn.vae.VARIANTS` name plus field overrides)
     for the data's channels."""

@@ -15,6 +15,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jdiff import (
+    adapters,
     autoencoder,
     caches,
     data,
@@ -35,12 +36,15 @@ class Parts:
     `latent_parts`)."""
 
     init: Callable[..., training.TrainState]  # (*init_args) -> the initial state
-    step: Callable  # train_step(state, batch, key) -> (state, metrics), pure
+    step: Callable  # train_step(state, batch, key, *frozen) -> (state, metrics), pure
     model: Any  # the network trained
     batches: Any  # batches(step) -> dict of host arrays; .iterate(start)
-    sample: Callable | None = None  # EMA params -> sample images, or None
+    sample: Callable | None = None  # (EMA params, *frozen) -> sample images, or None
     init_args: tuple = ()
     prompts: tuple = ()  # a text model's sample-grid prompts
+    # weights the step and sampler read but never change (a LoRA run's base model): sharded
+    # once and passed to both after their own arguments, kept out of the train state
+    frozen: tuple = ()
 
 
 def image_batches(config: ConfigDict, source) -> data.Batches:
@@ -149,12 +153,18 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
     if kind:
         cache = conditioning_cache(workdir, kind, source, cache, vae_model, vae_params, scaling,
                                    cache_key, config)  # fmt: skip
-    if frozen:
+    lora, base = None, ()
+    if path and config.get("lora", {}).get("rank"):  # adapters on the frozen pretrained model
+        base = ({k: v for k, v in p.params.items() if k != "autoencoder"},)
+        lora = models.make_lora(config, base[0], k_init)
+        frozen = "text_encoder" not in lora.components()  # an adapted encoder runs each step
+        init, init_args = lambda f: training.init_state(f, optimizer), (adapters.as_tree(lora),)
+    elif path:
         optimizer = training.freeze_text_encoder(optimizer)
-    if path:
         weights = {k: v for k, v in p.params.items() if k != "autoencoder"}
         init, init_args = lambda params: training.init_state(params, optimizer), (weights,)
     else:
+        optimizer = training.freeze_text_encoder(optimizer) if frozen else optimizer
         unet = models.make_latent_unet(config, latent_shape[-1], text.hidden_size)
         init = training.make_latent_init(unet, text, optimizer, k_init, latent_shape=latent_shape)
         init_args = ()
@@ -174,7 +184,7 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
     step = programs.latent_step(
         config, unet, text, schedule, optimizer, empty_ids=empty_ids,
         empty_context=empty_context, empty_text_embeds=empty_embeds, scaling_factor=scaling,
-        kind=kind, prediction_type=sampler.get("prediction_type", "epsilon"),
+        kind=kind, prediction_type=sampler.get("prediction_type", "epsilon"), lora=lora,
     )  # fmt: skip
     prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
     prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
@@ -193,7 +203,9 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
     guidance = config.sample.guidance_scale
     inputs = sample_inputs(kind, config, len(prompts), vae_model.downsample_factor)
 
-    def sample(params):
+    def sample(params, *frozen):
+        if lora is not None:  # the EMA factors merged into the base
+            params = adapters.merge(frozen[0], [adapters.from_tree(params, lora.alpha)], [1.0])
         if kind == "inpaint":  # the grid's own images, boxes repainted
             return generate(params, vae_params, *inputs, ids, uncond, k_sample, guidance)
         if kind == "upscale":  # the grid's images, downsampled, upscaled
@@ -203,7 +215,7 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
     batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())  # fmt: skip
-    return Parts(init, step, unet, batches, sample, init_args, tuple(prompts))
+    return Parts(init, step, unet, batches, sample, init_args, tuple(prompts), base)
 
 
 def sample_inputs(kind, config: ConfigDict, n: int, f: int):

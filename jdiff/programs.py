@@ -56,10 +56,10 @@ def autoencoder_step(config: Any, model, optimizer):
 
 def latent_step(config: Any, unet, text, schedule, optimizer, *, empty_ids, empty_context,
                 scaling_factor: float, prediction_type: str, kind: str | None,
-                empty_text_embeds=None):  # fmt: skip
+                empty_text_embeds=None, lora=None):  # fmt: skip
     """Text-conditional latent diffusion's step (`training.make_latent_train_step`); `kind`
     is the image conditioning by concatenation (None, "inpaint" or "upscale": its input
-    noise-augmented as SD's upscaler's)."""
+    noise-augmented as SD's upscaler's); `lora` trains that adapter on frozen weights."""
     return training.make_latent_train_step(
         unet, text, schedule, optimizer, empty_ids=empty_ids, empty_context=empty_context,
         empty_text_embeds=empty_text_embeds, scaling_factor=scaling_factor,
@@ -67,7 +67,8 @@ def latent_step(config: Any, unet, text, schedule, optimizer, *, empty_ids, empt
         prediction_type=prediction_type, snr_gamma=config.diffusion.snr_gamma or None,
         noise_augmentation=superres.low_res_schedule() if kind == "upscale" else None,
         max_noise_level=superres.MAX_NOISE_LEVEL,
-        noise_level_power=config.train.get("noise_level_power", 1.0), **step_options(config),
+        noise_level_power=config.train.get("noise_level_power", 1.0), lora=lora,
+        **step_options(config),
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from jdiff import (
     checkpoints,
     data,
     images,
+    models,
     parts,
     programs,
     sharding,
@@ -108,6 +109,7 @@ class Run:
     num_classes: int | None
     source: Any
     prompts: tuple = ()
+    frozen: tuple = ()  # weights passed to the step and sampler unchanged (a LoRA's base)
 
 
 def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | None) -> Run:
@@ -130,14 +132,18 @@ def build(config: ConfigDict, workdir: pathlib.Path, source, num_classes: int | 
     # traced with the mesh in context: the attention picks its kernel for the mesh's platform
     state = state or jax.jit(sharding.traced_in(mesh, made.init),
                              out_shardings=state_sh)(*made.init_args)  # fmt: skip
+    # frozen weights (a LoRA run's base model): split by the same rule, placed once
+    frozen_sh = sharding.tree_shardings(mesh, jax.eval_shape(lambda: made.frozen),
+                                        min_size=config.mesh.fsdp_min_size)  # fmt: skip
+    frozen = jax.device_put(made.frozen, frozen_sh)
     step_jit = jax.jit(sharding.traced_in(mesh, made.step),
-                       in_shardings=(state_sh, batch_sh, replicated),
+                       in_shardings=(state_sh, batch_sh, replicated, *frozen_sh),
                        out_shardings=(state_sh, replicated), donate_argnums=0)  # fmt: skip
     sample = None
     if made.sample is not None:
         sample = jax.jit(sharding.traced_in(mesh, made.sample), out_shardings=replicated)
     return Run(state, step_jit, sample, made.model, made.batches, manager, k_train, k_sample,
-               batch_sh, num_classes, source, made.prompts)  # fmt: skip
+               batch_sh, num_classes, source, made.prompts, frozen)  # fmt: skip
 
 
 def write_samples(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int):
@@ -146,10 +152,21 @@ def write_samples(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int
     them); process 0 writes the PNG."""
     if run.sample is None:
         return write_reconstructions(run, config, workdir, step)
-    x = run.sample(run.state.ema_params)
+    x = run.sample(run.state.ema_params, *run.frozen)
     if jax.process_index() == 0:
         return images.save_grid(workdir / "samples" / f"step_{step:07d}.png", np.asarray(x))
     return None
+
+
+def write_trained_lora(run: Run, config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """A LoRA run's EMA adapter in the diffusers format (`load_lora_weights` reads it; so do
+    `sample.py --pretrained BASE --lora FILE` and `interop.read_lora`)."""
+    from jdiff import adapters, interop
+
+    lora = adapters.from_tree(jax.device_get(run.state.ema_params), models.lora_alpha(config))
+    path = interop.write_lora(lora, workdir / "lora", jax.device_get(run.frozen[0]))
+    print(f"LoRA: {path} ({lora.size():,} weights, rank {config.lora.rank})", flush=True)
+    return path
 
 
 def write_reconstructions(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int):
@@ -241,6 +258,8 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
             checkpoints.save(manager, int(run.state.step), run.state)
         checkpoints.finish(manager)
         grid = write_samples(run, config, workdir, int(run.state.step))
+        if config.get("lora", {}).get("rank") and main:
+            write_trained_lora(run, config, workdir)
         if task(config) == "autoencoder":
             measure_autoencoder(run, config, workdir)
     finally:
@@ -263,7 +282,7 @@ def _loop(run: Run, config: ConfigDict, workdir: pathlib.Path, writer, preempted
     last_log = (start, time.perf_counter())
     for n in range(start + 1, config.train.num_steps + 1):
         batch = sharding.global_batch(next(batches), run.batch_sharding)
-        run.state, metrics = run.step(run.state, batch, run.k_train)
+        run.state, metrics = run.step(run.state, batch, run.k_train, *run.frozen)
         bar.update()
         stop = preempted(n)
         if n % config.train.log_every == 0 or n == config.train.num_steps or stop:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff import conditioning, diffusion, losses, superres
+from jdiff import adapters, conditioning, diffusion, losses, superres
 from jdiff.conditioning import Conditioning
 from jdiff.nn import UNet
 from jdiff.nn.text_encoder import CLIPTextModel
@@ -96,13 +96,15 @@ def make_step(
     micro-steps per update only every k-th step moves it) and the non-finite guard.
 
     The step's key is fold_in(key, state.step) of the run's root key, so a resumed run draws the
-    same randomness. Returns (state, {"loss", "grad_norm", **metrics}).
+    same randomness. Arguments after the key (`frozen`: weights that do not train, e.g. the base
+    model under a LoRA) go to `loss_fn` after its key, undifferentiated. Returns (state,
+    {"loss", "grad_norm", **metrics}).
     """
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array):
+    def train_step(state: TrainState, batch: dict, key: jax.Array, *frozen):
         key = jax.random.fold_in(key, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (value, metrics), grads = grad_fn(state.params, batch, key)
+        (value, metrics), grads = grad_fn(state.params, batch, key, *frozen)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         num_updates = (state.step + 1) // accumulate_steps
@@ -282,7 +284,8 @@ def make_latent_train_step(
     noise_augmentation: Schedule | None = None,
     max_noise_level: int = 0,
     noise_level_power: float = 1.0,
-) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    lora: adapters.LoRA | None = None,
+) -> Callable[..., tuple[TrainState, dict]]:
     """The pure train step of a text-conditional latent diffusion model (LDM, Rombach et al.
     2022, with the text transformer trained jointly).
 
@@ -305,6 +308,11 @@ def make_latent_train_step(
     example (`superres.draw_noise_levels` with `noise_level_power`; 1 is SD's uniform draw),
     and the level is the U-Net's class label, so that sampling can choose how far to trust the
     low-resolution input.
+
+    With `lora` (its alphas and layers; `adapters.init`), the state's parameters are the
+    adapter's factors (`adapters.as_tree`) and the step takes the frozen base parameters
+    after its key: `step(state, batch, key, base)`; each step merges the factors into the base
+    (`adapters.merge`), so only the factors are differentiated, updated and kept.
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
@@ -345,6 +353,13 @@ def make_latent_train_step(
             model_fn, schedule, z, k_loss, prediction_type=prediction_type, snr_gamma=snr_gamma
         )
         return value, {}
+
+    if lora is not None:
+        full_loss = loss_fn
+
+        def loss_fn(factors, batch, key, base):
+            adapter = adapters.from_tree(factors, lora.alpha)
+            return full_loss(adapters.merge(base, [adapter], [1.0]), batch, key)
 
     return make_step(loss_fn, optimizer, ema_max_decay=ema_max_decay,
                      accumulate_steps=accumulate_steps)  # fmt: skip

@@ -155,6 +155,10 @@ def _rules() -> dict[str, Rule]:
         "autoencoder.eval_images": integer(1),
         "autoencoder.scaling_images": integer(1),
         "autoencoder.trainable": choice("all", "decoder"),
+        # LoRA on pretrained weights
+        "lora.rank": integer(0, 4096),
+        "lora.alpha": number(0.0),
+        "lora.text_encoder": boolean(),
     }
 
 
@@ -190,6 +194,9 @@ def _check_together(config) -> None:
         if get("diffusion.beta_start", 0.0) >= get("diffusion.beta_end", 1.0):
             raise InputError(f"config.diffusion.beta_start={get('diffusion.beta_start')!r} must "
                              f"be below beta_end={get('diffusion.beta_end')!r}")  # fmt: skip
+    if get("lora.rank", 0) and not get("latent.pretrained"):
+        raise InputError("config.lora.rank trains LoRA adapters on pretrained weights: set "
+                         "config.latent.pretrained too (or lora.rank=0)")  # fmt: skip
     processes, process_id = get("distributed.num_processes", 1), get("distributed.process_id", 0)
     if process_id >= processes:
         raise InputError(f"config.distributed.process_id={process_id}: expected 0 .. "
@@ -255,6 +262,8 @@ APPLIES = {
                            "the linear, scaled_linear and sigmoid schedules (not cosine)"),
     "diffusion.snr_gamma": (lambda c: _value(c, "diffusion.loss", "simple") == "simple",
                             "diffusion.loss='simple' (the hybrid loss has its own weighting)"),
+    **{f"lora.{k}": (lambda c: bool(_value(c, "lora.rank", 0)), "LoRA runs (lora.rank > 0)")
+       for k in ("alpha", "targets", "text_encoder", "text_targets")},
     "latent.mask_variants": (lambda c: _value(c, "latent.conditioning") == "inpaint",
                              "latent.conditioning='inpaint'"),
     "train.noise_level_power": (lambda c: _value(c, "latent.conditioning") == "upscale",

@@ -298,3 +298,39 @@ def test_an_sd2_lora_merges_as_diffusers_loads_it(tmp_path):
                                torch_unet_out(pipe.unet, x, context, t), atol=1e-4)  # fmt: skip
     np.testing.assert_allclose(text_out(loaded, merged), torch_text_out(pipe.text_encoder),
                                atol=1e-4)  # fmt: skip
+
+
+def test_train_py_trains_a_lora_that_diffusers_loads(sd1, loaded, tmp_path):
+    """configs/sd_finetune.py:tiny with lora.rank on the SD 1.x directory (U-Net and text
+    encoder adapters): the checkpoint and optimizer state hold the adapter alone, the base
+    model is untouched, the exported diffusers-format file is the EMA adapter, and diffusers'
+    pipeline with it makes jdiff's images (within 1e-3)."""
+    import importlib
+
+    from jdiff import runs, trainer
+
+    config = importlib.import_module("configs.sd_finetune").get_config("tiny")
+    config.latent.pretrained = str(sd1["pipeline"])
+    config.mesh.data = 1
+    config.lora.update(rank=4, alpha=8.0, text_encoder=True)
+    config.optim.learning_rate = 3e-2
+    assert trainer.train(config, tmp_path).exists()
+    run = runs.restore(tmp_path)
+    lora = adapters.from_tree(run.ema_params, 8.0)
+    assert lora.components() == ("text_encoder", "unet")
+    size = lambda tree: sum(int(np.size(a)) for a in jax.tree.leaves(tree))  # noqa: E731
+    assert size(run.params) == lora.size() < size(loaded.params) // 10
+    exported = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    again = interop.read_lora(exported, loaded.unet, loaded.params)
+    jax.tree.map(np.testing.assert_array_equal, again, lora)
+    assert max(np.abs(u).max() for u in lora.up.values()) > 0  # trained from zero
+    model, params, _ = pipelines.load_latent_diffusion(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, params,
+                 adapters.merge(loaded.params, [lora], [1.0]))  # fmt: skip
+    pipe = torch_pipeline(sd1, trained=exported.parent)
+    latents = np.random.default_rng(4).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = model.txt2img(params, PROMPTS, jax.random.key(0), num_steps=4, latents=latents)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                   latents=torch.from_numpy(latents).permute(0, 3, 1, 2)).images  # fmt: skip
+    np.testing.assert_allclose(np.clip((np.asarray(ours) + 1) / 2, 0, 1), ref, atol=1e-3)

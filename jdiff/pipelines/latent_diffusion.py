@@ -441,8 +441,8 @@ def load_latent_diffusion(
     there) and its latent shape and scaling factor are the model's."""
     import pathlib
 
+    from jdiff import adapters, models, runs
     from jdiff import autoencoder as autoencoders
-    from jdiff import models, runs
     from jdiff.tokenizer import CLIPTokenizer
 
     workdir = pathlib.Path(workdir)
@@ -455,6 +455,9 @@ def load_latent_diffusion(
                              "train.py autoencoder")  # fmt: skip
         p = models.load_pretrained_parts(config)
         model = LatentDiffusion.from_pretrained(p)
+        if config.get("lora", {}).get("rank"):  # a LoRA run: its adapter on the frozen base
+            lora = adapters.from_tree(tuned, models.lora_alpha(config))
+            return model, adapters.merge(p.params, [lora], [1.0]), config
         return model, {**tuned, "autoencoder": p.params["autoencoder"]}, config
     vae_model, vae_params, info = autoencoders.load(
         autoencoder_workdir or config.latent.autoencoder_workdir
