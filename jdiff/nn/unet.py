@@ -226,6 +226,8 @@ class UNet(nn.Module):
         class_labels: Int[Array, " b"] | None = None,
         text_embeds: Float[Array, "b p"] | None = None,
         time_ids: Float[Array, "b k"] | None = None,
+        down_block_additional_residuals: Sequence[Float[Array, "b h w c"]] | None = None,
+        mid_block_additional_residual: Float[Array, "b h w c"] | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "b h w o"]:
         """Predict from x_t and t on the training scale [0, T-1] (float, may be fractional).
@@ -237,6 +239,8 @@ class UNet(nn.Module):
           class_labels: int [B] in [0, num_class_embeds), required by a class-conditional net.
           text_embeds, time_ids: SDXL's pooled text embedding [B, P] and micro-conditioning
             ids [B, K] (sizes, crop, aesthetic score), required by a "text_time" net.
+          down_block_additional_residuals, mid_block_additional_residual: a ControlNet's
+            outputs (`nn.controlnet`), added to every skip and to the mid block's output.
           deterministic: False applies dropout (needs a "dropout" PRNG stream).
 
         Returns:
@@ -244,12 +248,35 @@ class UNet(nn.Module):
         """
         self._check(x, context, class_labels)
         self._check_added(text_embeds, time_ids)
-        s = self._settings()
-        n, c0 = len(self.block_out_channels), self.block_out_channels[0]
-        heads, layers = (
-            self.heads_per_block(),
-            _per_block(self.transformer_layers_per_block, n, "layers"),
-        )
+        self._check_residuals(down_block_additional_residuals, mid_block_additional_residual)
+        n = len(self.block_out_channels)
+        temb = self._embed(x, t, class_labels, text_embeds, time_ids)
+        h = conv3x3(self.block_out_channels[0], self.dtype, "conv_in")(x.astype(self.dtype))
+        h, skips = self._encode(h, temb, context, deterministic)
+        if down_block_additional_residuals is not None:  # a ControlNet's, one per skip
+            skips = [s + r.astype(s.dtype) for s, r in
+                     zip(skips, down_block_additional_residuals, strict=True)]  # fmt: skip
+        h = self._mid(h, temb, context, deterministic)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.astype(h.dtype)
+        s, heads = self._settings(), self.heads_per_block()
+        layers = _per_block(self.transformer_layers_per_block, n, "layers")
+        for i, kind in enumerate(self.up_block_types):
+            k = n - 1 - i  # the encoder level this decoder level mirrors
+            block_skips, skips = (
+                skips[-(self.layers_per_block + 1) :],
+                skips[: -(self.layers_per_block + 1)],
+            )
+            h = UpBlock(
+                s, self.block_out_channels[k], UP_BLOCKS[kind], heads[k], layers[k],
+                upsample=i < n - 1, name=f"up_blocks_{i}",
+            )(h, block_skips, temb, context, deterministic)  # fmt: skip
+        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
+        return conv3x3(self.out_channels, self.dtype, "conv_out")(h).astype(jnp.float32)
+
+    def _embed(self, x, t, class_labels, text_embeds, time_ids):
+        """The time embedding [B, 4 C0], plus the class's and SDXL's added embeddings."""
+        c0 = self.block_out_channels[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         emb = timestep_embedding(
             t, c0, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
@@ -267,8 +294,13 @@ class UNet(nn.Module):
             ).reshape(x.shape[0], -1)  # fmt: skip
             added = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), ids], axis=-1)
             temb = temb + TimestepEmbedding(4 * c0, self.dtype, name="add_embedding")(added)
+        return temb
 
-        h = conv3x3(c0, self.dtype, "conv_in")(x.astype(self.dtype))
+    def _encode(self, h, temb, context, deterministic):
+        """The down blocks on conv_in's output h: (the innermost state, every skip, conv_in's
+        first), the skips in diffusers' `down_block_res_samples` order."""
+        s, n, heads = self._settings(), len(self.block_out_channels), self.heads_per_block()
+        layers = _per_block(self.transformer_layers_per_block, n, "layers")
         skips = [h]
         for i, (kind, ch) in enumerate(
             zip(self.down_block_types, self.block_out_channels, strict=True)
@@ -279,23 +311,31 @@ class UNet(nn.Module):
                 name=f"down_blocks_{i}",
             )(h, temb, context, deterministic)  # fmt: skip
             skips += new
-        if self.mid_block_type is not None:
-            kind = MID_BLOCKS[self.mid_block_type]
-            h = MidBlock(s, kind, heads[-1], layers[-1], name="mid_block")(
-                h, temb, context, deterministic
+        return h, skips
+
+    def _mid(self, h, temb, context, deterministic):
+        """The bottleneck block (if any)."""
+        if self.mid_block_type is None:
+            return h
+        n = len(self.block_out_channels)
+        layers = _per_block(self.transformer_layers_per_block, n, "layers")
+        kind = MID_BLOCKS[self.mid_block_type]
+        return MidBlock(self._settings(), kind, self.heads_per_block()[-1], layers[-1],
+                        name="mid_block")(h, temb, context, deterministic)  # fmt: skip
+
+    def _check_residuals(self, down, mid) -> None:
+        """A ControlNet's residuals: one per skip (conv_in's, each layer's, each
+        downsampler's), and the mid block's, or none."""
+        if down is None and mid is None:
+            return
+        levels = len(self.block_out_channels)
+        count = 1 + levels * self.layers_per_block + levels - 1
+        if down is None or mid is None or len(down) != count:
+            raise ValueError(
+                f"down_block_additional_residuals ({'none' if down is None else len(down)}) "
+                f"and mid_block_additional_residual: this U-Net takes both, {count} down "
+                "residuals (a ControlNet's outputs for it)"
             )
-        for i, kind in enumerate(self.up_block_types):
-            k = n - 1 - i  # the encoder level this decoder level mirrors
-            block_skips, skips = (
-                skips[-(self.layers_per_block + 1) :],
-                skips[: -(self.layers_per_block + 1)],
-            )
-            h = UpBlock(
-                s, self.block_out_channels[k], UP_BLOCKS[kind], heads[k], layers[k],
-                upsample=i < n - 1, name=f"up_blocks_{i}",
-            )(h, block_skips, temb, context, deterministic)  # fmt: skip
-        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
-        return conv3x3(self.out_channels, self.dtype, "conv_out")(h).astype(jnp.float32)
 
     def _settings(self) -> BlockSettings:
         return BlockSettings(
