@@ -12,6 +12,7 @@ One module a concern, none importing another in a circle, `jdiff.nn` never impor
     diffusers_dir  diffusers-format directories in and out
     single_file    the original CompVis / Stability single-file layout
     lora           LoRA files: diffusers / PEFT and Kohya in, diffusers / PEFT out
+    controlnets    ControlNets: diffusers directories and original single files in and out
     converted      jdiff checkpoints (orbax) of a pretrained model
     pretrained     `load_pretrained`: any of the three sources
     cli            `python -m jdiff.interop SOURCE --output DIR`
@@ -34,6 +35,7 @@ from jdiff.interop.configs import (
     vae_config_from_diffusers,
     vae_config_to_diffusers,
 )
+from jdiff.interop.controlnets import ControlNet, load_controlnet, save_controlnet
 from jdiff.interop.converted import write_converted
 from jdiff.interop.diffusers_dir import save_pretrained
 from jdiff.interop.files import PICKLE_SUFFIXES, read_weights
@@ -55,9 +57,10 @@ from jdiff.interop.schedulers import (
 from jdiff.interop.templates import text_encoder_shapes, unet_shapes, vae_shapes
 
 __all__ = [
-    "PICKLE_SUFFIXES", "SCHEDULER_METHODS", "Pretrained", "SchedulerSettings",
-    "clip_config_from_transformers", "clip_from_transformers", "from_diffusers", "load_pretrained",
-    "read_lora", "read_weights", "save_pretrained", "scheduler_from_diffusers",
+    "PICKLE_SUFFIXES", "SCHEDULER_METHODS", "ControlNet", "Pretrained", "SchedulerSettings",
+    "clip_config_from_transformers", "clip_from_transformers", "from_diffusers", "load_controlnet",
+    "load_pretrained",
+    "read_lora", "read_weights", "save_controlnet", "save_pretrained", "scheduler_from_diffusers",
     "scheduler_to_diffusers",
     "text_encoder_config_from_transformers", "text_encoder_config_to_transformers",
     "text_encoder_from_transformers", "text_encoder_shapes", "to_diffusers", "torch_key",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from jdiff.interop.schedulers import SchedulerSettings
 from jdiff.nn import UNet
@@ -35,6 +36,7 @@ class Pretrained:
     requires_aesthetics_score: bool = False  # SDXL's refiner: its ids end in a score
     pipeline_class: str = ""
     source: str = ""
+    controlnet: Any = None  # a ControlNet pipeline's (`interop.ControlNet`), or None
 
     @property
     def is_sdxl(self) -> bool:

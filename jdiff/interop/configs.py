@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from jdiff.nn import UNet
+from jdiff.nn.controlnet import SHARED_FIELDS as CONTROLNET_FIELDS
+from jdiff.nn.controlnet import ControlNetModel
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
 
@@ -259,3 +261,42 @@ def text_encoder_config_to_transformers(text_encoder: CLIPTextModel) -> dict[str
             "bos_token_id": 0, "pad_token_id": 1, "attention_dropout": 0.0,
             "initializer_factor": 1.0, "initializer_range": 0.02,
             "projection_dim": text_encoder.projection_dim or text_encoder.hidden_size}  # fmt: skip
+
+
+# a diffusers ControlNetModel's own fields, with its defaults
+_CONTROLNET_OWN = {"conditioning_channels": 3,
+                   "conditioning_embedding_out_channels": (16, 32, 96, 256),
+                   "global_pool_conditions": False}  # fmt: skip
+
+
+def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`ControlNetModel` fields from a diffusers `ControlNetModel` config: its encoder's
+    fields read as a `UNet2DConditionModel`'s (the same defaults, the same refusals), plus the
+    conditioning image's. A BGR channel order is refused."""
+    cls = config.get("_class_name", "ControlNetModel")
+    if cls != "ControlNetModel":
+        raise ValueError(f"_class_name {cls!r}: expected ControlNetModel")
+    order = config.get("controlnet_conditioning_channel_order", "rgb")
+    if order != "rgb":
+        raise ValueError(f"controlnet_conditioning_channel_order={order!r}: jdiff reads RGB "
+                         "control images; convert the images and set 'rgb'")  # fmt: skip
+    own = {k: config.get(k, v) for k, v in _CONTROLNET_OWN.items()}
+    own["conditioning_embedding_out_channels"] = tuple(own["conditioning_embedding_out_channels"])
+    unet_like = {k: v for k, v in config.items() if k not in _CONTROLNET_OWN}
+    down = unet_like.get("down_block_types",
+                         _UNET_DEFAULTS["UNet2DConditionModel"]["down_block_types"])  # fmt: skip
+    unet_like |= {"_class_name": "UNet2DConditionModel",
+                  "up_block_types": [d.replace("Down", "Up") for d in reversed(down)]}  # fmt: skip
+    fields = unet_config_from_diffusers(unet_like)
+    return {k: v for k, v in fields.items() if k in (*CONTROLNET_FIELDS, "in_channels")} | own
+
+
+def controlnet_config_to_diffusers(controlnet: ControlNetModel) -> dict[str, Any]:
+    """The diffusers `config.json` of a jdiff ControlNet (`controlnet_config_from_diffusers`
+    reads it back)."""
+    config = unet_config_to_diffusers(controlnet, sample_size=32)
+    for key in ("up_block_types", "out_channels", "sample_size", "dropout"):
+        config.pop(key, None)
+    own = {k: _plain(getattr(controlnet, k)) for k in _CONTROLNET_OWN}
+    return {**config, "_class_name": "ControlNetModel", **own,
+            "controlnet_conditioning_channel_order": "rgb"}  # fmt: skip

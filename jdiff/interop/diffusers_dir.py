@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jdiff.interop import configs, files, keys, templates
 from jdiff.interop.bundle import Pretrained
+from jdiff.interop.controlnets import load_controlnet, save_controlnet
 from jdiff.interop.schedulers import scheduler_from_diffusers, scheduler_to_diffusers
 from jdiff.nn import UNet
 from jdiff.nn.text_encoder import CLIPTextModel
@@ -20,7 +21,7 @@ from jdiff.tokenizer import CLIPTokenizer
 
 _KNOWN_COMPONENTS = {"unet", "vae", "text_encoder", "tokenizer", "text_encoder_2",
                      "tokenizer_2", "scheduler", "safety_checker", "feature_extractor",
-                     "image_encoder"}  # fmt: skip
+                     "image_encoder", "controlnet"}  # fmt: skip
 
 
 _FOLDERS = {
@@ -31,6 +32,7 @@ _FOLDERS = {
     "text_encoder_2",
     "tokenizer_2",
     "scheduler",
+    "controlnet",
 }  # the components jdiff reads, each from its folder
 
 
@@ -91,6 +93,9 @@ def load_directory(root: pathlib.Path, allow_pickle: bool, dtype: Any) -> Pretra
     if unet.addition_embed_type == "text_time" and "text_encoder_2" not in parts:
         raise FileNotFoundError(f"{root}: an SDXL U-Net (addition_embed_type 'text_time') "
                                 "needs text_encoder_2/ and tokenizer_2/")  # fmt: skip
+    if (root / "controlnet").is_dir():  # a ControlNet pipeline's (one ControlNet)
+        parts["controlnet"] = load_controlnet(root / "controlnet", dtype=dtype,
+                                              allow_pickle=allow_pickle)  # fmt: skip
     for flag in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):  # SDXL's
         if flag in index:
             parts[flag] = bool(index[flag])
@@ -130,6 +135,9 @@ def save_pretrained(pretrained: Pretrained, directory: str | pathlib.Path) -> pa
         if tokenizer is not None:
             tokenizer.save_pretrained(root / f"tokenizer{suffix}")
             index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+    if p.controlnet is not None:
+        save_controlnet(p.controlnet, root / "controlnet")
+        index["controlnet"] = ["diffusers", "ControlNetModel"]
     scheduler = scheduler_to_diffusers(p.scheduler)
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))

@@ -15,8 +15,20 @@ import jax
 import numpy as np
 
 # diffusers' ModuleLists: `name.N` in a state dict is `name_N` in jdiff
-_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-          "transformer_blocks", "to_out", "net", "layers")  # fmt: skip
+_LISTS = (
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "downsamplers",
+    "upsamplers",
+    "transformer_blocks",
+    "to_out",
+    "net",
+    "layers",
+    "blocks",
+    "controlnet_down_blocks",
+)  # fmt: skip  (the last two: a ControlNet's)
 
 
 def torch_key(path: tuple[str, ...]) -> str:

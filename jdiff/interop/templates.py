@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff.nn import UNet
+from jdiff.nn.controlnet import ControlNetModel
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
 
@@ -42,3 +43,21 @@ def vae_shapes(vae: AutoencoderKL) -> Any:
 def text_encoder_shapes(text_encoder: CLIPTextModel) -> Any:
     """The text encoder's parameter tree as `jax.ShapeDtypeStruct`s."""
     return _shapes(text_encoder, jnp.zeros((1, 1), jnp.int32))
+
+
+def controlnet_shapes(controlnet: ControlNetModel) -> Any:
+    """A ControlNet's parameter tree as `jax.ShapeDtypeStruct`s."""
+    f = 2 ** (len(controlnet.block_out_channels) - 1)
+    g = 2 ** (len(controlnet.conditioning_embedding_out_channels) - 1)
+    kwargs = {}
+    if controlnet.cross_attention_dim is not None:
+        kwargs["context"] = jnp.zeros((1, 1, controlnet.cross_attention_dim))
+    if controlnet.num_class_embeds is not None:
+        kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
+    if controlnet.addition_embed_type:
+        width = controlnet.projection_class_embeddings_input_dim
+        width -= controlnet.addition_time_embed_dim
+        kwargs |= {"text_embeds": jnp.zeros((1, width)), "time_ids": jnp.zeros((1, 1))}
+    image = jnp.zeros((1, f * g, f * g, controlnet.conditioning_channels))
+    return _shapes(controlnet, jnp.zeros((1, f, f, controlnet.in_channels)), jnp.zeros((1,)),
+                   image, **kwargs)  # fmt: skip

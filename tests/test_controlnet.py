@@ -1,0 +1,137 @@
+"""ControlNet: diffusers' `ControlNetModel` (made by `from_unet` from tiny random-weight SD
+1.x- and SDXL-shaped U-Nets, its zero convolutions perturbed) loaded by jdiff from its
+directory and from the original single-file layout, run against diffusers itself: the module,
+the U-Net with its residuals, and the whole pipeline (`StableDiffusionControlNetPipeline`)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+from reference import perturbed, tiny_pipeline
+
+from jdiff import interop
+from jdiff.interop import controlnets, single_file
+from jdiff.nn.controlnet import ControlNetModel as JaxControlNet
+
+PROMPTS = ["a red circle at the top left", "a blue square"]
+EMBEDDING = (8, 16)  # the conditioning embedding's widths: control images 2x the latents
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """{"pipeline": a tiny SD 1.x directory (DDIM), "canny", "depth": two ControlNets of its
+    U-Net as diffusers saves them}."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sd1_controlnet")
+    unet, vae, text, tokenizer = tiny_pipeline("sd1")
+    unet = perturbed(unet)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    scheduler = DDIMScheduler.from_config(single_file.SCHEDULERS["sd1"])
+    nets = {}
+    for name in ("canny", "depth"):
+        net = perturbed(ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=EMBEDDING))  # fmt: skip
+        net.save_pretrained(folder / name)
+        nets[name] = net
+    StableDiffusionControlNetPipeline(
+        vae=perturbed(vae), text_encoder=perturbed(text), unet=unet, controlnet=nets["canny"],
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder / "pipeline")  # fmt: skip
+    return {"pipeline": folder / "pipeline", "canny": folder / "canny", "depth": folder / "depth"}
+
+
+@pytest.fixture(scope="module")
+def loaded(sd1):
+    return interop.load_pretrained(sd1["pipeline"])
+
+
+def _inputs(seed=0, n=2):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 8, 8, 4)).astype(np.float32)
+    context = rng.standard_normal((n, 5, 64)).astype(np.float32)
+    image = rng.uniform(size=(n, 16, 16, 3)).astype(np.float32)
+    return x, context, image, np.array([10.0, 600.0][:n], np.float32)
+
+
+def _nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+
+
+def _nhwc(t):
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_and_unet_with_its_residuals_match_diffusers(sd1, loaded, guess_mode):
+    """The directory's ControlNet: its down and mid residuals (scale 0.7; guess mode's
+    log-spaced scales) and the U-Net with them equal diffusers' within 1e-4."""
+    cn = interop.load_controlnet(sd1["canny"])
+    assert cn.model.conditioning_embedding_out_channels == EMBEDDING
+    x, context, image, t = _inputs()
+    down, mid = cn.model.apply({"params": cn.params}, x, t, image, context=context,
+                               conditioning_scale=0.7, guess_mode=guess_mode)  # fmt: skip
+    ref = ControlNetModel.from_pretrained(sd1["canny"])
+    with torch.no_grad():
+        ref_down, ref_mid = ref(_nchw(x), torch.from_numpy(t), torch.from_numpy(context),
+                                _nchw(image), conditioning_scale=0.7, guess_mode=guess_mode,
+                                return_dict=False)  # fmt: skip
+    assert len(down) == len(ref_down) == 4  # conv_in's, one per layer (2), the downsampler's
+    for ours, theirs in zip([*down, mid], [*ref_down, ref_mid], strict=True):
+        np.testing.assert_allclose(np.asarray(ours), _nhwc(theirs), atol=1e-4)
+    unet = StableDiffusionControlNetPipeline.from_pretrained(sd1["pipeline"]).unet
+    ours = loaded.unet.apply({"params": loaded.params["unet"]}, x, t, context=context,
+                             down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid)  # fmt: skip
+    with torch.no_grad():
+        theirs = unet(_nchw(x), torch.from_numpy(t), torch.from_numpy(context),
+                      down_block_additional_residuals=ref_down,
+                      mid_block_additional_residual=ref_mid).sample  # fmt: skip
+    np.testing.assert_allclose(np.asarray(ours), _nhwc(theirs), atol=1e-4)
+
+
+def test_sd15_controlnet_has_diffusers_parameter_count():
+    from jdiff.nn.controlnet import VARIANTS
+
+    net = JaxControlNet(**VARIANTS["sd_v1"])
+    shapes = interop.templates.controlnet_shapes(net)
+    assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)) == 361_279_120
+
+
+def test_single_files_round_trip_through_diffusers_converter(sd1, loaded, tmp_path):
+    """The original layout jdiff writes is what diffusers' converter reads back to the
+    directory's exact tensors; jdiff reads it (the base U-Net giving its shape) to the same
+    parameters; a directory saved by jdiff loads into diffusers. (SD's four-stage conditioning
+    embedding: diffusers' converter knows no other.)"""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.numpy import load_file
+
+    unet = UNet2DConditionModel.from_pretrained(sd1["pipeline"] / "unet")
+    perturbed(ControlNetModel.from_unet(unet)).save_pretrained(tmp_path / "sd_embedding")
+    cn = interop.load_controlnet(tmp_path / "sd_embedding")
+    path = controlnets.save_single_file(cn, tmp_path / "control_canny.safetensors")
+    state = load_file(path)
+    assert "control_model.input_hint_block.14.weight" in state
+    assert "control_model.zero_convs.3.0.weight" in state
+    assert "control_model.middle_block_out.0.bias" in state
+    config = ControlNetModel.from_pretrained(tmp_path / "sd_embedding").config
+    converted = convert_controlnet_checkpoint({k: torch.from_numpy(v) for k, v in state.items()},
+                                              dict(config))  # fmt: skip
+    reference = ControlNetModel.from_pretrained(tmp_path / "sd_embedding").state_dict()
+    assert set(converted) == set(reference)
+    for k, v in reference.items():
+        np.testing.assert_array_equal(converted[k].numpy(), v.numpy())
+    again = interop.load_controlnet(path, unet=loaded.unet)
+    jax.tree.map(np.testing.assert_array_equal, again.params, cn.params)
+    out = controlnets.save_controlnet(again, tmp_path / "exported")
+    back = ControlNetModel.from_pretrained(out).state_dict()
+    for k, v in reference.items():
+        np.testing.assert_array_equal(back[k].numpy(), v.numpy())
+    with pytest.raises(ValueError, match="pass the base model's U-Net"):
+        interop.load_controlnet(path)
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        interop.load_controlnet(tmp_path)
