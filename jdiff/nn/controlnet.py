@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jdiff.nn.layers import conv3x3
-from jdiff.nn.unet import _SD_V1, _SDXL, UNet
+from jdiff.nn.unet import UNet
+from jdiff.nn.unet_variants import SD_V1, SDXL
 
 # the U-Net's fields a ControlNet has (diffusers' ControlNetModel takes these and no decoder's)
 SHARED_FIELDS = (  # (the up blocks' types only so that the U-Net's checks of levels hold)
@@ -158,7 +159,7 @@ def init_from_unet(controlnet_params: dict, unet_params: dict) -> dict:
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # SD 1.5's ControlNets (lllyasviel/sd-controlnet-*): 361,279,120 parameters
-    "sd_v1": {f: v for f, v in _SD_V1.items() if f in (*SHARED_FIELDS, "in_channels")},
+    "sd_v1": {f: v for f, v in SD_V1.items() if f in (*SHARED_FIELDS, "in_channels")},
     # SDXL's (diffusers/controlnet-*-sdxl-1.0)
-    "sdxl": {f: v for f, v in _SDXL.items() if f in (*SHARED_FIELDS, "in_channels")},
+    "sdxl": {f: v for f, v in SDXL.items() if f in (*SHARED_FIELDS, "in_channels")},
 }

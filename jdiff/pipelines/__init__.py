@@ -10,7 +10,9 @@ parameters, keys, labels, prompts or guidance scales do not retrace.
                       make_upscale, make_refine (pure factories), inpaint_extra,
                       img2img_start_step
     text              encode_prompts, SDXLTextEncoders (prompts' ids -> Conditioning)
-    latent_diffusion  LatentDiffusion (the user-facing class), load_latent_diffusion
+    latent_diffusion  LatentDiffusion (the user-facing class)
+    control           ControlNet options of a call, checked and prepared
+    trained           load_latent_diffusion (a train.py workdir's model)
 """
 
 from jdiff.pipelines.latent import (
@@ -24,9 +26,10 @@ from jdiff.pipelines.latent import (
     make_txt2img,
     make_upscale,
 )
-from jdiff.pipelines.latent_diffusion import LatentDiffusion, load_latent_diffusion
+from jdiff.pipelines.latent_diffusion import LatentDiffusion
 from jdiff.pipelines.pixel import make_generate, make_repaint
 from jdiff.pipelines.text import SDXLTextEncoders, encode_prompts
+from jdiff.pipelines.trained import load_latent_diffusion
 
 __all__ = [
     "LatentDiffusion", "SDXLTextEncoders", "encode_prompts", "img2img_start_step",

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import conditioning, guidance, inpainting, samplers
-from jdiff.conditioning import Conditioning
+from jdiff.conditioning import Conditioning, Control
 from jdiff.nn import UNet
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
@@ -52,6 +52,8 @@ class _Skeleton:
     num_steps: int
     guidance_rescale: float
     options: dict
+    controlnets: tuple = ()  # `nn.controlnet.ControlNetModel`s the `control` argument feeds
+    guess_mode: bool = False
 
     def encode(self, vae_params, images, key=None):
         """`encode_latents` with this autoencoder: [N, H, W, 3] -> [N, h, w, c]."""
@@ -62,12 +64,13 @@ class _Skeleton:
         return decode_latents(self.autoencoder, vae_params, z, self.scaling_factor)
 
     def guided(self, params, ids, uncond_ids, guidance_scale, extra=None, class_labels=None,
-               time_ids=None, negative_time_ids=None):  # fmt: skip
+               time_ids=None, negative_time_ids=None, control=None):  # fmt: skip
         """The classifier-free guided model function: the prompts' and the negative (or
         empty) prompts' encodings (`pipelines.text`; uncond_ids None: zeros, SDXL's
         `force_zeros_for_empty_prompt`); `extra` [N, h, w, k] concatenated to the U-Net's
         input and `class_labels` [N] passed to it, the same in both halves; SDXL's
-        `time_ids` [N, K] (the unconditional half `negative_time_ids`, by default the same)."""
+        `time_ids` [N, K] (the unconditional half `negative_time_ids`, by default the same);
+        `control` the ControlNets' inputs (`control_inputs`)."""
         text = encode_prompts(self.text_encoder, params, ids)
         cond = text.replace(class_labels=class_labels, concat=extra, time_ids=time_ids)
         null = zeroed(cond) if uncond_ids is None else cond.replace(
@@ -76,8 +79,34 @@ class _Skeleton:
         if negative_time_ids is not None:
             null = null.replace(time_ids=negative_time_ids)
         fn = conditioning.make_model_fn(self.unet, params["unet"])
+        if control is not None:
+            cond, null, fn = self._controlled(params, cond, null, control)
         return guidance.classifier_free(fn, cond, null, guidance_scale,
                                         guidance_rescale=self.guidance_rescale)  # fmt: skip
+
+    def _controlled(self, params, cond, null, control):
+        """(cond, null, model_fn) with the ControlNets: both halves read the control images;
+        in guess mode the unconditional half's scales are 0 (diffusers' zero residuals there);
+        `control["keep"]` (the sampler's timesteps [S] and each ControlNet's factor there
+        [S, n]) switches them off outside `control_guidance_start` / `_end`."""
+        n = cond.context.shape[0]
+        scales = jnp.broadcast_to(jnp.asarray(control["scales"], jnp.float32),
+                                  (n, len(self.controlnets)))  # fmt: skip
+        inputs = Control(tuple(control["images"]), scales)
+        off = inputs.replace(scales=jnp.zeros_like(scales))
+        keep = None
+        if control.get("keep") is not None:
+            grid_t, table = control["keep"]
+
+            def keep(t):  # the factor of the grid step whose timestep t is
+                return table[jnp.argmin(jnp.abs(grid_t[None, :] - t[:, None]), axis=1)]
+
+        fn = conditioning.make_controlled_model_fn(
+            self.unet, params["unet"], self.controlnets, control["params"],
+            guess_mode=self.guess_mode, keep=keep,
+        )  # fmt: skip
+        return (cond.replace(control=inputs),
+                null.replace(control=off if self.guess_mode else inputs), fn)  # fmt: skip
 
     def denoise(self, fn, key, *, z0=None, noise=None, start_step=0, end_step=None):
         """Sampled latents [N, h, w, c]: from `noise` (x_T; drawn from `key` when None; with
@@ -109,6 +138,8 @@ def make_txt2img(
     num_steps: int = 50,
     guidance_rescale: float = 0.0,
     end_step: int | None = None,
+    controlnets: tuple = (),
+    guess_mode: bool = False,
     **options,
 ) -> Callable[..., jax.Array]:
     """Text-to-image latent diffusion: encode the prompts' token ids, sample latents with
@@ -121,25 +152,29 @@ def make_txt2img(
       scaling_factor: the autoencoder's (the U-Net sees scaling_factor · z).
       end_step: stop at this grid step and return the sampler's state there, undecoded: the
         first expert of an ensemble (SDXL's base before its refiner, `make_refine`).
+      controlnets: ControlNets (`nn.controlnet`) of the U-Net's shape, fed by `control`;
+        `guess_mode` their guess mode (diffusers').
 
     Returns:
       generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None,
-      time_ids=None, negative_time_ids=None) -> images [N, H, W, 3] in [-1, 1];
+      time_ids=None, negative_time_ids=None, control=None) -> images [N, H, W, 3] in [-1, 1];
       params = {"unet", "text_encoder"} (SDXL: and "text_encoder_2"); ids and uncond_ids
       int [N, L] (the prompts' and the negative prompts' or empty prompt's; SDXL: a pair, one
       per tokenizer; uncond_ids None: zeroed); latents: the standard-normal initial latents
       (default: drawn from key), as diffusers' `latents=`; time_ids: SDXL's [N, K]
-      size/crop ids. Under `jax.jit` everything compiles once: new prompts, keys, guidance
-      scales and ids do not retrace.
+      size/crop ids; control: the ControlNets' parameters, images and scales
+      (`control_inputs`). Under `jax.jit` everything compiles once: new prompts, keys,
+      guidance scales, ids, control images and scales do not retrace.
     """
 
     sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
-                   method, num_steps, guidance_rescale, options)  # fmt: skip
+                   method, num_steps, guidance_rescale, options, tuple(controlnets),
+                   guess_mode)  # fmt: skip
 
     def generate(params, vae_params, ids, uncond_ids, key, guidance_scale=7.5, latents=None,
-                 time_ids=None, negative_time_ids=None):  # fmt: skip
+                 time_ids=None, negative_time_ids=None, control=None):  # fmt: skip
         fn = sk.guided(params, ids, uncond_ids, guidance_scale, time_ids=time_ids,
-                       negative_time_ids=negative_time_ids)  # fmt: skip
+                       negative_time_ids=negative_time_ids, control=control)  # fmt: skip
         z = sk.denoise(fn, key, noise=latents, end_step=end_step)
         return z if end_step is not None else sk.decode(vae_params, z)
 
@@ -203,29 +238,33 @@ def make_img2img(
     method: str = "ddim",
     num_steps: int = 50,
     guidance_rescale: float = 0.0,
+    controlnets: tuple = (),
+    guess_mode: bool = False,
     **options,
 ) -> Callable[..., jax.Array]:
     """Image-to-image (SDEdit, Meng et al. 2022): encode the images, noise their latents to the
     grid step `img2img_start_step(num_steps, strength)` and denoise from there with the
-    prompts, classifier-free guided; decode.
+    prompts, classifier-free guided (with `controlnets`, as `make_txt2img`); decode.
 
     Returns:
       generate(params, vae_params, images [N, H, W, 3] in [-1, 1], ids, uncond_ids, key,
-      guidance_scale=7.5, noise=None, time_ids=None, negative_time_ids=None) -> images
+      guidance_scale=7.5, noise=None, time_ids=None, negative_time_ids=None, control=None)
+      -> images
       [N, H, W, 3] (`noise`: the standard-normal noise added to the latents, default drawn
       from key; the rest as `make_txt2img`'s). `strength` and `num_steps` are compiled in.
     """
     start = img2img_start_step(num_steps, strength)
     sk = _Skeleton(unet, text_encoder, autoencoder, schedule, latent_shape, scaling_factor,
-                   method, num_steps, guidance_rescale, options)  # fmt: skip
+                   method, num_steps, guidance_rescale, options, tuple(controlnets),
+                   guess_mode)  # fmt: skip
 
     def generate(params, vae_params, init_images, ids, uncond_ids, key, guidance_scale=7.5,
-                 noise=None, time_ids=None, negative_time_ids=None):  # fmt: skip
+                 noise=None, time_ids=None, negative_time_ids=None, control=None):  # fmt: skip
         k_encode, k_noise, k_sample = jax.random.split(key, 3)
         z = sk.encode(vae_params, init_images, k_encode)
         if start < num_steps:
             fn = sk.guided(params, ids, uncond_ids, guidance_scale, time_ids=time_ids,
-                           negative_time_ids=negative_time_ids)  # fmt: skip
+                           negative_time_ids=negative_time_ids, control=control)  # fmt: skip
             noise = jax.random.normal(k_noise, z.shape) if noise is None else noise
             z = sk.denoise(fn, k_sample, z0=z, noise=noise, start_step=start)
         return sk.decode(vae_params, z)
@@ -435,3 +474,12 @@ def make_upscale(
         return sk.decode(vae_params, sk.denoise(fn, k_sample))
 
     return upscale
+
+
+def control_inputs(controlnets, images, scales, keep=None) -> dict:
+    """The `control` argument of `make_txt2img` / `make_img2img`'s functions: the ControlNets'
+    parameters, their control images (one [N, H, W, k] in [0, 1] each) and scales [n];
+    `keep`: None, or (the sampler's model-call timesteps [S], each ControlNet's factor at
+    them [S, n]) for `control_guidance_start` / `_end`."""
+    return {"params": tuple(c.params for c in controlnets), "images": tuple(images),
+            "scales": jnp.asarray(scales, jnp.float32), "keep": keep}  # fmt: skip

@@ -1,5 +1,6 @@
 """`LatentDiffusion`: a text-conditional latent model put together for users (prompts as
-strings, one compiled program per setting), and `load_latent_diffusion` from a workdir."""
+strings, one compiled program per setting); `pipelines.trained.load_latent_diffusion` builds
+one from a train.py workdir."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from jdiff import inpainting, samplers
 from jdiff.nn import UNet
 from jdiff.nn.vae import AutoencoderKL
+from jdiff.pipelines import control
 from jdiff.pipelines.latent import (
     img2img_start_step,
     make_img2img,
@@ -204,12 +206,19 @@ class LatentDiffusion:
     def txt2img(
         self, params, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
         num_steps=50, method=None, height=None, width=None, latents=None, denoising_end=None,
-        **options,
+        controlnet=None, control_image=None, controlnet_conditioning_scale=1.0,
+        guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0, **options,
     ) -> jax.Array:  # fmt: skip
         """Images [N, H, W, 3] in [-1, 1] for N prompts (`latents`: optional initial noise
         [N, h, w, c], as diffusers' `latents=`; `method` None: the model's default sampler;
         the SDXL options as the class says). `denoising_end` (a fraction of the schedule, as
-        diffusers') stops there and returns the latents [N, h, w, c] for `refine`."""
+        diffusers') stops there and returns the latents [N, h, w, c] for `refine`.
+
+        With `controlnet` (an `interop.ControlNet`, or a list: their residuals add up), each
+        reads its `control_image` ([N, H, W, 3] in [0, 1]; a list, one per ControlNet) at its
+        `controlnet_conditioning_scale`, from `control_guidance_start` to `_end` (fractions
+        of the steps), in `guess_mode` or not, as diffusers' ControlNet pipelines; new
+        images, scales and ControlNet weights reuse the compiled program."""
         self._check_kind(False)
         sdxl = {}
         if self.is_refiner:
@@ -227,17 +236,28 @@ class LatentDiffusion:
         if denoising_end is not None:
             end = samplers.split_step(self.schedule, denoising_end, method=method,
                                       num_steps=num_steps, **options)  # fmt: skip
+        ctl = self._control(controlnet, control_image, controlnet_conditioning_scale,
+                            guess_mode, control_guidance_start, control_guidance_end, shape,
+                            method, num_steps, options)  # fmt: skip
         generate = self._jit(
-            ("txt2img", shape, method, num_steps, end, tuple(sorted(options.items()))),
+            ("txt2img", shape, method, num_steps, end, tuple(sorted(options.items())), ctl.key),
             lambda: make_txt2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
                                  latent_shape=shape, scaling_factor=self.scaling_factor,
                                  method=method, num_steps=num_steps, end_step=end,
-                                 **options),
+                                 **ctl.factory, **options),
             guidance_scale,
         )  # fmt: skip
         vae = params["autoencoder"]
         return generate(params, vae, ids, uncond, key, jnp.float32(guidance_scale), latents,
-                        **sdxl)  # fmt: skip
+                        **sdxl, **ctl.arguments)  # fmt: skip
+
+    def _control(self, controlnet, image, scale, guess_mode, start, end, shape, method,
+                 num_steps, options, start_step=0) -> control.Prepared:  # fmt: skip
+        """The ControlNet options of a call, checked (`pipelines.control.prepare`)."""
+        return control.prepare(self.unet, controlnet, image, scale=scale, guess_mode=guess_mode,
+                               start=start, end=end, latent_shape=shape, schedule=self.schedule,
+                               method=method, num_steps=num_steps, options=options,
+                               start_step=start_step)  # fmt: skip
 
     def refine(
         self, params, latents, prompts, key, *, denoising_start, negative_prompts=None,
@@ -279,11 +299,14 @@ class LatentDiffusion:
 
     def img2img(
         self, params, init_images, prompts, key, *, strength=0.8, negative_prompts=None,
-        guidance_scale=7.5, num_steps=50, method=None, noise=None, **options,
+        guidance_scale=7.5, num_steps=50, method=None, noise=None, controlnet=None,
+        control_image=None, controlnet_conditioning_scale=1.0, guess_mode=False,
+        control_guidance_start=0.0, control_guidance_end=1.0, **options,
     ) -> jax.Array:  # fmt: skip
         """`init_images` [N, H, W, 3] in [-1, 1] re-imagined with N prompts (`noise`: the
         standard-normal noise [N, h, w, c] added to their latents, default drawn from key;
-        SDXL's options as the class says)."""
+        SDXL's options as the class says; ControlNets as `txt2img` takes them, the start and
+        end fractions of the steps img2img runs)."""
         self._check_kind(False)
         method = method or self.method
         init_images, ids, uncond, shape, sdxl = self._images(init_images, prompts,
@@ -294,16 +317,21 @@ class LatentDiffusion:
                 raise ValueError(f"noise has shape {noise.shape}; expected {shape}")
         start = img2img_start_step(num_steps, strength)  # validates strength
         options = self._options(method, options)
+        ctl = self._control(controlnet, control_image, controlnet_conditioning_scale,
+                            guess_mode, control_guidance_start, control_guidance_end, shape,
+                            method, num_steps, options, start)  # fmt: skip
         generate = self._jit(
-            ("img2img", shape, method, num_steps, start, tuple(sorted(options.items()))),
+            ("img2img", shape, method, num_steps, start, tuple(sorted(options.items())),
+             ctl.key),
             lambda: make_img2img(self.unet, self.text_encoder, self.autoencoder, self.schedule,
                                  latent_shape=shape, scaling_factor=self.scaling_factor,
                                  strength=strength, method=method, num_steps=num_steps,
-                                 **options),
+                                 **ctl.factory, **options),
             guidance_scale,
         )  # fmt: skip
         return generate(params, params["autoencoder"], init_images, ids, uncond, key,
-                        jnp.float32(guidance_scale), noise=noise, **sdxl)  # fmt: skip
+                        jnp.float32(guidance_scale), noise=noise, **sdxl,
+                        **ctl.arguments)  # fmt: skip
 
     def _images(self, init_images, prompts, negative_prompts, options):
         """(images, ids, uncond, latent shape, SDXL's arguments) of an image-to-image call, one
@@ -427,51 +455,3 @@ class LatentDiffusion:
         )  # fmt: skip
         x = self.inpaint(params, canvas.image, canvas.masks, prompts, key, **kwargs)
         return canvas.finish(x)
-
-
-def load_latent_diffusion(
-    workdir, step: int | None = None, *, ema: bool = True, autoencoder_workdir=None
-) -> tuple[LatentDiffusion, dict, Any]:
-    """(LatentDiffusion, params, config) of a `task = "latent_diffusion"` train.py workdir,
-    rebuilt from it alone (its config names the autoencoder's workdir).
-
-    `autoencoder_workdir` swaps in another autoencoder, typically one whose decoder was
-    fine-tuned with the encoder frozen (`configs/vae_shapes_decoder.py`, diffusers' `vae=`):
-    its encoder must equal the one the model was trained on (checked when that one is still
-    there) and its latent shape and scaling factor are the model's."""
-    import pathlib
-
-    from jdiff import adapters, models, runs
-    from jdiff import autoencoder as autoencoders
-    from jdiff.tokenizer import CLIPTokenizer
-
-    workdir = pathlib.Path(workdir)
-    run = runs.restore(workdir, step, task="latent_diffusion")
-    config, tuned = run.config, run.weights(ema)
-    if config.latent.get("pretrained"):  # fine-tuned converted weights: only the U-Net trained
-        if autoencoder_workdir:
-            raise ValueError(f"{workdir} fine-tunes converted weights, which bring their own "
-                             "autoencoder: autoencoder_workdir applies to models trained on a "
-                             "train.py autoencoder")  # fmt: skip
-        p = models.load_pretrained_parts(config)
-        model = LatentDiffusion.from_pretrained(p)
-        if config.get("lora", {}).get("rank"):  # a LoRA run: its adapter on the frozen base
-            lora = adapters.from_tree(tuned, models.lora_alpha(config))
-            return model, adapters.merge(p.params, [lora], [1.0]), config
-        return model, {**tuned, "autoencoder": p.params["autoencoder"]}, config
-    vae_model, vae_params, info = autoencoders.load(
-        autoencoder_workdir or config.latent.autoencoder_workdir
-    )
-    if autoencoder_workdir and pathlib.Path(config.latent.autoencoder_workdir).exists():
-        _, own_params, own = autoencoders.load(config.latent.autoencoder_workdir)
-        autoencoders.check_same_encoder(vae_params, own_params, name=str(autoencoder_workdir))
-        info = info | {"scaling_factor": own["scaling_factor"]}  # the one the model learnt on
-    text = models.make_text_encoder(config)
-    unet = models.make_latent_unet(config, info["latent_shape"][-1], text.hidden_size)
-    model = LatentDiffusion(
-        unet, text, vae_model, models.make_schedule(config.diffusion),
-        CLIPTokenizer.default(max_length=config.text.max_length), info["scaling_factor"],
-        image_size=config.data.image_size,
-        sampler_options=(("prediction_type", config.diffusion.prediction_type),),
-    )  # fmt: skip
-    return model, {**tuned, "autoencoder": vae_params}, config
