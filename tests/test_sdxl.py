@@ -587,3 +587,49 @@ def test_a_kohya_sdxl_lora_merges_as_diffusers_loads_it(sdxl_dir, loaded, tmp_pa
         with torch.no_grad():
             want = getattr(pipe, part)(torch.from_numpy(tokens)).last_hidden_state.numpy()
         np.testing.assert_allclose(np.asarray(out.last_hidden_state), want, atol=1e-4)
+
+
+def test_an_sdxl_controlnet_matches_diffusers(sdxl_dir, loaded, tmp_path):
+    """A ControlNet of the SDXL U-Net's shape (its added text/time embedding too), made by
+    diffusers' `from_unet` and saved: its residuals equal diffusers' (within 1e-4), and
+    StableDiffusionXLControlNetPipeline's images equal jdiff's (within 1e-3)."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    net = perturbed(
+        ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16))
+    )
+    net.save_pretrained(tmp_path / "controlnet")
+    cn = interop.load_controlnet(tmp_path / "controlnet")
+    assert cn.model.addition_embed_type == "text_time"
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 5, 192)).astype(np.float32)
+    pooled = rng.standard_normal((2, 128)).astype(np.float32)
+    ids = np.array([[16, 16, 0, 0, 16, 16]] * 2, np.float32)
+    edges = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    t = np.array([10.0, 700.0], np.float32)
+    down, mid = cn.model.apply({"params": cn.params}, x, t, edges, context=context,
+                               text_embeds=pooled, time_ids=ids)  # fmt: skip
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
+    with torch.no_grad():
+        ref_down, ref_mid = net(nchw(x), torch.from_numpy(t), torch.from_numpy(context),
+                                nchw(edges), added_cond_kwargs={
+                                    "text_embeds": torch.from_numpy(pooled),
+                                    "time_ids": torch.from_numpy(ids)},
+                                return_dict=False)  # fmt: skip
+    for ours, theirs in zip([*down, mid], [*ref_down, ref_mid], strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs.permute(0, 2, 3, 1).numpy(),
+                                   atol=1e-4)  # fmt: skip
+    latents = _latents(8)
+    model = pipelines.LatentDiffusion.from_pretrained(loaded)
+    ours = model.txt2img(loaded.params, PROMPTS, jax.random.key(0), num_steps=6,
+                         guidance_scale=5.0, latents=latents, controlnet=cn, control_image=edges,
+                         controlnet_conditioning_scale=0.6)  # fmt: skip
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(sdxl_dir, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, image=nchw(edges), num_inference_steps=6, guidance_scale=5.0,
+                   latents=nchw(latents), controlnet_conditioning_scale=0.6,
+                   output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(np.clip((np.asarray(ours) + 1) / 2, 0, 1), ref, atol=1e-3)
