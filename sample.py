@@ -142,6 +142,24 @@ _DTYPE = flags.DEFINE_enum(
 _LORA = flags.DEFINE_multi_string(
     "lora", None, "--pretrained: a LoRA file merged at a scale, FILE or FILE:SCALE (1); repeatable."
 )
+_CONTROLNET = flags.DEFINE_multi_string(
+    "controlnet",
+    None,
+    "--pretrained: a ControlNet (diffusers directory or single file); repeatable.",
+)
+_CONTROL_IMAGE = flags.DEFINE_multi_string(
+    "control_image", None, "The control image of each ControlNet, in order (values 0..255)."
+)
+_CONTROL_SCALE = flags.DEFINE_multi_float(
+    "controlnet_conditioning_scale", None, "ControlNet scale(s): one for all or one each (1)."
+)
+_GUESS_MODE = flags.DEFINE_bool("guess_mode", False, "ControlNets in diffusers' guess mode.")
+_CONTROL_START = flags.DEFINE_float(
+    "control_guidance_start", None, "The fraction of the steps where ControlNets start (0)."
+)
+_CONTROL_END = flags.DEFINE_float(
+    "control_guidance_end", None, "The fraction of the steps where ControlNets stop (1)."
+)
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "--pretrained: where to write (default ./samples)."
 )
@@ -160,7 +178,11 @@ def request() -> sampling.Request:
         jump_length=_JUMP_LENGTH.value, jump_n_sample=_JUMP_N_SAMPLE.value,
         prediction_type=_PREDICTION.value, image_size=_IMAGE_SIZE.value,
         allow_pickle=_ALLOW_PICKLE.value, dtype=_DTYPE.value, output_dir=_OUTPUT_DIR.value,
-        loras=tuple(_LORA.value or ()),
+        loras=tuple(_LORA.value or ()), controlnets=tuple(_CONTROLNET.value or ()),
+        control_images=tuple(_CONTROL_IMAGE.value or ()),
+        controlnet_conditioning_scale=tuple(_CONTROL_SCALE.value or ()),
+        guess_mode=_GUESS_MODE.value, control_guidance_start=_CONTROL_START.value,
+        control_guidance_end=_CONTROL_END.value,
     )  # fmt: skip
 
 

@@ -32,7 +32,10 @@ class Request:
     (+ `overlap`, 4), `upscale` (+ `noise_level`, 20), `projection`, RePaint's `jump_length`
     and `jump_n_sample`. Pretrained weights: `prediction_type`, `image_size`, `allow_pickle`,
     `dtype` (float32), `output_dir` (./samples), `loras` ("FILE" or "FILE:SCALE", each a LoRA
-    merged at its scale, 1 by default).
+    merged at its scale, 1 by default), ControlNets (`controlnets`: directories or single
+    files, one `control_images` file each; a ControlNet pipeline directory brings its own)
+    with diffusers' options (`controlnet_conditioning_scale`: one for all or one each,
+    `guess_mode`, `control_guidance_start` / `_end`).
     """
 
     step: int | None = None
@@ -63,6 +66,12 @@ class Request:
     dtype: str | None = None
     output_dir: str | None = None
     loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    control_images: tuple[str, ...] = ()
+    controlnet_conditioning_scale: tuple[float, ...] = ()
+    guess_mode: bool = False
+    control_guidance_start: float | None = None
+    control_guidance_end: float | None = None
 
     def check(self) -> None:
         """Refuse what no model takes (`InputError` naming the flag): non-finite or
@@ -88,6 +97,7 @@ class Request:
                 raise InputError(f"--lora {spec}: no file {path} (give FILE or FILE:SCALE)")
             if (fits := number(-10.0, 10.0).check(scale)) is not None:
                 raise InputError(f"--lora {spec}: the scale {scale} must be {fits}")
+        self._check_control()
         if self.mask and self.outpaint:
             raise InputError("--mask and --outpaint: pass one (inpainting or outpainting)")
         if self.repaints and not self.init_image:
@@ -96,6 +106,29 @@ class Request:
         if self.upscale and (self.init_image or self.repaints):
             raise InputError("--upscale takes its image itself: no --init_image, --mask or "
                              "--outpaint with it")  # fmt: skip
+
+    def _check_control(self) -> None:
+        for path in self.controlnets:
+            if not pathlib.Path(path).exists():
+                raise InputError(f"--controlnet {path}: no such directory or file")
+        n = len(self.controlnets)
+        if n and len(self.control_images) != n:
+            raise InputError(f"--control_image: {len(self.control_images)} given for {n} "
+                             "--controlnet (give one image each, in order)")  # fmt: skip
+        if len(self.controlnet_conditioning_scale) not in (0, 1, max(n, 1)):
+            raise InputError(f"--controlnet_conditioning_scale: "
+                             f"{len(self.controlnet_conditioning_scale)} values for {n} "
+                             "ControlNets (one for all, or one each)")  # fmt: skip
+        for value in self.controlnet_conditioning_scale:
+            if (fits := number(-10.0, 10.0).check(value)) is not None:
+                raise InputError(f"--controlnet_conditioning_scale={value}: expected {fits}")
+        start, end = self.control_guidance_start, self.control_guidance_end
+        for flag, value in (("control_guidance_start", start), ("control_guidance_end", end)):
+            if value is not None and (fits := number(0.0, 1.0).check(value)) is not None:
+                raise InputError(f"--{flag}={value}: expected {fits}")
+        if (start or 0.0) >= (1.0 if end is None else end):
+            raise InputError(f"--control_guidance_start={start} must be below "
+                             f"--control_guidance_end={end}")  # fmt: skip
 
     @property
     def repaints(self) -> bool:
@@ -168,6 +201,12 @@ def _pretrained(r, t, k):
     return t.source == "pretrained"
 
 
+# sample.py's ControlNet flags and the Request fields they set
+CONTROL_FLAGS = (("controlnet", "controlnets"), ("control_image", "control_images"),
+                 ("controlnet_conditioning_scale", "controlnet_conditioning_scale"),
+                 ("guess_mode", "guess_mode"),
+                 ("control_guidance_start", "control_guidance_start"),
+                 ("control_guidance_end", "control_guidance_end"))  # fmt: skip
 PRETRAINED_ONLY = ("prediction_type", "image_size", "allow_pickle", "dtype", "output_dir")
 
 BY_SOURCE = (  # what only a --workdir run or only --pretrained weights take
@@ -200,7 +239,9 @@ BY_SOURCE = (  # what only a --workdir run or only --pretrained weights take
         _pretrained,
         "LoRA files adapt --pretrained weights (a --workdir run samples as it was trained)",
     ),
-)
+    *(Applies(flag, _set(name), _pretrained, "ControlNets steer --pretrained weights")
+      for flag, name in CONTROL_FLAGS),
+)  # fmt: skip
 APPLIES = (
     *BY_SOURCE,
     Applies("trajectory", _set("trajectory"),
@@ -210,6 +251,9 @@ APPLIES = (
             "prompts need a text-conditional latent model"),
     Applies("lora", _set("loras"), lambda r, t, k: t.text,
             "LoRA files adapt a latent text-to-image model (its U-Net and text encoders)"),
+    *(Applies(flag, _set(name), lambda r, t, k: t.text and k in ("generate", "img2img"),
+              "ControlNets steer a latent text model's txt2img and img2img (not inpainting, "
+              "RePaint or upscaling)") for flag, name in CONTROL_FLAGS),
     Applies("negative_prompt", _set("negative_prompt"), lambda r, t, k: t.text,
             "prompts need a text-conditional latent model"),
     Applies("guidance_scale", lambda r: r.guidance_scale not in (None, 1.0),

@@ -34,6 +34,7 @@ from jdiff import (
     superres,
 )
 from jdiff.request import BY_SOURCE, Request, Target, lora_spec, refuse_inapplicable
+from jdiff.validate import InputError
 
 __all__ = ["Request", "sample_pretrained", "sample_workdir"]
 
@@ -266,7 +267,8 @@ def sample_text(workdir: pathlib.Path, r: Request) -> None:
                   config.data.image_size, out, r)  # fmt: skip
 
 
-def generate_text(model, params, prompts, n, method, guidance, options, size, out, r) -> None:
+def generate_text(model, params, prompts, n, method, guidance, options, size, out, r,
+                  control=None) -> None:  # fmt: skip
     """txt2img, img2img (`init_image`), inpainting / outpainting (`mask` / `outpaint`) or
     super-resolution (`upscale`) for `prompts` cycled to n images; writes a grid (and for the
     image tasks a comparison) and an .npz to `out`."""
@@ -299,11 +301,12 @@ def generate_text(model, params, prompts, n, method, guidance, options, size, ou
         init = load_image(r.init_image, size)
         strength = 0.8 if r.strength is None else r.strength
         x = model.img2img(params, np.repeat(init[None], n, 0), prompts, key,
-                          strength=strength, **common)  # fmt: skip
+                          strength=strength, **common, **(control or {}))  # fmt: skip
         stem = f"img2img_s{strength:g}"
     else:
-        x = model.txt2img(params, prompts, key, **common)
+        x = model.txt2img(params, prompts, key, **common, **(control or {}))
         stem = "txt2img"
+    stem += "_controlnet" if control else ""
     save_samples(out, f"{stem}{suffix}", x, prompts=np.asarray(prompts))
 
 
@@ -371,6 +374,36 @@ def with_loras(p, specs: tuple[str, ...]) -> dict:
     return adapters.merge_jit(p.params, loras, scales)
 
 
+def control_options(p, r: Request) -> dict:
+    """txt2img / img2img's ControlNet keyword arguments from --controlnet (each loaded; a
+    single file takes the U-Net's shape) or the pipeline directory's own, and --control_image
+    (read in [0, 1] at the image size); {} without a control image."""
+    from jdiff import interop
+
+    if not r.control_images:  # (--controlnet without one is refused by Request.check)
+        return {}
+    if r.controlnets:
+        nets = [interop.load_controlnet(path, unet=p.unet, allow_pickle=r.allow_pickle)
+                for path in r.controlnets]  # fmt: skip
+    elif p.controlnet is not None:
+        nets = [p.controlnet]
+    else:
+        raise InputError("--control_image needs a ControlNet: pass --controlnet DIR_OR_FILE "
+                         "(or a ControlNet pipeline directory as --pretrained)")  # fmt: skip
+    if len(r.control_images) != len(nets):
+        raise InputError(f"--control_image: {len(r.control_images)} given for {len(nets)} "
+                         "ControlNet(s)")  # fmt: skip
+    images = [(load_image(path, p.image_size, flag="--control_image") + 1.0) / 2.0
+              for path in r.control_images]  # fmt: skip
+    scale = r.controlnet_conditioning_scale or (1.0,)
+    print(f"ControlNet(s): {', '.join(n.source for n in nets)}", flush=True)
+    end = 1.0 if r.control_guidance_end is None else r.control_guidance_end
+    return {"controlnet": nets, "control_image": images,
+            "controlnet_conditioning_scale": list(scale) if len(scale) > 1 else scale[0],
+            "guess_mode": r.guess_mode, "control_guidance_start": r.control_guidance_start or 0.0,
+            "control_guidance_end": end}  # fmt: skip
+
+
 def sample_pretrained(path: pathlib.Path, r: Request) -> None:
     """Generate from converted Stable Diffusion (txt2img, img2img, inpainting) or DDPM
     weights; outputs to `output_dir` (./samples)."""
@@ -395,8 +428,9 @@ def sample_pretrained(path: pathlib.Path, r: Request) -> None:
         prompts = list(r.prompts)
         n = r.num_samples or len(prompts)
         params = with_loras(p, r.loras)
+        control = control_options(p, r)
         return generate_text(model, params, prompts, n, method, guidance, {}, p.image_size,
-                             out, r)  # fmt: skip
+                             out, r, control)  # fmt: skip
     if p.unet.num_class_embeds is not None:
         raise ValueError("class-conditional pretrained U-Nets are not supported by sample.py")
     refuse_inapplicable(r, Target(f"{path} is a pixel-space unconditional U-Net", "pretrained",

@@ -253,3 +253,48 @@ def test_controlnet_options_are_checked_before_compiling(sd1, loaded):
         with pytest.raises(ValueError, match=message):
             model.txt2img(loaded.params, PROMPTS, jax.random.key(0), num_steps=2, **kwargs)
     assert not model._compiled
+
+
+def test_sample_py_takes_controlnets_and_control_images(sd1, loaded, tmp_path):
+    """sample.py's library path: a ControlNet pipeline directory's own ControlNet with
+    --control_image; then --controlnet twice (a directory and a single file) with a scale
+    each, in guess mode; bad ControlNet flags are one line each, before anything loads."""
+    from PIL import Image
+
+    from jdiff import sampling
+    from jdiff.validate import InputError
+
+    rng = np.random.default_rng(8)
+    for name in ("edges", "heights"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / f"{name}.png")  # fmt: skip
+    single = controlnets.save_single_file(loaded.controlnet, tmp_path / "canny.safetensors")
+    runs = {
+        "own": dict(control_images=(str(tmp_path / "edges.png"),)),
+        "two": dict(controlnets=(str(single), str(sd1["depth"])),
+                    control_images=(str(tmp_path / "edges.png"), str(tmp_path / "heights.png")),
+                    controlnet_conditioning_scale=(1.0, 0.5), guess_mode=True),
+    }  # fmt: skip
+    out = {}
+    for name, flags in runs.items():
+        r = sampling.Request(prompts=("a red circle",), num_steps=2,
+                             output_dir=str(tmp_path / name), **flags)  # fmt: skip
+        sampling.sample_pretrained(sd1["pipeline"], r)
+        (saved,) = (tmp_path / name).glob("*.npz")
+        assert "_controlnet" in saved.name
+        out[name] = np.load(saved)["images"].astype(int)
+    assert np.abs(out["two"] - out["own"]).max() > 0
+    bad = [
+        (dict(controlnets=(str(sd1["depth"]),)), "--control_image: 0 given for 1 --controlnet"),
+        (dict(controlnets=(str(tmp_path / "missing"),), control_images=("x.png",)),
+         "--controlnet .*missing: no such directory or file"),
+        (dict(control_images=(str(tmp_path / "edges.png"),),
+              controlnet_conditioning_scale=(1.0, 2.0, 3.0)), "3 values for 0 ControlNets"),
+        (dict(control_images=(str(tmp_path / "edges.png"),), control_guidance_start=0.9,
+              control_guidance_end=0.5), "must be below --control_guidance_end"),
+        (dict(control_images=(str(tmp_path / "edges.png"),), init_image=str(tmp_path / "x.png"),
+              mask=str(tmp_path / "m.png")), "--control_image does not apply"),
+    ]  # fmt: skip
+    for flags, message in bad:
+        with pytest.raises((InputError, FileNotFoundError), match=message):
+            sampling.sample_pretrained(sd1["pipeline"], sampling.Request(prompts=("x",), **flags))
