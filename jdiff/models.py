@@ -106,15 +106,16 @@ def make_text_encoder(config: Any) -> CLIPTextModel:
     return CLIPTextModel(**fields, dtype=_dtype(config.model.dtype))
 
 
-def load_pretrained_parts(config: Any):
-    """`jdiff.interop.load_pretrained(config.latent.pretrained)` for fine-tuning: the U-Net in
-    `config.model.dtype` (and `remat`), the text encoders in it too, the autoencoder float32.
-    An SDXL refiner (its text encoder the second alone) is refused: fine-tune the base."""
+def load_pretrained_parts(config: Any, load: Any = None):
+    """`load(config.latent.pretrained)` (default `jdiff.interop.load_pretrained`; a train.py
+    workdir: `pipelines.trained.load_any`) for fine-tuning: the U-Net in `config.model.dtype`
+    (and `remat`), the text encoders in it too, the autoencoder float32. An SDXL refiner (its
+    text encoder the second alone) is refused: fine-tune the base."""
     import dataclasses
 
     from jdiff import interop
 
-    p = interop.load_pretrained(config.latent.pretrained)
+    p = (load or interop.load_pretrained)(config.latent.pretrained)
     if not p.is_latent or p.text_encoder is None:
         what = ("an SDXL refiner: jdiff fine-tunes SDXL's base" if p.text_encoder_2 is not None
                 else "not a latent text-to-image model (Stable Diffusion)")  # fmt: skip

@@ -122,7 +122,7 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
         )
     path = config.latent.get("pretrained") or None
     if path:  # fine-tune converted weights: U-Net trained, autoencoder and text encoder frozen
-        p = models.load_pretrained_parts(config)
+        p = models.load_pretrained_parts(config, pipelines.trained.load_any)
         vae_model, vae_params, tok, text, unet = (p.autoencoder, p.params["autoencoder"],
                                                   p.tokenizer, p.text_encoder, p.unet)  # fmt: skip
         scaling, cache_key = p.autoencoder.scaling_factor, f"pretrained:{path}"

@@ -412,13 +412,16 @@ def sample_pretrained(path: pathlib.Path, r: Request) -> None:
     r.check()
     refuse_inapplicable(r, Target(f"{path} holds pretrained weights", "pretrained"), BY_SOURCE)
     print(f"loading {path}", flush=True)
-    p = interop.load_pretrained(
-        path,
-        prediction_type=r.prediction_type,
-        image_size=r.image_size,
-        allow_pickle=r.allow_pickle,
-        dtype=jnp.dtype(r.dtype or "float32"),  # U-Net and text encoder; the VAE stays float32
-    )
+    if pipelines.trained.is_workdir(path):  # a latent model trained by train.py
+        p = pipelines.trained.pretrained_from_workdir(path)
+    else:
+        p = interop.load_pretrained(
+            path,
+            prediction_type=r.prediction_type,
+            image_size=r.image_size,
+            allow_pickle=r.allow_pickle,
+            dtype=jnp.dtype(r.dtype or "float32"),  # U-Net and text encoder; VAE float32
+        )
     out = pathlib.Path(r.output_dir or "samples").absolute()
     method = r.method or p.scheduler.method
     if p.is_latent:

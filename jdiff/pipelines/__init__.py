@@ -12,7 +12,7 @@ parameters, keys, labels, prompts or guidance scales do not retrace.
     text              encode_prompts, SDXLTextEncoders (prompts' ids -> Conditioning)
     latent_diffusion  LatentDiffusion (the user-facing class)
     control           ControlNet options of a call, checked and prepared
-    trained           load_latent_diffusion (a train.py workdir's model)
+    trained           load_latent_diffusion, pretrained_from_workdir (a train.py workdir)
 """
 
 from jdiff.pipelines.latent import (
