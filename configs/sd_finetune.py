@@ -17,6 +17,12 @@ With `--config.lora.rank=R` (> 0) it trains LoRA adapters instead (the whole mod
 adapters are differentiated, kept in optimizer state and checkpointed, and the trained one is
 written in the diffusers format (`workdir/lora/pytorch_lora_weights.safetensors`).
 
+With `--config.controlnet.conditioning=silhouette` (or `outline`) it trains a ControlNet on
+the frozen model instead (its encoder copied from the U-Net, its zero convolutions at zero):
+the control images are drawn from each training image, the prompts keep only the colour
+(`controlnet.prompt`), and the ControlNet is written as a diffusers directory
+(`workdir/controlnet`). `configs/controlnet_shapes.py` is that run on `ldm_shapes`.
+
 Real SD sizes need an accelerator (bfloat16, rematerialised blocks); `:tiny` is the few-step
 variant the tests run on a small random-weight directory.
 """
@@ -29,6 +35,8 @@ def get_config(arg: str | None = None):
     c.latent = {"pretrained": "", "autoencoder_workdir": ""}
     c.lora = {"rank": 0, "alpha": 0.0, "targets": "to_q,to_k,to_v,to_out_0",
               "text_encoder": False, "text_targets": "q_proj,k_proj,v_proj,out_proj"}  # fmt: skip
+    # conditioning "silhouette" / "outline": train a ControlNet on the shapes' control images
+    c.controlnet = {"conditioning": "", "embedding": "16,32,96,256", "prompt": "colour"}
     c.data.update(image_size=256, batch_size=8)
     c.model.update(dtype="bfloat16", remat=True)  # the U-Net's and text encoder's compute
     c.train.update(num_steps=2000, checkpoint_every=500, caption_dropout=0.1)

@@ -28,6 +28,8 @@ from jdiff import (
     training,
 )
 from jdiff.caches import captions, conditioning_cache, latent_cache, latent_cache_key
+from jdiff.data import shapes
+from jdiff.nn.controlnet import ControlNetModel, init_from_unet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +155,26 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
     if kind:
         cache = conditioning_cache(workdir, kind, source, cache, vae_model, vae_params, scaling,
                                    cache_key, config)  # fmt: skip
-    lora, base = None, ()
-    if path and config.get("lora", {}).get("rank"):  # adapters on the frozen pretrained model
+    lora, base, net, model = None, (), None, None
+    control = (config.get("controlnet") or {}).get("conditioning") or None
+    if control:  # a ControlNet on the frozen pretrained model: its control images cached
+        if not path:
+            raise ValueError(
+                "controlnet.conditioning trains a ControlNet for pretrained "
+                "weights: set latent.pretrained (a model or a train.py workdir)"
+            )
+        cache = cache | control_cache(config, source, control, tok)
+        base = ({k: v for k, v in p.params.items() if k != "autoencoder"},)
+        net = make_controlnet(config, unet, vae_model)
+        model = net
+
+        def init(unet_params):
+            args, kwargs = net.example_inputs()
+            params = net.init(k_init, *args, **kwargs)["params"]
+            return training.init_state(init_from_unet(params, unet_params), optimizer)
+
+        init_args = (p.params["unet"],)
+    elif path and config.get("lora", {}).get("rank"):  # adapters on the frozen pretrained model
         base = ({k: v for k, v in p.params.items() if k != "autoencoder"},)
         lora = models.make_lora(config, base[0], k_init)
         frozen = "text_encoder" not in lora.components()  # an adapted encoder runs each step
@@ -185,14 +205,22 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
         config, unet, text, schedule, optimizer, empty_ids=empty_ids,
         empty_context=empty_context, empty_text_embeds=empty_embeds, scaling_factor=scaling,
         kind=kind, prediction_type=sampler.get("prediction_type", "epsilon"), lora=lora,
+        controlnet=net,
     )  # fmt: skip
     prompts = list(config.sample.get("prompts", ())) or sorted(set(captions(source)))
     prompts = (prompts * config.sample.num_samples)[: config.sample.num_samples]
+    grid_control = None
+    if control:  # the test split's control images, with their colour-only prompts
+        shown = eval_images(config, config.sample.get("split", "test"), len(prompts), seed=0)
+        uint8 = images_uint8(shown)
+        prompts = [s.colour_caption for s in shapes.describe(uint8)]
+        grid_control = shapes.CONTROL_SIGNALS[control](uint8)
     make = {None: pipelines.make_txt2img, "inpaint": pipelines.make_inpaint,
             "upscale": pipelines.make_upscale}[kind]  # fmt: skip
     generate = make(
         unet, text, vae_model, schedule, latent_shape=(len(prompts), *latent_shape),
         scaling_factor=scaling, method=config.sample.method, num_steps=config.sample.num_steps,
+        **({"controlnets": (net,)} if net is not None else {}),
         **(sampler | dict(config.sample.get("options", {}))),
     )  # fmt: skip
     ids, uncond, added = tok(prompts), tok([""] * len(prompts)), {}
@@ -206,6 +234,11 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
     def sample(params, *frozen):
         if lora is not None:  # the EMA factors merged into the base
             params = adapters.merge(frozen[0], [adapters.from_tree(params, lora.alpha)], [1.0])
+        if net is not None:  # the EMA ControlNet on the frozen model
+            controls = {"params": (params,), "images": (grid_control,), "keep": None,
+                        "scales": jax.numpy.ones(1)}  # fmt: skip
+            return generate(frozen[0], vae_params, ids, uncond, k_sample, guidance,
+                            control=controls)  # fmt: skip
         if kind == "inpaint":  # the grid's own images, boxes repainted
             return generate(params, vae_params, *inputs, ids, uncond, k_sample, guidance)
         if kind == "upscale":  # the grid's images, downsampled, upscaled
@@ -215,7 +248,45 @@ def latent_parts(config, workdir, source, num_classes, optimizer, k_init, k_samp
     batches = data.ArrayBatches(cache, batch_size=config.data.batch_size, seed=config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())  # fmt: skip
-    return Parts(init, step, unet, batches, sample, init_args, tuple(prompts), base)
+    return Parts(init, step, model or unet, batches, sample, init_args, tuple(prompts), base)
+
+
+def make_controlnet(config: ConfigDict, unet, vae_model) -> ControlNetModel:
+    """`config.controlnet`'s ControlNet of the U-Net's shape: its conditioning embedding's
+    widths (`embedding`, e.g. "16,32,64") take the control image down to the latents' grid."""
+    widths = tuple(int(w) for w in str(config.controlnet.get("embedding", "16,32,96,256"))
+                   .split(",") if w.strip())  # fmt: skip
+    f = vae_model.downsample_factor
+    if 2 ** (len(widths) - 1) != f:
+        raise ValueError(f"controlnet.embedding={config.controlnet.embedding!r}: "
+                         f"{len(widths)} widths take the control image down "
+                         f"{2 ** (len(widths) - 1)}x, the autoencoder {f}x; give "
+                         f"{int(np.log2(f)) + 1} widths")  # fmt: skip
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+
+
+def images_uint8(x: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] as uint8."""
+    return np.round((np.asarray(x) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def control_cache(config: ConfigDict, source, kind: str, tok) -> dict:
+    """A ControlNet run's additions to the batches: "control" (uint8 control images of every
+    training image, `shapes.CONTROL_SIGNALS[kind]`) and, with `controlnet.prompt` "colour",
+    "ids" of the colour-only captions ("a red shape": shape and position withheld)."""
+    if kind not in shapes.CONTROL_SIGNALS:
+        raise ValueError(f"controlnet.conditioning={kind!r}; expected one of "
+                         f"{sorted(shapes.CONTROL_SIGNALS)}")  # fmt: skip
+    if config.data.name != "shapes":
+        raise ValueError("controlnet.conditioning draws the control images from the embedded "
+                         f"shapes; data.name is {config.data.name!r}")  # fmt: skip
+    size = config.data.image_size
+    images = images_uint8(np.stack([data.preprocess(source[i]["image"], image_size=size)
+                                    for i in range(len(source))]))  # fmt: skip
+    out = {"control": np.round(shapes.CONTROL_SIGNALS[kind](images) * 255).astype(np.uint8)}
+    if config.controlnet.get("prompt", "colour") == "colour":
+        out["ids"] = np.asarray(tok([shapes.parse(c).colour_caption for c in captions(source)]))
+    return out
 
 
 def sample_inputs(kind, config: ConfigDict, n: int, f: int):

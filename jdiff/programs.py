@@ -56,7 +56,7 @@ def autoencoder_step(config: Any, model, optimizer):
 
 def latent_step(config: Any, unet, text, schedule, optimizer, *, empty_ids, empty_context,
                 scaling_factor: float, prediction_type: str, kind: str | None,
-                empty_text_embeds=None, lora=None):  # fmt: skip
+                empty_text_embeds=None, lora=None, controlnet=None):  # fmt: skip
     """Text-conditional latent diffusion's step (`training.make_latent_train_step`); `kind`
     is the image conditioning by concatenation (None, "inpaint" or "upscale": its input
     noise-augmented as SD's upscaler's); `lora` trains that adapter on frozen weights."""
@@ -68,6 +68,7 @@ def latent_step(config: Any, unet, text, schedule, optimizer, *, empty_ids, empt
         noise_augmentation=superres.low_res_schedule() if kind == "upscale" else None,
         max_noise_level=superres.MAX_NOISE_LEVEL,
         noise_level_power=config.train.get("noise_level_power", 1.0), lora=lora,
+        controlnet=controlnet,
         **step_options(config),
     )  # fmt: skip
 

@@ -169,6 +169,17 @@ def write_trained_lora(run: Run, config: ConfigDict, workdir: pathlib.Path) -> p
     return path
 
 
+def write_trained_controlnet(run: Run, workdir: pathlib.Path) -> pathlib.Path:
+    """A ControlNet run's EMA ControlNet as a diffusers directory (`ControlNetModel.
+    from_pretrained`, `interop.load_controlnet` and `sample.py --controlnet` read it)."""
+    from jdiff import interop
+
+    controlnet = interop.ControlNet(run.model, jax.device_get(run.state.ema_params))
+    path = interop.save_controlnet(controlnet, workdir / "controlnet")
+    print(f"ControlNet: {path}", flush=True)
+    return path
+
+
 def write_reconstructions(run: Run, config: ConfigDict, workdir: pathlib.Path, step: int):
     """Held-out images (odd rows) over their reconstructions (even rows), EMA weights."""
     x = parts.eval_images(config, config.autoencoder.eval_split, 32, seed=0)
@@ -260,6 +271,8 @@ def train(config: ConfigDict, workdir: pathlib.Path) -> pathlib.Path | None:
         grid = write_samples(run, config, workdir, int(run.state.step))
         if config.get("lora", {}).get("rank") and main:
             write_trained_lora(run, config, workdir)
+        if (config.get("controlnet") or {}).get("conditioning") and main:
+            write_trained_controlnet(run, workdir)
         if task(config) == "autoencoder":
             measure_autoencoder(run, config, workdir)
     finally:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jdiff import adapters, conditioning, diffusion, losses, superres
-from jdiff.conditioning import Conditioning
+from jdiff.conditioning import Conditioning, Control
 from jdiff.nn import UNet
 from jdiff.nn.text_encoder import CLIPTextModel
 from jdiff.nn.vae import AutoencoderKL
@@ -285,6 +285,7 @@ def make_latent_train_step(
     max_noise_level: int = 0,
     noise_level_power: float = 1.0,
     lora: adapters.LoRA | None = None,
+    controlnet: Any = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """The pure train step of a text-conditional latent diffusion model (LDM, Rombach et al.
     2022, with the text transformer trained jointly).
@@ -313,6 +314,11 @@ def make_latent_train_step(
     adapter's factors (`adapters.as_tree`) and the step takes the frozen base parameters
     after its key: `step(state, batch, key, base)`; each step merges the factors into the base
     (`adapters.merge`), so only the factors are differentiated, updated and kept.
+
+    With `controlnet` (an `nn.controlnet.ControlNetModel` of the U-Net's shape), the state's
+    parameters are the ControlNet's and the step takes the frozen model's parameters after
+    its key, as with a LoRA: batches add "control" [B, H, W, k] (uint8, the control images),
+    which the ControlNet reads at scale 1 (Zhang et al. 2023; the U-Net frozen).
     """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={caption_dropout}; expected 0 <= p < 1")
@@ -320,7 +326,7 @@ def make_latent_train_step(
         raise ValueError(f"noise_level_power={noise_level_power}; expected > 0")
     empty_ids = jnp.asarray(empty_ids, jnp.int32)
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, controlnet_params=None):
         k_z, k_drop, k_loss, k_dropout = jax.random.split(key, 4)
         added = {}
         mean = batch["latent_mean"]
@@ -345,8 +351,16 @@ def make_latent_train_step(
             noise = jax.random.normal(k_aug, cond.concat.shape)
             extra = diffusion.q_sample(noise_augmentation, cond.concat, level, noise)
             cond = cond.replace(concat=extra, class_labels=level)
-        fn = conditioning.make_model_fn(unet, params["unet"], deterministic=False,
-                                        rngs={"dropout": k_dropout})  # fmt: skip
+        rngs = {"dropout": k_dropout}
+        if controlnet is None:
+            fn = conditioning.make_model_fn(unet, params["unet"], deterministic=False, rngs=rngs)
+        else:  # the control images at scale 1
+            images = batch["control"].astype(jnp.float32) / 255.0
+            cond = cond.replace(control=Control((images,), jnp.ones((mean.shape[0], 1))))
+            fn = conditioning.make_controlled_model_fn(
+                unet, params["unet"], [controlnet], [controlnet_params], deterministic=False,
+                rngs=rngs,
+            )  # fmt: skip
         model_fn = conditioning.bind(fn, cond)
 
         value = losses.diffusion_loss(
@@ -360,6 +374,12 @@ def make_latent_train_step(
         def loss_fn(factors, batch, key, base):
             adapter = adapters.from_tree(factors, lora.alpha)
             return full_loss(adapters.merge(base, [adapter], [1.0]), batch, key)
+
+    elif controlnet is not None:
+        model_loss = loss_fn
+
+        def loss_fn(controlnet_params, batch, key, base):
+            return model_loss(base, batch, key, controlnet_params)
 
     return make_step(loss_fn, optimizer, ema_max_decay=ema_max_decay,
                      accumulate_steps=accumulate_steps)  # fmt: skip

@@ -159,6 +159,9 @@ def _rules() -> dict[str, Rule]:
         "lora.rank": integer(0, 4096),
         "lora.alpha": number(0.0),
         "lora.text_encoder": boolean(),
+        # ControlNets on pretrained weights
+        "controlnet.conditioning": choice("", None, "silhouette", "outline"),
+        "controlnet.prompt": choice("colour", "caption"),
     }
 
 

@@ -298,3 +298,39 @@ def test_sample_py_takes_controlnets_and_control_images(sd1, loaded, tmp_path):
     for flags, message in bad:
         with pytest.raises((InputError, FileNotFoundError), match=message):
             sampling.sample_pretrained(sd1["pipeline"], sampling.Request(prompts=("x",), **flags))
+
+
+def test_train_py_trains_a_controlnet_on_the_frozen_model(sd1, loaded, tmp_path):
+    """configs/sd_finetune.py:tiny with controlnet.conditioning on the SD 1.x directory and
+    the shapes: the state holds the ControlNet alone (its encoder the U-Net's at step 0, its
+    zero convolutions zero), the control images are the training images' silhouettes with
+    colour-only prompts, the written directory loads into diffusers, and the zero
+    convolutions have moved."""
+    import importlib
+
+    from jdiff import parts, runs, trainer
+    from jdiff.data import shapes
+
+    config = importlib.import_module("configs.sd_finetune").get_config("tiny")
+    config.latent.pretrained = str(sd1["pipeline"])
+    config.mesh.data = 1
+    config.controlnet.update(conditioning="silhouette", embedding="8,16")
+    config.optim.learning_rate = 1e-2
+    source = [{"image": im, "caption": sc.caption} for sc, im in shapes.examples("train", 1, 0)]
+    cache = parts.control_cache(config, source[:6], "silhouette", loaded.tokenizer)
+    assert cache["control"].shape == (6, 16, 16, 3) and set(np.unique(cache["control"])) == {0, 255}
+    words = [loaded.tokenizer.decode(ids) for ids in cache["ids"]]
+    assert all(" shape" in w and " at " not in w for w in words)  # colour only
+    assert trainer.train(config, tmp_path).exists()
+    run = runs.restore(tmp_path)
+    cn = interop.load_controlnet(tmp_path / "controlnet")
+    jax.tree.map(np.testing.assert_array_equal, cn.params, jax.device_get(run.ema_params))
+    assert set(run.params) == set(cn.params)  # the ControlNet's parameters, nothing else
+    zero = cn.params["controlnet_mid_block"]["kernel"]
+    assert np.abs(zero).max() > 0  # trained from zero
+    reference = ControlNetModel.from_pretrained(tmp_path / "controlnet")
+    assert reference.config.conditioning_embedding_out_channels == [8, 16]
+    with pytest.raises(ValueError, match="trained a ControlNet"):
+        from jdiff import pipelines
+
+        pipelines.load_latent_diffusion(tmp_path)

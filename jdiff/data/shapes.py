@@ -52,6 +52,12 @@ class Scene:
         return f"a {COLOURS[self.colour]} {SHAPES[self.shape]} at the {POSITIONS[self.position]}"
 
     @property
+    def colour_caption(self) -> str:
+        """The caption with the shape and position withheld ("a red shape"): what a
+        ControlNet's control image then has to tell."""
+        return f"a {COLOURS[self.colour]} shape"
+
+    @property
     def held_out(self) -> bool:
         """Whether this combination is kept out of training (12 of the 48)."""
         return (self.colour + self.shape + self.position) % 4 == 0
@@ -110,6 +116,48 @@ def examples(split: str, count: int, seed: int) -> list[tuple[Scene, np.ndarray]
     return [(sc, render(sc, rng)) for _ in range(count) for sc in scenes]
 
 
+def _coverage(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(how much of each pixel of one float [H, W, 3] image the shape covers (0..1), the
+    shape's colour), by the rule `describe` reads; None where no shape stands out from the
+    background."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = np.median(border, axis=0)
+    distance = np.linalg.norm(image - background, axis=-1)
+    peak = np.percentile(distance, 99)
+    if peak < 40:
+        return None
+    colour = image[distance > 0.8 * peak].mean(0)
+    direction = colour - background
+    return np.clip((image - background) @ direction / (direction @ direction), 0, 1), colour
+
+
+def silhouettes(images: np.ndarray) -> np.ndarray:
+    """ControlNet control images of uint8 [N, H, W, 3] scenes: the shape's silhouette, white
+    on black (the pixels `describe` counts as covered), float32 [N, H, W, 3] in [0, 1]. The
+    shape and position are in it; the colour is not."""
+    out = np.zeros(np.shape(images), np.float32)
+    for i, image in enumerate(np.asarray(images, np.float32)):
+        found = _coverage(image)
+        if found is not None:
+            out[i] = (found[0] > 0.5)[..., None]
+    return out
+
+
+def outlines(images: np.ndarray) -> np.ndarray:
+    """The silhouettes' one-pixel outlines (a silhouette pixel with a background neighbour),
+    float32 [N, H, W, 3] in [0, 1]: an edge map, as canny ControlNets read."""
+    mask = silhouettes(images)[..., 0] > 0
+    inner = mask.copy()
+    inner[:, 1:-1, 1:-1] &= (mask[:, :-2, 1:-1] & mask[:, 2:, 1:-1] & mask[:, 1:-1, :-2]
+                             & mask[:, 1:-1, 2:])  # fmt: skip
+    inner[:, [0, -1], :] = False
+    inner[:, :, [0, -1]] = False
+    return np.repeat((mask & ~inner)[..., None], 3, axis=-1).astype(np.float32)
+
+
+CONTROL_SIGNALS = {"silhouette": silhouettes, "outline": outlines}
+
+
 def describe(images: np.ndarray) -> list[Scene | None]:
     """The scene each uint8 [N, 32, 32, 3] image shows, read by rule; None where no shape
     stands out from the background.
@@ -127,16 +175,11 @@ def describe(images: np.ndarray) -> list[Scene | None]:
     yy, xx = np.mgrid[: images.shape[1], : images.shape[2]]
     out: list[Scene | None] = []
     for image in images:
-        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-        background = np.median(border, axis=0)
-        distance = np.linalg.norm(image - background, axis=-1)
-        peak = np.percentile(distance, 99)
-        if peak < 40:
+        found = _coverage(image)
+        if found is None:
             out.append(None)
             continue
-        colour = image[distance > 0.8 * peak].mean(0)
-        direction = colour - background
-        coverage = np.clip((image - background) @ direction / (direction @ direction), 0, 1)
+        coverage, colour = found
         rows, cols = np.nonzero(coverage > 0.5)
         if len(rows) < 12:
             out.append(None)

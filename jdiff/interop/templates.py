@@ -47,17 +47,5 @@ def text_encoder_shapes(text_encoder: CLIPTextModel) -> Any:
 
 def controlnet_shapes(controlnet: ControlNetModel) -> Any:
     """A ControlNet's parameter tree as `jax.ShapeDtypeStruct`s."""
-    f = 2 ** (len(controlnet.block_out_channels) - 1)
-    g = 2 ** (len(controlnet.conditioning_embedding_out_channels) - 1)
-    kwargs = {}
-    if controlnet.cross_attention_dim is not None:
-        kwargs["context"] = jnp.zeros((1, 1, controlnet.cross_attention_dim))
-    if controlnet.num_class_embeds is not None:
-        kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
-    if controlnet.addition_embed_type:
-        width = controlnet.projection_class_embeddings_input_dim
-        width -= controlnet.addition_time_embed_dim
-        kwargs |= {"text_embeds": jnp.zeros((1, width)), "time_ids": jnp.zeros((1, 1))}
-    image = jnp.zeros((1, f * g, f * g, controlnet.conditioning_channels))
-    return _shapes(controlnet, jnp.zeros((1, f, f, controlnet.in_channels)), jnp.zeros((1,)),
-                   image, **kwargs)  # fmt: skip
+    args, kwargs = controlnet.example_inputs()
+    return _shapes(controlnet, *args, **kwargs)

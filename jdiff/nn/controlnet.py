@@ -137,6 +137,22 @@ class ControlNetModel(UNet):
             outs = [jnp.mean(o, axis=(1, 2), keepdims=True) for o in outs]
         return outs[:-1], outs[-1]
 
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """(args, kwargs) of one call at the smallest size: what `init` and shape templates
+        take."""
+        f = 2 ** (len(self.block_out_channels) - 1)
+        g = 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+        kwargs = {}
+        if self.cross_attention_dim is not None:
+            kwargs["context"] = jnp.zeros((1, 1, self.cross_attention_dim))
+        if self.num_class_embeds is not None:
+            kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
+        if self.addition_embed_type:
+            width = self.projection_class_embeddings_input_dim - self.addition_time_embed_dim
+            kwargs |= {"text_embeds": jnp.zeros((1, width)), "time_ids": jnp.zeros((1, 1))}
+        image = jnp.zeros((1, f * g, f * g, self.conditioning_channels))
+        return (jnp.zeros((1, f, f, self.in_channels)), jnp.zeros((1,)), image), kwargs
+
     @classmethod
     def from_unet(cls, unet: UNet, **fields) -> ControlNetModel:
         """The ControlNet of `unet`'s shape (its encoder's fields), with `fields` set."""

@@ -27,6 +27,10 @@ def load_latent_diffusion(
     workdir = pathlib.Path(workdir)
     run = runs.restore(workdir, step, task="latent_diffusion")
     config, tuned = run.config, run.weights(ema)
+    if (config.get("controlnet") or {}).get("conditioning"):
+        raise ValueError(f"{workdir} trained a ControlNet (in {workdir / 'controlnet'}): sample "
+                         f"with sample.py --pretrained {config.latent.pretrained} --controlnet "
+                         f"{workdir / 'controlnet'} --control_image IMAGE")  # fmt: skip
     if config.latent.get("pretrained"):  # fine-tuned converted weights: only the U-Net trained
         if autoencoder_workdir:
             raise ValueError(f"{workdir} fine-tunes converted weights, which bring their own "
