@@ -87,6 +87,11 @@ CASES = [
      "optim.grad_clip"),
     ("resume-model", "train", [TINY, "--workdir={run}", "--config.model.class_conditional=False"],
      "model differ"),
+    # train.py: LoRA and ControlNet runs
+    ("lora-without-pretrained", "train", [SD_TINY, "--config.lora.rank=4"],
+     "config.lora.rank trains LoRA adapters on pretrained weights"),
+    ("controlnet-unknown", "train", [SD_TINY, "--config.controlnet.conditioning=pose"],
+     "controlnet.conditioning='pose'"),
     # sample.py: numbers
     ("guidance-nan", "sample", ["--workdir={run}", "--guidance_scale=nan"], "--guidance_scale=nan"),
     ("guidance-inf", "sample", ["--workdir={run}", "--guidance_scale=inf"], "--guidance_scale=inf"),
@@ -110,6 +115,11 @@ CASES = [
     ("trajectory-repaint", "sample", ["--workdir={run}", "--init_image={f}/image.png",
                                       "--mask={f}/mask.png", "--trajectory"], "--trajectory"),
     ("dtype-to-workdir", "sample", ["--workdir={run}", "--dtype=bfloat16"], "--pretrained"),
+    ("lora-to-workdir", "sample", ["--workdir={run}", "--lora={f}/random.safetensors"],
+     "--lora does not apply"),
+    ("controlnet-to-workdir", "sample", ["--workdir={run}", "--controlnet={f}/image.png",
+                                         "--control_image={f}/image.png"],
+     "--controlnet does not apply"),
     ("step-to-pretrained", "sample", ["--pretrained={f}/random.safetensors", "--step=3"],
      "--step does not apply"),
     ("init-image-alone", "sample", ["--workdir={run}", "--init_image={f}/image.png"],
