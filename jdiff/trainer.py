@@ -210,7 +210,7 @@ def measure_autoencoder(run: Run, config: ConfigDict, workdir: pathlib.Path) -> 
     if jax.process_index() == 0:
         path = autoencoder.save_info(workdir, info)
         print(f"held-out PSNR {info['psnr_db']:.2f} dB (5th percentile "
-              f"{info['psnr_db_p5']:.2f} dB) on {info['numeval_images']} {ae.eval_split} "
+              f"{info['psnr_db_p5']:.2f} dB) on {info['num_eval_images']} {ae.eval_split} "
               f"images; latent scaling factor {info['scaling_factor']:.4f} (1/std of z, "
               f"latents {tuple(info['latent_shape'])}): {path}", flush=True)  # fmt: skip
         if "described_alike" in info:
