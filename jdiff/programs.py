@@ -289,6 +289,10 @@ def _sdxl_program(config, parts, optimizer, key) -> TrainParts:
 
 
 def _latent_program(config, optimizer, key) -> TrainParts:
+    if config.get("lora", {}).get("rank") or (config.get("controlnet") or {}).get("conditioning"):
+        raise InputError("jdiff.aot sizes a model's own or a full fine-tune's train step; LoRA "
+                         "(lora.rank) and ControlNet (controlnet.conditioning) runs are not "
+                         "sized yet: leave them at 0 / '' to size the full fine-tune")  # fmt: skip
     parts = latent_parts(config)
     if parts.unet.addition_embed_type:
         return _sdxl_program(config, parts, optimizer, key)

@@ -257,3 +257,19 @@ def kohya_file(state, path, *, alpha, unet_name=lambda m: m, text_prefixes=None)
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     save_file(out, path)
     return path
+
+
+def sharp_posterior(pipe, params: dict) -> tuple[dict, np.ndarray]:
+    """The autoencoder's posterior made near-deterministic (log-variance -30) in a diffusers
+    pipeline and in jdiff's `params` alike, so that diffusers' draw from it does not matter to
+    an img2img comparison; returns (jdiff's params, the img2img noise [2, 8, 8, 4] diffusers'
+    generator seeded 0 draws after the posterior's draw)."""
+    with torch.no_grad():
+        pipe.vae.quant_conv.bias[4:] = -30.0
+    params = dict(params)
+    vae = dict(params["autoencoder"])
+    vae["quant_conv"] = dict(vae["quant_conv"], bias=vae["quant_conv"]["bias"].at[4:].set(-30.0))
+    params["autoencoder"] = vae
+    generator = torch.Generator().manual_seed(0)
+    torch.randn((2, 4, 8, 8), generator=generator)  # the posterior's draw
+    return params, torch.randn((2, 4, 8, 8), generator=generator).permute(0, 2, 3, 1).numpy()

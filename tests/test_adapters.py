@@ -29,21 +29,36 @@ def peft_for_transformers(monkeypatch):
     allow_peft(monkeypatch)
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    """{"pipeline": the tiny SD 1.x directory, "style": its diffusers LoRA directory,
-    "detail": a Kohya-format file}."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sd1")
-    unet, vae, text, tokenizer = tiny_pipeline("sd1")
+def save_peft_lora(folder, unet_state, unet_config, text_state, text_config):
+    """diffusers' `save_lora_weights` of PEFT state dicts, their configs as the metadata."""
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )  # fmt: skip
+
+
+def save_tiny_pipeline(version, folder, scheduler):
+    """The tiny SD `version` pipeline (random weights, perturbed) as diffusers saves it."""
+    unet, vae, text, tokenizer = tiny_pipeline(version)
     tokenizer.save_pretrained(folder / "tokenizer")
-    scheduler = PNDMScheduler.from_config(single_file.SCHEDULERS["sd1"])
     StableDiffusionPipeline(
         vae=perturbed(vae), text_encoder=perturbed(text), unet=perturbed(unet),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(folder / "pipeline")  # fmt: skip
+    return folder / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """{"pipeline": the tiny SD 1.x directory, "style": its diffusers LoRA directory,
+    "detail": a Kohya-format file}."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sd1")
+    scheduler = PNDMScheduler.from_config(single_file.SCHEDULERS["sd1"])
+    save_tiny_pipeline("sd1", folder, scheduler)
     fresh_unet, _, fresh_text, _ = tiny_pipeline("sd1")
     unet_state, unet_config = peft_lora(
         fresh_unet,
@@ -55,11 +70,7 @@ def sd1(tmp_path_factory):
         alpha_pattern={"proj_in": 3},
     )
     text_state, text_config = peft_lora(fresh_text, TEXT_TARGETS, rank=2, alpha=2, seed=2)
-    StableDiffusionPipeline.save_lora_weights(
-        folder / "style", unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
-        unet_lora_adapter_metadata=unet_config.to_dict(),
-        text_encoder_lora_adapter_metadata=text_config.to_dict(),
-    )  # fmt: skip
+    save_peft_lora(folder / "style", unet_state, unet_config, text_state, text_config)
     detail_unet, _, detail_text, _ = tiny_pipeline("sd1")
     state, config = peft_lora(detail_unet, ["to_k", "to_v", "ff.net.2", "conv2"], rank=3,
                               alpha=1.5, seed=3)  # fmt: skip
@@ -67,11 +78,7 @@ def sd1(tmp_path_factory):
     # its twin in diffusers' format: diffusers 0.42 misnames a Kohya file's text-encoder
     # attention LoRAs for transformers 5 (`self_attn.to_q_lora`, left unloaded), so the text
     # encoder's reference reads the same tensors from this file
-    StableDiffusionPipeline.save_lora_weights(
-        folder / "detail_twin", unet_lora_layers=state, text_encoder_lora_layers=text_state,
-        unet_lora_adapter_metadata=config.to_dict(),
-        text_encoder_lora_adapter_metadata=text_config.to_dict(),
-    )  # fmt: skip
+    save_peft_lora(folder / "detail_twin", state, config, text_state, text_config)
     state = {f"unet.{k}": v for k, v in state.items()}
     state |= {f"text_encoder.{k}": v for k, v in text_state.items()}
     detail = kohya_file(state, folder / "detail.safetensors", alpha=1.5)
@@ -269,22 +276,11 @@ def test_an_sd2_lora_merges_as_diffusers_loads_it(tmp_path):
     from diffusers import DDIMScheduler
 
     torch.manual_seed(1)
-    unet, vae, text, tokenizer = tiny_pipeline("sd2")
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
-    StableDiffusionPipeline(
-        vae=perturbed(vae), text_encoder=perturbed(text), unet=perturbed(unet),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path / "tokenizer"),
-        scheduler=DDIMScheduler.from_config(single_file.SCHEDULERS["sd2"]),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(tmp_path / "pipeline")  # fmt: skip
+    save_tiny_pipeline("sd2", tmp_path, DDIMScheduler.from_config(single_file.SCHEDULERS["sd2"]))
     fresh_unet, _, fresh_text, _ = tiny_pipeline("sd2")
     unet_state, unet_config = peft_lora(fresh_unet, UNET_TARGETS, rank=4, alpha=4, seed=8)
     text_state, text_config = peft_lora(fresh_text, TEXT_TARGETS, rank=2, alpha=1, seed=9)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "lora", unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
-        unet_lora_adapter_metadata=unet_config.to_dict(),
-        text_encoder_lora_adapter_metadata=text_config.to_dict(),
-    )  # fmt: skip
+    save_peft_lora(tmp_path / "lora", unet_state, unet_config, text_state, text_config)
     loaded = interop.load_pretrained(tmp_path / "pipeline")
     lora = interop.read_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors", loaded.unet,
                              loaded.params)  # fmt: skip

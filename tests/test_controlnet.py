@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
-from reference import perturbed, tiny_pipeline
+from reference import perturbed, sharp_posterior, tiny_pipeline
 
 from jdiff import interop
 from jdiff.interop import controlnets, single_file
@@ -207,15 +207,7 @@ def test_img2img_with_a_controlnet_matches_diffusers(sd1, loaded):
     rng = np.random.default_rng(6)
     image, edges = (rng.uniform(size=(2, 16, 16, 3)).astype(np.float32) for _ in range(2))
     pipe = _torch_pipe(sd1, StableDiffusionControlNetImg2ImgPipeline)
-    with torch.no_grad():
-        pipe.vae.quant_conv.bias[4:] = -30.0
-    params = dict(loaded.params)
-    vae = dict(params["autoencoder"])
-    vae["quant_conv"] = dict(vae["quant_conv"], bias=vae["quant_conv"]["bias"].at[4:].set(-30.0))
-    params["autoencoder"] = vae
-    generator = torch.Generator().manual_seed(0)
-    torch.randn((2, 4, 8, 8), generator=generator)  # the posterior's draw
-    noise = torch.randn((2, 4, 8, 8), generator=generator).permute(0, 2, 3, 1).numpy()
+    params, noise = sharp_posterior(pipe, loaded.params)
     model = pipelines.LatentDiffusion.from_pretrained(loaded)
     ours = model.img2img(params, 2 * image - 1, PROMPTS, jax.random.key(0), strength=0.6,
                          num_steps=10, noise=noise, controlnet=loaded.controlnet,

@@ -18,7 +18,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from reference import assert_only_the_unet_moved, perturbed, posterior_mode_in
+from reference import assert_only_the_unet_moved, perturbed, posterior_mode_in, sharp_posterior
 
 from jdiff import interop, pipelines
 from jdiff.pipelines.text import SDXLTextEncoders
@@ -304,15 +304,7 @@ def test_img2img_matches_stable_diffusion_xl_img2img_pipeline(sdxl_dir, loaded):
     image = np.random.default_rng(3).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        pipe.vae.quant_conv.bias[4:] = -30.0
-    params = dict(loaded.params)
-    vae = jax.tree.map(lambda a: a, params["autoencoder"])
-    vae["quant_conv"] = dict(vae["quant_conv"], bias=vae["quant_conv"]["bias"].at[4:].set(-30.0))
-    params["autoencoder"] = vae
-    generator = torch.Generator().manual_seed(0)
-    torch.randn((2, 4, 8, 8), generator=generator)  # the posterior's draw
-    noise = torch.randn((2, 4, 8, 8), generator=generator).permute(0, 2, 3, 1).numpy()
+    params, noise = sharp_posterior(pipe, loaded.params)
     model = pipelines.LatentDiffusion.from_pretrained(loaded)
     ours = model.img2img(params, 2 * image - 1, PROMPTS, jax.random.key(0), strength=0.6,
                          negative_prompts=["", "green"], prompts_2=["an oil painting", "a photo"],
