@@ -102,7 +102,8 @@ def tiny_vae_decoder_workdir(tiny_vae_workdir, tmp_path_factory, worker_id):
 # workers take them in this order (a long one left for last would run alone); the rest follow
 # in their own order
 LONGEST_FIRST = [
-    "test_latent", "test_pretrained", "test_sdxl", "test_image_conditioned", "test_training",
+    "test_latent", "test_pretrained", "test_sdxl", "test_controlnet", "test_image_conditioned",
+    "test_adapters", "test_training",
     "test_sharding", "test_evaluation", "test_unet", "test_vae", "test_aot", "test_samplers",
     "test_checkpoints", "test_losses", "test_bad_inputs",
 ]  # fmt: skip
