@@ -10,7 +10,7 @@ import optax
 import pytest
 from runs import launch
 
-from jdiff import autoencoder, losses, models, pipelines, schedules, training
+from jdiff import autoencoder, caches, losses, models, pipelines, schedules, training
 from jdiff.nn import UNet
 from jdiff.nn import text_encoder as te
 from jdiff.nn.unet import VARIANTS
@@ -126,25 +126,25 @@ def test_train_py_trains_a_text_conditional_latent_model(tiny_ldm, tmp_path):
 
 def test_latent_cache_is_keyed_by_what_it_depends_on(tiny_vae_workdir, tmp_path):
     """A changed image size (or data split, or autoencoder) never reuses stale latents."""
-    from jdiff import data, trainer
+    from jdiff import data
 
     config = importlib.import_module("configs.ldm_shapes").get_config("tiny")
-    base = trainer.latent_cache_key(config, "vae@3")
-    keys = {base, trainer.latent_cache_key(config, "vae@4")}
+    base = caches.latent_cache_key(config, "vae@3")
+    keys = {base, caches.latent_cache_key(config, "vae@4")}
     for field, value in (("image_size", 16), ("split", "train[:8]"), ("name", "other")):
         changed = config.copy_and_resolve_references()
         changed.data[field] = value
-        keys.add(trainer.latent_cache_key(changed, "vae@3"))
+        keys.add(caches.latent_cache_key(changed, "vae@3"))
     assert len(keys) == 5
     source = data.load_source("shapes", split="train[:4]")
     vae_model, vae_params, _ = autoencoder.load(tiny_vae_workdir)
     tok = CLIPTokenizer.default(max_length=16)
-    first = trainer.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
+    first = caches.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
     stored = (tmp_path / "latents.npz").stat().st_mtime_ns
-    again = trainer.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
+    again = caches.latent_cache(tmp_path, source, vae_model, vae_params, "a", tok, 32)
     assert (tmp_path / "latents.npz").stat().st_mtime_ns == stored  # reused, not rewritten
     np.testing.assert_array_equal(again["latent_mean"], first["latent_mean"])
-    small = trainer.latent_cache(tmp_path, source, vae_model, vae_params, "b", tok, 16)
+    small = caches.latent_cache(tmp_path, source, vae_model, vae_params, "b", tok, 16)
     assert first["latent_mean"].shape == (4, 16, 16, 4)
     assert small["latent_mean"].shape == (4, 8, 8, 4)  # encoded again at the new size
 

@@ -425,9 +425,9 @@ def test_directory_errors_name_the_problem(sd_dirs, tmp_path):
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match=r"lists \['text_encoder_2'\] but .* no such"):
         interop.load_pretrained(bad)
-    index["controlnet"] = ["diffusers", "ControlNetModel"]
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
     (bad / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"components \['controlnet \(ControlNetModel\)'\]"):
+    with pytest.raises(ValueError, match=r"components \['transformer \(SD3Transformer2DModel\)'\]"):
         interop.load_pretrained(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         interop.load_pretrained(tmp_path / "nowhere")
