@@ -2,14 +2,16 @@
 
     python benchmarks/eval_adapters.py --base outputs/ldm_shapes \
         --controlnet outputs/controlnet_shapes/controlnet [--num 480] [--guidance_scale 3]
+        [--vae outputs/vae_shapes_decoder]
 
 Runs by hand (minutes on a CPU) after `configs/controlnet_shapes.py`. For `--num` renders of
 each split (the test split's seen combinations, the held-out ones), the prompt is the colour
 alone ("a red shape") and the control image the render's silhouette; each sample is read by
 the rule checker (`shapes.describe`) and counted right when its shape and position are the
 control image's and its colour the prompt's. The same prompts without the ControlNet are the
-baseline (shape and position then by chance: 1 in 12). Prints the README's rows and writes
-them to `outputs/controlnet_adherence.json`.
+baseline (shape and position then by chance: 1 in 12). `--vae` decodes with another
+autoencoder of the same latents (`vae_shapes_decoder`: the decoder fine-tuned, the encoder
+frozen). Prints the README's rows and writes them to `outputs/controlnet_adherence.json`.
 """
 
 from __future__ import annotations
@@ -71,9 +73,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--num_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--vae", default=None, help="decode with this autoencoder's workdir")
     args = parser.parse_args()
     sharding.enable_compilation_cache()
     p = pipelines.trained.pretrained_from_workdir(args.base)
+    if args.vae:
+        from jdiff import autoencoder
+
+        p.params["autoencoder"] = autoencoder.load(args.vae)[1]
     model = pipelines.LatentDiffusion.from_pretrained(p)
     net = interop.load_controlnet(args.controlnet)
     results = {}
@@ -85,7 +92,7 @@ def main() -> None:
             samples = _sample(model, p.params, prompts, controls, with_net, args)
             results[f"{split}, {name}"] = _score(samples, scenes)
             print(f"| {split} | {name} | {results[f'{split}, {name}']} |", flush=True)
-    out = pathlib.Path("outputs/controlnet_adherence.json")
+    out = pathlib.Path(f"outputs/controlnet_adherence{'_vae' if args.vae else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print(f"written: {out}")
