@@ -18,11 +18,11 @@ from configs import ldm_shapes
 def get_config(arg: str | None = None):
     c = ldm_shapes.get_config()
     c.latent = {"pretrained": "outputs/ldm_shapes", "autoencoder_workdir": ""}
-    c.data.split = "held_out+train[:600]"
-    c.lora = {"rank": 8, "alpha": 8.0, "targets": "to_q,to_k,to_v,to_out_0",
+    c.data.split = "held_out+train"
+    c.lora = {"rank": 16, "alpha": 16.0, "targets": "to_q,to_k,to_v,to_out_0",
               "text_encoder": True, "text_targets": "q_proj,k_proj,v_proj,out_proj"}  # fmt: skip
-    c.train.update(num_steps=1500, checkpoint_every=500)
-    c.optim.update(learning_rate=5e-4, warmup_steps=100, cosine_decay_steps=1500)
+    c.train.update(num_steps=4000, checkpoint_every=500)
+    c.optim.update(learning_rate=1e-3, warmup_steps=100, cosine_decay_steps=4000)
     if arg == "tiny":
         c.data.batch_size = 8
         c.train.update(num_steps=2, log_every=1, checkpoint_every=2)
