@@ -5,11 +5,12 @@
     python -m jdiff.evaluation outputs/lora_shapes/samples/txt2img_ddim50_eta1_cfg3_seed0.npz
 
 `ldm_shapes` (`latent.pretrained` is its workdir) is trained on 36 of the 48 colour / shape /
-position combinations; this run trains rank-8 adapters on its U-Net's attention projections
-and its text encoder's, on the 12 held-out combinations' renders (the `held_out` split) and as
-many seen ones (so as not to forget them), the model itself frozen. The adapter is written in
-the diffusers format (`outputs/lora_shapes/lora/`); `sample.py --workdir` merges it. The
-README's "ControlNet and LoRA on the shapes" has its adherence beside the model's own.
+position combinations; this run trains rank-16 adapters on its U-Net's attention projections
+and its text encoder's, on the 12 held-out combinations' renders (the `held_out` split) with
+the whole training split beside them, the model itself frozen. The adapter is written in the
+diffusers format (`outputs/lora_shapes/lora/`); `sample.py --workdir` merges it, and
+`sample.py --pretrained outputs/ldm_shapes --lora FILE` reads the file. The README's
+"ControlNet and LoRA on the shapes" has its adherence beside the model's own.
 """
 
 from configs import ldm_shapes
