@@ -49,7 +49,7 @@ def _sample(model, params, prompts, controls, net, args) -> np.ndarray:
 
 def _score(samples: np.ndarray, scenes: list) -> dict:
     read = shapes.describe(samples)
-    pairs = [(r, s) for r, s in zip(read, scenes, strict=True)]
+    pairs = list(zip(read, scenes, strict=True))
     count = len(pairs)
 
     def share(test):

@@ -69,7 +69,8 @@ def delta(lora: LoRA, layer: str) -> jax.Array:
     return jnp.tensordot(down, up, axes=1) * (lora.alpha[layer] / down.shape[-1])
 
 
-def _get(tree: Mapping, layer: str) -> Any:
+def kernel(tree: Mapping, layer: str) -> Any:
+    """The kernel an adapter layer's path names in a parameter tree (ValueError if none)."""
     node = tree
     for name in layer.split("/"):
         if not isinstance(node, Mapping) or name not in node:
@@ -93,16 +94,16 @@ def check(params: Mapping, lora: LoRA, what: str = "the adapter") -> None:
     errors = []
     for layer in lora.layers:
         try:
-            kernel = _get(params, layer)
+            weight = kernel(params, layer)
         except ValueError as e:
             errors.append(str(e))
             continue
         down, up = lora.down[layer].shape, lora.up[layer].shape
-        want = (*kernel.shape[:-1], down[-1]), (down[-1], kernel.shape[-1])
+        want = (*weight.shape[:-1], down[-1]), (down[-1], weight.shape[-1])
         if (tuple(down), tuple(up)) != want:
             errors.append(
                 f"{layer}: down {tuple(down)} and up {tuple(up)} do not fit its kernel "
-                f"{tuple(kernel.shape)} (need {want[0]} and {want[1]})"
+                f"{tuple(weight.shape)} (need {want[0]} and {want[1]})"
             )
     if errors:
         raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(errors))
@@ -128,8 +129,8 @@ def merge(params: Mapping, adapters: Sequence[LoRA], scales: Sequence[Any]) -> d
             updates[layer] = updates[layer] + d if layer in updates else d
     out = dict(params)
     for layer, d in updates.items():
-        kernel = _get(params, layer)
-        out = _set(out, layer.split("/"), (kernel.astype(jnp.float32) + d).astype(kernel.dtype))
+        weight = kernel(params, layer)
+        out = _set(out, layer.split("/"), (weight.astype(jnp.float32) + d).astype(weight.dtype))
     return out
 
 
@@ -174,11 +175,11 @@ def init(
             raise ValueError(f"LoRA targets {missing} match no layer of {part!r}")
     down, up = {}, {}
     for layer, k in zip(layers, jax.random.split(key, len(layers)), strict=True):
-        kernel = _get(params, layer)
-        fan_in = math.prod(kernel.shape[:-1])
+        weight = kernel(params, layer)
+        fan_in = math.prod(weight.shape[:-1])
         bound = 1.0 / math.sqrt(fan_in)
-        down[layer] = jax.random.uniform(k, (*kernel.shape[:-1], rank), jnp.float32, -bound, bound)
-        up[layer] = jnp.zeros((rank, kernel.shape[-1]), jnp.float32)
+        down[layer] = jax.random.uniform(k, (*weight.shape[:-1], rank), jnp.float32, -bound, bound)
+        up[layer] = jnp.zeros((rank, weight.shape[-1]), jnp.float32)
     return LoRA(down, up, {layer: jnp.float32(alpha) for layer in layers})
 
 

@@ -320,6 +320,12 @@ def test_train_py_trains_a_controlnet_on_the_frozen_model(sd1, loaded, tmp_path)
     assert set(run.params) == set(cn.params)  # the ControlNet's parameters, nothing else
     zero = cn.params["controlnet_mid_block"]["kernel"]
     assert np.abs(zero).max() > 0  # trained from zero
+    from jdiff.nn.controlnet import init_from_unet  # how step 0 was made: the U-Net's encoder
+
+    start = init_from_unet(cn.params, loaded.params["unet"])
+    jax.tree.map(np.testing.assert_array_equal, start["down_blocks_0"],
+                 loaded.params["unet"]["down_blocks_0"])  # fmt: skip
+    np.testing.assert_array_equal(start["controlnet_mid_block"]["kernel"], zero)
     reference = ControlNetModel.from_pretrained(tmp_path / "controlnet")
     assert reference.config.conditioning_embedding_out_channels == [8, 16]
     with pytest.raises(ValueError, match="trained a ControlNet"):

@@ -98,8 +98,7 @@ def load_controlnet(
     channels = int(state["input_hint_block.0.weight"].shape[1])
     model = ControlNetModel.from_unet(unet.clone(dtype=dtype), conditioning_channels=channels,
                                       conditioning_embedding_out_channels=widths)  # fmt: skip
-    names = [keys.torch_key(tuple(p.key for p in path_)) for path_, _ in
-             _flat(templates.controlnet_shapes(model))]  # fmt: skip
+    names = keys.torch_keys(templates.controlnet_shapes(model))
     try:
         renamed = {name: state[original_key(name, model)] for name in names}
     except KeyError as e:
@@ -108,12 +107,6 @@ def load_controlnet(
             "(a ControlNet of another model?)"
         ) from None
     return ControlNet(model, _convert(renamed, model, str(path)), str(path))
-
-
-def _flat(tree):
-    import jax
-
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def save_controlnet(controlnet: ControlNet, directory: str | pathlib.Path) -> pathlib.Path:

@@ -41,6 +41,12 @@ def torch_key(path: tuple[str, ...]) -> str:
     return ".".join([*parts, "bias" if path[-1] == "bias" else "weight"])
 
 
+def torch_keys(tree: Any) -> list[str]:
+    """The state-dict key of every leaf of a parameter tree (or its shapes), in tree order."""
+    return [torch_key(tuple(p.key for p in path))
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]  # fmt: skip
+
+
 def _to_jax(leaf: str, value: np.ndarray) -> np.ndarray:
     if leaf == "kernel" and value.ndim == 4:  # conv [O, I, kh, kw] -> [kh, kw, I, O]
         return value.transpose(2, 3, 1, 0)

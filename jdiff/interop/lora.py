@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jdiff.adapters import LoRA, check
+from jdiff.adapters import LoRA, check, kernel
 from jdiff.interop import files, keys, single_file
 from jdiff.nn import UNet
 
@@ -187,7 +187,7 @@ def read_lora(path: str | pathlib.Path, unet: UNet, params: Mapping) -> LoRA:
             continue
         module, value = roles["down"]
         try:
-            down[layer], up[layer] = _factors(value, roles["up"][1], _kernel(params, layer).shape)
+            down[layer], up[layer] = _factors(value, roles["up"][1], kernel(params, layer).shape)
         except ValueError as e:
             errors.append(f"{module}: {e}")
             continue
@@ -203,13 +203,6 @@ def read_lora(path: str | pathlib.Path, unet: UNet, params: Mapping) -> LoRA:
     lora = LoRA(down, up, alpha)
     check(params, lora, str(path))
     return lora
-
-
-def _kernel(params: Mapping, layer: str) -> Any:
-    node = params
-    for name in layer.split("/"):
-        node = node[name]
-    return node["kernel"]
 
 
 def _to_torch(value: np.ndarray, role: str) -> np.ndarray:
@@ -239,7 +232,7 @@ def write_lora(lora: LoRA, path: str | pathlib.Path, params: Mapping) -> pathlib
         module = module.removeprefix("text_model.")
         down = _to_torch(lora.down[layer], "down")
         up = _to_torch(lora.up[layer], "up")
-        if np.ndim(_kernel(params, layer)) == 4:
+        if np.ndim(kernel(params, layer)) == 4:
             up = up[:, :, None, None]
         state[f"{part}.{module}.lora_A.weight"] = down
         state[f"{part}.{module}.lora_B.weight"] = up

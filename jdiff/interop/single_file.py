@@ -156,11 +156,6 @@ def _openclip_key(key: str) -> Entry:
     return Entry(f"{block}.{_OPENCLIP_LAYER[m[2]]}.{m[3]}")
 
 
-def _diffusers_keys(shapes: Any) -> list[str]:
-    return [keys.torch_key(tuple(p.key for p in path))
-            for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]  # fmt: skip
-
-
 def key_map(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
             *, openclip: bool, text_encoder_2: CLIPTextModel | None = None,
             ) -> dict[str, dict[str, Entry]]:  # fmt: skip
@@ -173,21 +168,21 @@ def key_map(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
     levels = len(vae.block_out_channels)
     maps = {
         "unet": {k: Entry(UNET + unet_key(k, unet)) for k in
-                 _diffusers_keys(templates.unet_shapes(unet))},
+                 keys.torch_keys(templates.unet_shapes(unet))},
         "autoencoder": {k: Entry(VAE + e.key, e.how) for k in
-                        _diffusers_keys(templates.vae_shapes(vae))
+                        keys.torch_keys(templates.vae_shapes(vae))
                         for e in [_vae_key(k, levels)]},
     }  # fmt: skip
     if text_encoder_2 is not None:  # SDXL: the embedders, numbered in order
         encoders = [("text_encoder", text_encoder, False), ("text_encoder_2", text_encoder_2, True)]
         encoders = [e for e in encoders if e[1] is not None]
         for i, (name, model, big) in enumerate(encoders):
-            text_keys = _diffusers_keys(templates.text_encoder_shapes(model))
+            text_keys = keys.torch_keys(templates.text_encoder_shapes(model))
             prefix = f"{EMBEDDERS}{i}." + ("model." if big else "transformer.")
             maps[name] = {k: Entry(prefix + e.key, e.how) for k in text_keys
                           for e in [_openclip_key(k) if big else Entry(k)]}  # fmt: skip
         return maps
-    text_keys = _diffusers_keys(templates.text_encoder_shapes(text_encoder))
+    text_keys = keys.torch_keys(templates.text_encoder_shapes(text_encoder))
     if openclip:
         maps["text_encoder"] = {k: Entry(OPENCLIP + e.key, e.how) for k in text_keys
                                 for e in [_openclip_key(k)]}  # fmt: skip
