@@ -27,6 +27,8 @@ import statistics
 import sys
 import time
 
+import bench_unet  # the benchmarks' folder is the script's: its `cpu_name`
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = "a photograph of an astronaut riding a horse"
 UNET_TFLOP_512 = 0.80  # one SD 1.5 U-Net call on one 512x512 image (64x64x4 latents)
@@ -201,7 +203,7 @@ def run(framework, directory, size, batch, dtype, steps, repeats, peak_tflops):
         "load_s": round(load, 1), "s_per_step": round(per_step, 3),
         "compile_s": {n: round(cold[n] - warm[n], 1) for n in steps},
         "call_s": {n: round(warm[n], 2) for n in steps},
-        "images_per_s": round(batch / warm[hi], 4),
+        "images_per_s": round(batch / warm[hi], 4), "cpu": bench_unet.cpu_name(),
     }  # fmt: skip
     if peak_tflops:
         tflop = UNET_TFLOP_512 * (size / 512) ** 2 * 2 * batch  # CFG: two U-Net images each

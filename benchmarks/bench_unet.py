@@ -39,6 +39,16 @@ SMALL = {
 }
 
 
+def cpu_name() -> str:
+    """The host CPU's model and core count (runs differ by machine: record which)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else 'unknown CPU'} x {os.cpu_count()}"
+
+
 def _unet(model):
     sys.path.insert(0, str(ROOT))
     from jdiff.nn import VARIANTS, UNet
@@ -202,7 +212,7 @@ def main() -> None:
     print(json.dumps({
         "framework": args.framework, "model": args.model, "latent": args.latent,
         "batch": args.batch, "s_per_call": round(warm / args.steps, 4),
-        "first_call_s": round(cold, 1),
+        "first_call_s": round(cold, 1), "cpu": cpu_name(),
     }))  # fmt: skip
     if args.profile and args.framework == "jdiff":
         profile(fn)

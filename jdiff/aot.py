@@ -4,6 +4,7 @@ attached, and what it needs of each chip.
     python -m jdiff.aot --config configs/sd_finetune.py --topology v5e:4x4 \
         --config.latent.pretrained=sd_v1 --config.mesh.fsdp=4 --config.data.batch_size=64
     python train.py --config ... --compile_for v5e:4x4        # the same report
+    python -m jdiff.aot --config ... --topology v5e:2x4 --max_batch   # the largest batch
 
 `jax.experimental.topologies` describes the topology's chips without them (libtpu, the
 `[tpu]` extra); the config's mesh is laid over them, the train state exists only as shapes
@@ -11,7 +12,9 @@ attached, and what it needs of each chip.
 builds the step on this CPU. The report, per chip: parameters, EMA and optimizer state as the
 shardings split them; the compiled program's arguments, temporaries (activations, gradients)
 and code against the chip's HBM; FLOPs and HBM traffic; an estimated step time and MFU; the
-collectives in the program. `--program=sample` compiles the sampler instead (the whole
+collectives in the program. `--max_batch` finds the largest per-chip batch that fits, a
+compile per try (`largest_batch`: a handful, each guess from the bytes of the last), and
+reports at it. `--program=sample` compiles the sampler instead (the whole
 denoising loop, guidance, encoder and decoder: one call for `sample.num_samples` images).
 The programs come from `jdiff.programs`: a latent model's networks are sized from
 `latent.pretrained` (a diffusers directory's config files, or one of
@@ -23,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import re
@@ -32,33 +34,21 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.extend import core as jax_core
 
 from jdiff import programs, sharding, validate
+from jdiff.costs import CHIPS, Chip, collectives, kernel_flops, program_cost, shard_bytes
 from jdiff.validate import InputError
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """A TPU generation's published figures: HBM per chip, dense bf16 peak, HBM bandwidth."""
-
-    name: str
-    hbm_gib: float
-    bf16_tflops: float
-    hbm_gbps: float
-
-
-CHIPS = {
-    "v4": Chip("TPU v4", 32, 275, 1228),
-    "v5e": Chip("TPU v5e", 16, 197, 819),
-    "v5p": Chip("TPU v5p", 95, 459, 2765),
-    "v6e": Chip("TPU v6e", 32, 918, 1640),
-}
-
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 GIB = 2**30
+
+
+class DoesNotFit(InputError):
+    """The TPU compiler's verdict: the program needs more HBM than a chip has (`need`: the
+    compiler's words)."""
+
+    def __init__(self, message: str, need: str):
+        super().__init__(message)
+        self.need = need
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +171,8 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
         low, high = EFFORTS
         raise InputError(f"--effort={effort}: the compiler's effort is a number from {low:g} "
                          f"(a quick compile) to {high:g}; 0 is a run's")  # fmt: skip
-    chip = chip_of(topology, flag)
-    devices = topology_devices(topology, flag)
-    try:
-        mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
-    except ValueError as e:
-        raise InputError(f"config.mesh (data={config.mesh.data}, fsdp={config.mesh.fsdp}) "
-                         f"on {topology}'s {len(devices)} chips: {e}") from None  # fmt: skip
-    what = "data.batch_size" if program == "train" else "sample.num_samples"
-    count = config.data.batch_size if program == "train" else config.sample.num_samples
+    chip, mesh = chip_of(topology, flag), _mesh(config, topology, flag)
+    what, count = _batch_key(config, program)
     if count % mesh.size:
         raise InputError(f"{what}={count} does not split over the mesh's {mesh.size} chips: "
                          f"use a multiple of {mesh.size}")  # fmt: skip
@@ -203,14 +186,15 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         need = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
-        raise InputError(f"the {p.name} does NOT fit {topology} ({chip.name}, "
-                         f"{chip.hbm_gib:g} GiB HBM per chip): XLA's TPU compiler says: {need} "
-                         f"Lower {what} (now {count}) or raise mesh.fsdp") from None  # fmt: skip
-    flops, traffic, estimate, by = _cost(compiled, chip, kernels)
+        message = (f"the {p.name} does NOT fit {topology} ({chip.name}, {chip.hbm_gib:g} GiB "
+                   f"HBM per chip): XLA's TPU compiler says: {need} Lower {what} (now "
+                   f"{count}) or raise mesh.fsdp")  # fmt: skip
+        raise DoesNotFit(message, need) from None
+    flops, traffic, estimate, by = program_cost(compiled, chip, kernels)
     loop = None
     if p.call is not None:  # the loop's body counted once: the model call's cost, apart
         call, _, call_kernels = _compile(p.call, mesh, config.mesh.fsdp_min_size, effort)
-        call_flops, call_traffic, call_estimate, call_by = _cost(call, chip, call_kernels)
+        call_flops, call_traffic, call_estimate, call_by = program_cost(call, chip, call_kernels)
         kernels += p.uncounted * call_kernels
         loop = {"uncounted_calls": p.uncounted, "call_flops": call_flops,
                 "call_bytes_accessed": call_traffic, "call_estimate_s": call_estimate}  # fmt: skip
@@ -223,7 +207,7 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
 
     def per_chip(tree, shardings) -> int:
         pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
-        return sum(_shard_bytes(a, s) for a, s in pairs)
+        return sum(shard_bytes(a, s) for a, s in pairs)
 
     shares, shard_trees = p.shares(p.args), p.shares(in_sh)
     return Report(
@@ -238,6 +222,23 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
         collectives=collectives(compiled.as_text()), compile_s=seconds, loop=loop,
         kernel_flops=kernels, effort=effort,
     )  # fmt: skip
+
+
+def _mesh(config, topology: str, flag: str):
+    """The config's ("data", "fsdp") mesh over `topology`'s abstract chips."""
+    devices = topology_devices(topology, flag)
+    try:
+        return sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
+    except ValueError as e:
+        raise InputError(f"config.mesh (data={config.mesh.data}, fsdp={config.mesh.fsdp}) "
+                         f"on {topology}'s {len(devices)} chips: {e}") from None  # fmt: skip
+
+
+def _batch_key(config, program: str) -> tuple[str, int]:
+    """The config's key holding the program's examples per call over all chips, and its value."""
+    if program == "train":
+        return "data.batch_size", config.data.batch_size
+    return "sample.num_samples", config.sample.num_samples
 
 
 def _compile(p: programs.Abstract, mesh, min_size: int, effort: float = 0.0):
@@ -263,74 +264,6 @@ def _compile(p: programs.Abstract, mesh, min_size: int, effort: float = 0.0):
     return traced.lower().compile(options), in_sh, kernel_flops(traced.jaxpr.jaxpr)
 
 
-def _cost(compiled, chip: Chip, kernels: float = 0.0) -> tuple[float, float, float, str]:
-    """(FLOPs, bytes accessed, estimated seconds, "compiler" or "roofline") per chip; `kernels`
-    are FLOPs the compiler does not see (Pallas kernels without a cost estimate)."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) + kernels
-    traffic = float(cost.get("bytes accessed", 0.0))
-    estimate = float(cost.get("optimal_seconds", -1.0))
-    if estimate > 0 and kernels:  # the kernels it could not cost, at the chip's peak
-        return flops, traffic, estimate + kernels / (chip.bf16_tflops * 1e12), "compiler+kernels"
-    if estimate > 0:
-        return flops, traffic, estimate, "compiler"
-    # no estimate from the compiler (a kernel it cannot cost): the roofline's lower bound
-    bound = max(flops / (chip.bf16_tflops * 1e12), traffic / (chip.hbm_gbps * 1e9))
-    return flops, traffic, bound, "roofline"
-
-
-def _subjaxprs(eqn):
-    for value in eqn.params.values():
-        for v in value if isinstance(value, tuple | list) else (value,):
-            if isinstance(v, jax_core.ClosedJaxpr):
-                yield v.jaxpr
-            elif isinstance(v, jax_core.Jaxpr):
-                yield v
-
-
-def _dot_flops(jaxpr) -> float:
-    """2·M·N·K of every matrix product in `jaxpr`: a scan's body times its length, the
-    costlier branch of a conditional, a while loop's body once (its trip count is unknown)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                lhs[i] for i in contracting)  # fmt: skip
-        elif name == "scan":
-            total += eqn.params["length"] * _dot_flops(eqn.params["jaxpr"].jaxpr)
-        elif name == "cond":
-            total += max(_dot_flops(b.jaxpr) for b in eqn.params["branches"])
-        else:
-            total += sum(_dot_flops(sub) for sub in _subjaxprs(eqn))
-    return total
-
-
-def kernel_flops(jaxpr) -> float:
-    """The FLOPs of the Pallas kernels in a traced program that carry no cost estimate, per
-    device (inside `shard_map` the shapes are a device's share): each kernel's body's matrix
-    products (`_dot_flops`) times its grid. XLA's cost analysis counts a kernel only by the
-    estimate it carries (JAX's flash attention gives one for its forward kernel, none for its
-    two backward kernels). Like XLA, a kernel inside a loop counts once."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            if eqn.params.get("cost_estimate") is None:
-                grid = eqn.params["grid_mapping"].grid
-                total += math.prod(grid) * _dot_flops(eqn.params["jaxpr"])
-        else:
-            total += sum(kernel_flops(sub) for sub in _subjaxprs(eqn))
-    return total
-
-
-def _shard_bytes(leaf, sh) -> int:
-    shape = sh.shard_shape(leaf.shape)
-    return int(np.prod(shape, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
-
-
 def _cpu_only() -> None:
     """This process runs nothing on a device: with libtpu installed, JAX would otherwise try
     (and, off a TPU VM, fail noisily) to start a TPU backend for the local computations."""
@@ -338,32 +271,6 @@ def _cpu_only() -> None:
 
     if not xla_bridge.backends_are_initialized():
         jax.config.update("jax_platforms", "cpu")
-
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
-_OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-
-
-def collectives(hlo: str) -> dict[str, tuple[int, int]]:
-    """{op: (count, bytes of the results)} of the collectives in compiled HLO text: an op
-    inside a loop counts once; an async op's "-start" counts (its outputs: the second half of
-    its tuple), its "-done" not."""
-    found: dict[str, list[int]] = {}
-    for line in hlo.splitlines():
-        match = _OP.search(line)
-        if not match:
-            continue
-        shapes = [(dtype, dims) for dtype, dims in _SHAPE.findall(match.group(1))]
-        if match.group(3) and len(shapes) >= 2:
-            shapes = shapes[len(shapes) // 2 :]
-        size = sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
-                   for d, dims in shapes)  # fmt: skip
-        entry = found.setdefault(match.group(2), [0, 0])
-        entry[0] += 1
-        entry[1] += size
-    return {op: tuple(found[op]) for op in COLLECTIVES if op in found}
 
 
 def describe(report: Report) -> str:
@@ -408,37 +315,147 @@ def describe(report: Report) -> str:
         lines.append(f"estimated time >= {r.estimate_s * 1e3:.4g} ms (a roofline of the "
                      f"FLOPs and HBM traffic at peak: the compiler gave no estimate), so MFU "
                      f"<= {r.mfu:.1%} of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
+    what, per = ("examples", "step") if r.program == "train step" else ("images", "call")
+    lines.append(f"  so ~{r.batch_per_chip * r.chips / r.estimate_s:.4g} {what}/s over the "
+                 f"{r.chips} chips ({r.batch_per_chip:g} per chip per {per})")  # fmt: skip
     if r.effort:
-        lines.append(
-            f"(compiled at effort {r.effort:g}, not a run's 0: "
-            + (
-                "a less optimised program, its memory and time are likely above a run's)"
-                if r.effort < 0
-                else "a program optimised harder than a run's)"
-            )
-        )
+        lines.append(f"(compiled at effort {r.effort:g}, not a run's 0: " + (
+            "a less optimised program, its memory and time are likely above a run's)"
+            if r.effort < 0 else "a program optimised harder than a run's)"))  # fmt: skip
     parts = [f"{op} {n} ({size / 2**20:.1f} MiB)" for op, (n, size) in r.collectives.items()]
-    lines.append(
-        f"collectives per {'step' if r.program == 'train step' else 'call'}: "
-        + (", ".join(parts) or "none")
-    )
+    lines.append(f"collectives per {per}: " + (", ".join(parts) or "none"))
     return "\n".join(lines)
 
 
+SEARCH_COMPILES = 8  # compiles a batch search may take at most
+SEARCH_GROWTH = 8  # a guess at most this many times the largest batch known to fit
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSearch:
+    """The largest per-chip batch that fits, and every batch compiled on the way."""
+
+    largest: int  # examples per chip; 0: not even one fits
+    tried: dict[int, int | None]  # per-chip batch -> bytes per chip (None: the compiler refused)
+    verified: bool  # largest + 1 was compiled and does not fit (or nothing fits at 1)
+
+
+def _next_batch(tried: dict[int, int | None], capacity: int) -> int | None:
+    """The per-chip batch to compile next, or None when the largest that fits is bracketed
+    (it fits, one more does not). Bytes grow about linearly with the batch (activations, on
+    top of the fixed parameters and optimizer state), so the next guess is the line through
+    the two largest batches that fit, met with the capacity; with one such batch, twice it;
+    a guess at or past the smallest batch that does not fit halves the gap instead."""
+    fit = sorted(b for b, need in tried.items() if need is not None and need <= capacity)
+    low = fit[-1] if fit else 0
+    high = min((b for b in tried if b > low), default=None)
+    if high == low + 1:
+        return None
+    if low == 0:  # nothing fits yet: halve the smallest that does not
+        return high // 2
+    guess = 2 * low
+    if len(fit) >= 2 and tried[low] > tried[fit[-2]]:
+        slope = (tried[low] - tried[fit[-2]]) / (low - fit[-2])
+        guess = low + int((capacity - tried[low]) // slope)
+    guess = min(guess, SEARCH_GROWTH * low)
+    if high is not None and guess >= high:
+        guess = (low + high) // 2
+    return max(guess, low + 1)
+
+
+def largest_batch(measure, start: int, capacity: int,
+                  compiles: int = SEARCH_COMPILES) -> BatchSearch:  # fmt: skip
+    """The largest per-chip batch b whose `measure(b)` (bytes per chip, None where the
+    compiler refuses it) is within `capacity`, from `start`, in at most `compiles` calls of
+    `measure` (`_next_batch` picks each)."""
+    tried: dict[int, int | None] = {}
+    batch: int | None = max(1, start)
+    while batch is not None and len(tried) < compiles:
+        tried[batch] = measure(batch)
+        batch = _next_batch(tried, capacity)
+    fit = [b for b, need in tried.items() if need is not None and need <= capacity]
+    return BatchSearch(max(fit, default=0), tried, verified=batch is None)
+
+
+def search_batch(config, topology: str, program: str = "train", flag: str = "--topology", *,
+                 effort: float = 0.0) -> tuple[Report | None, BatchSearch]:  # fmt: skip
+    """The largest per-chip batch of the config's program that fits `topology`'s chips
+    (`largest_batch`, each try a compile of the config with its batch key set, one line
+    printed), and the report at it (None when not even one example per chip fits)."""
+    chip, mesh = chip_of(topology, flag), _mesh(config, topology, flag)
+    key, count = _batch_key(config, program)
+    reports: dict[int, Report] = {}
+    print(f"finding the largest {key} per chip that fits {topology} ({mesh.size} x "
+          f"{chip.name}, {chip.hbm_gib:g} GiB HBM each): a compile per try",
+          flush=True)  # fmt: skip
+
+    def measure(batch: int) -> int | None:
+        trial = config.copy_and_resolve_references()
+        section, name = key.split(".")
+        trial[section][name] = batch * mesh.size
+        try:
+            report = compile_for(trial, topology, program, flag, effort=effort)
+        except DoesNotFit as e:
+            print(f"  {batch:6d} per chip ({key}={batch * mesh.size}): does NOT fit "
+                  f"(XLA's TPU compiler: {e.need})", flush=True)  # fmt: skip
+            return None
+        reports[batch] = report
+        verdict = "fits" if report.fits else "does NOT fit"
+        print(f"  {batch:6d} per chip ({key}={batch * mesh.size}): "
+              f"{report.total_bytes / GIB:.3f} GiB, {verdict} "
+              f"(compiled in {report.compile_s:.0f} s)", flush=True)  # fmt: skip
+        return report.total_bytes
+
+    found = largest_batch(measure, count // mesh.size, int(chip.hbm_gib * GIB))
+    return reports.get(found.largest), found
+
+
+def describe_search(found: BatchSearch, topology: str, chips: int, key: str) -> str:
+    """The search's answer in a line."""
+    if found.largest == 0:
+        return f"not even one example per chip fits {topology}: raise mesh.fsdp"
+    n = found.largest
+    bound = (f"{n + 1} per chip does not" if found.verified else
+             f"at least; the search stopped after {len(found.tried)} compiles")  # fmt: skip
+    return (
+        f"largest batch that fits {topology}: {n} per chip ({bound}), "
+        f"{key}={n * chips} over its {chips} chips"
+    )
+
+
 def run(config, topology: str, program: str = "train", json_path: str | None = None,
-        flag: str = "--topology", effort: float = 0.0) -> Report:  # fmt: skip
-    """Compile, print the report and write it as JSON to `json_path` if given."""
-    report = compile_for(config, topology, program, flag, effort=effort, announce=True)
+        flag: str = "--topology", effort: float = 0.0,
+        max_batch: bool = False) -> Report:  # fmt: skip
+    """Compile, print the report and write it as JSON to `json_path` if given; with
+    `max_batch`, find the largest per-chip batch that fits first (`search_batch`) and
+    report at it."""
+    found = None
+    if max_batch:
+        report, found = search_batch(config, topology, program, flag, effort=effort)
+        if report is None:
+            name = "train step" if program == "train" else "sampler"
+            raise InputError(f"the {name} does NOT fit {topology} even at one example per "
+                             "chip: raise mesh.fsdp or use a chip with more HBM")  # fmt: skip
+    else:
+        report = compile_for(config, topology, program, flag, effort=effort, announce=True)
     print(describe(report), flush=True)
+    if found is not None:
+        print(describe_search(found, topology, report.chips, _batch_key(config, program)[0]),
+              flush=True)  # fmt: skip
     if json_path:
-        pathlib.Path(json_path).write_text(json.dumps(report.as_dict(), indent=1))
+        out = report.as_dict()
+        if found is not None:
+            tried = {str(b): n for b, n in found.tried.items()}
+            out["batch_search"] = {"largest_batch_per_chip": found.largest,
+                                   "verified": found.verified, "tried": tried}  # fmt: skip
+        pathlib.Path(json_path).write_text(json.dumps(out, indent=1))
         print(f"report: {json_path}", flush=True)
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m jdiff.aot --config PATH[:variant] --topology NAME [--program train|sample]
-    [--effort E] [--json FILE] [--config.KEY=value ...]`."""
+    [--effort E] [--max_batch] [--json FILE] [--config.KEY=value ...]`."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -454,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     program = flags.DEFINE_enum("program", "train", PROGRAMS, "The train step or the sampler.")
     effort = flags.DEFINE_float("effort", 0.0, "The compiler's effort, -1 (quick: SD sizes "
                                 "in minutes, less optimised) to 1; 0 is a run's.")  # fmt: skip
+    max_batch = flags.DEFINE_bool("max_batch", False, "Find the largest per-chip batch that "
+                                  "fits (a compile per try, at most "
+                                  f"{SEARCH_COMPILES}) and report at it.")  # fmt: skip
 
     def run_main(rest):
         if len(rest) > 1:
@@ -462,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
             raise app.UsageError(f"--topology is required (a chip of {sorted(CHIPS)} and a "
                                  "shape: v5e:2x2, v5p:4x4x4, ...)")  # fmt: skip
         validate.check_applies(config.value, cli.overridden_keys(argv))
-        run(config.value, topology.value, program.value, json_path.value, effort=effort.value)
+        run(config.value, topology.value, program.value, json_path.value, effort=effort.value,
+            max_batch=max_batch.value)  # fmt: skip
 
     sys.argv = argv
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it reads at INFO

@@ -162,3 +162,76 @@ def test_stable_diffusion_is_sized_without_its_weights():
     assert sampler.uncounted == 49  # DDIM-50: the loop's body counted once by XLA
     vae = sum(math.prod(a.shape) for a in jax.tree.leaves(sampler.args[1]))
     assert vae == 83_653_863  # SD's autoencoder, as released
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(("fixed", "slope", "refused_from", "start", "largest"), [
+    (1.8, 0.35, None, 4, 40),  # 40 x 0.35 + 1.8 = 15.8 GiB of 16; 41 is over
+    (1.8, 0.35, 37, 4, 36),  # the compiler refuses before the bytes reach 16 GiB
+    (1.8, 0.35, None, 64, 40),  # from above
+    (6.0, 0.01, None, 1, 16),  # bytes hardly grow: 1, 2, then at most 8x the last
+    (15.0, 2.0, None, 1, 0),  # not even one example
+])  # fmt: skip
+def test_the_batch_search_brackets_the_largest_batch_that_fits(fixed, slope, refused_from,
+                                                               start, largest):  # fmt: skip
+    """`largest_batch` over a program whose bytes grow linearly with the batch: it returns the
+    largest that fits, having compiled it and (but for a search cut short) one more that does
+    not, within its budget of compiles."""
+
+    def need(batch):
+        if refused_from is not None and batch >= refused_from:
+            return None  # the compiler's RESOURCE_EXHAUSTED
+        return int((fixed + slope * batch) * GIB)
+
+    budget = 3 if slope == 0.01 else aot.SEARCH_COMPILES
+    found = aot.largest_batch(need, start, 16 * GIB, compiles=budget)
+    assert found.largest == largest and len(found.tried) <= budget
+    if largest:
+        assert need(largest) <= 16 * GIB and found.tried[largest] == need(largest)
+    if found.verified:
+        assert (largest + 1) in found.tried and (need(largest + 1) or 17 * GIB) > 16 * GIB
+    else:  # 1 -> 2 -> 16 in three compiles, all fitting: the answer is a lower bound
+        assert slope == 0.01 and sorted(found.tried) == [1, 2, 16]
+        assert "at least; the search stopped after 3 compiles" in aot.describe_search(
+            found, "v5e:2x2", 4, "data.batch_size"
+        )
+
+
+def test_max_batch_reports_at_the_largest_batch_and_every_try(monkeypatch, tmp_path, capsys):
+    """`jdiff.aot --max_batch` (`run(max_batch=True)`): a compile per try with the config's
+    batch key set to per-chip batch x chips (here the compiler stood in for by a program whose
+    bytes grow by 1 GiB an example, refused from 14 per chip), one line per try, the report
+    at the largest that fits, and the search in the JSON."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the [tpu] extra")
+    config = importlib.import_module("configs.default").get_config("tiny")
+    config.mesh.fsdp = 2
+    seen = []
+
+    def compile_for(trial, topology, program, flag, *, effort):
+        per_chip = trial.data.batch_size // 4
+        seen.append(trial.data.batch_size)
+        if per_chip >= 14:
+            raise aot.DoesNotFit("does NOT fit", "HLO temporaries (17G) exceed (15.75G)")
+        memory = {"arguments": per_chip * GIB, "outputs": 0, "aliased": 0,
+                  "temporaries": GIB // 2, "code": 0}  # fmt: skip
+        return aot.Report(topology, "train step", aot.CHIPS["v5e"], 4, {"data": 2, "fsdp": 2},
+                          per_chip, {}, memory, 1e12, 1e9, 0.1, "compiler", {}, 1.0)  # fmt: skip
+
+    monkeypatch.setattr(aot, "compile_for", compile_for)
+    out = tmp_path / "report.json"
+    report = aot.run(config, "v5e:2x2", json_path=str(out), max_batch=True)
+    printed = capsys.readouterr().out
+    assert report.batch_per_chip == 13 and config.data.batch_size == 8  # the config untouched
+    assert seen[0] == 8 and 13 * 4 in seen and 14 * 4 in seen  # from the config's 2 per chip
+    assert "    13 per chip (data.batch_size=52): 13.500 GiB, fits" in printed
+    assert "    14 per chip (data.batch_size=56): does NOT fit (XLA's TPU compiler: HLO" in printed
+    assert (
+        "largest batch that fits v5e:2x2: 13 per chip (14 per chip does not), "
+        "data.batch_size=52 over its 4 chips"
+    ) in printed
+    assert "~520 examples/s over the 4 chips" in printed  # 52 a step, 0.1 s
+    search = json.loads(out.read_text())["batch_search"]
+    assert search["largest_batch_per_chip"] == 13 and search["verified"]
+    assert search["tried"]["14"] is None and search["tried"]["13"] == 13.5 * GIB
