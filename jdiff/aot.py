@@ -23,20 +23,23 @@ The programs come from `jdiff.programs`: a latent model's networks are sized fro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import pathlib
-import re
 import sys
-import tempfile
 import time
 
 import jax
 
 from jdiff import programs, sharding, validate
-from jdiff.costs import CHIPS, Chip, collectives, kernel_flops, program_cost, shard_bytes
+from jdiff.costs import (
+    collectives,
+    kernel_flops,
+    program_cost,
+    program_flops,
+    shard_bytes,
+)
+from jdiff.topologies import CHIPS, Chip, chip_of, topology_devices
 from jdiff.validate import InputError
 
 GIB = 2**30
@@ -96,60 +99,6 @@ class Report:
         return d
 
 
-def chip_of(topology: str, flag: str = "--topology") -> Chip:
-    """The chip of a topology name ("v5e:2x2", "v5p:4x4x4", ...); InputError otherwise."""
-    kind, sep, shape = topology.partition(":")
-    if kind not in CHIPS or not sep or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
-        raise InputError(f"{flag} {topology!r}: expected <chip>:<shape> with a chip "
-                         f"of {sorted(CHIPS)}: v5e:2x2, v5e:8x8, v5p:2x2x1, ...")  # fmt: skip
-    return CHIPS[kind]
-
-
-@contextlib.contextmanager
-def _captured_output(sink: list[str]):
-    """libtpu, loaded off a TPU VM, prints its probes of the missing hardware on the process'
-    own stdout and stderr: they are kept in `sink`, not shown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile("w+") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            f.seek(0)
-            sink.append(f.read())
-
-
-def topology_devices(topology: str, flag: str = "--topology") -> list:
-    """The abstract devices of `topology` (no TPU attached needed; libtpu installed is)."""
-    chip_of(topology, flag)
-    import importlib.util
-
-    if importlib.util.find_spec("libtpu") is None:
-        raise InputError(f"{flag} {topology}: compiling for a TPU needs libtpu, which is "
-                         "not installed: pip install -e '.[tpu]'")  # fmt: skip
-    from jax.experimental import topologies
-
-    # libtpu's lockfile keeps a second process off a host's chips; this one uses none, so
-    # compiles may run side by side (and on a TPU VM beside its training)
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    probes: list[str] = []
-    try:
-        with _captured_output(probes):
-            description = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    except Exception as e:  # libtpu's own errors for a shape it does not have
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise InputError(f"{flag} {topology}: libtpu has no such topology "
-                         f"({type(e).__name__}: {first})") from None  # fmt: skip
-    return list(description.devices)
-
-
 PROGRAMS = ("train", "sample")
 # XLA's `exec_time_optimization_effort`, from -1 (least: a quick compile) to 1; 0 is what a
 # run compiles with. At -1 an SD-size train step compiles several times sooner on two cores
@@ -181,7 +130,7 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
         print(f"compiling the {p.name} for {topology} (minutes at SD sizes) ...", flush=True)
     start = time.perf_counter()
     try:
-        compiled, in_sh, kernels = _compile(p, mesh, config.mesh.fsdp_min_size, effort)
+        compiled, in_sh, jaxpr = _compile(p, mesh, config.mesh.fsdp_min_size, effort)
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler's own verdict: it does not fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -190,10 +139,13 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
                    f"HBM per chip): XLA's TPU compiler says: {need} Lower {what} (now "
                    f"{count}) or raise mesh.fsdp")  # fmt: skip
         raise DoesNotFit(message, need) from None
-    flops, traffic, estimate, by = program_cost(compiled, chip, kernels)
+    kernels, counted = kernel_flops(jaxpr), program_flops(jaxpr) / mesh.size
+    flops, traffic, estimate, by = program_cost(compiled, chip, kernels, counted)
     loop = None
-    if p.call is not None:  # the loop's body counted once: the model call's cost, apart
-        call, _, call_kernels = _compile(p.call, mesh, config.mesh.fsdp_min_size, effort)
+    if p.call is not None and by != "peak":  # the loop's body counted once by XLA: the model
+        # call's cost, apart (jdiff's own count, "peak", counts each step of a scan)
+        call, _, call_jaxpr = _compile(p.call, mesh, config.mesh.fsdp_min_size, effort)
+        call_kernels = kernel_flops(call_jaxpr)
         call_flops, call_traffic, call_estimate, call_by = program_cost(call, chip, call_kernels)
         kernels += p.uncounted * call_kernels
         loop = {"uncounted_calls": p.uncounted, "call_flops": call_flops,
@@ -242,10 +194,9 @@ def _batch_key(config, program: str) -> tuple[str, int]:
 
 
 def _compile(p: programs.Abstract, mesh, min_size: int, effort: float = 0.0):
-    """(the compiled program, its input shardings, its Pallas kernels' FLOPs per chip that XLA
-    does not count): `p` traced with `mesh` as the context mesh (so the model picks the TPU's
-    kernels), jitted with its arguments laid over `mesh` as its kinds say, lowered from their
-    shapes and compiled."""
+    """(the compiled program, its input shardings, its traced jaxpr): `p` traced with `mesh`
+    as the context mesh (so the model picks the platform's kernels), jitted with its arguments
+    laid over `mesh` as its kinds say, lowered from their shapes and compiled."""
     batch, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def lay(kind, tree):
@@ -260,8 +211,8 @@ def _compile(p: programs.Abstract, mesh, min_size: int, effort: float = 0.0):
     jitted = jax.jit(sharding.traced_in(mesh, p.fn), in_shardings=in_sh, out_shardings=out_sh,
                      donate_argnums=p.donate)  # fmt: skip
     traced = jitted.trace(*p.args)
-    options = {"exec_time_optimization_effort": effort}
-    return traced.lower().compile(options), in_sh, kernel_flops(traced.jaxpr.jaxpr)
+    options = {"exec_time_optimization_effort": effort} if effort else {}
+    return traced.lower().compile(options), in_sh, traced.jaxpr.jaxpr
 
 
 def _cpu_only() -> None:
@@ -291,7 +242,12 @@ def describe(report: Report) -> str:
         f"  total                 {gib(r.total_bytes)}   of {r.chip.hbm_gib:g}: "
         + ("fits" if r.fits else "does NOT fit"),
         f"per chip per {'step' if r.program == 'train step' else 'call'}: {r.flops:.3g} "
-        f"FLOPs, {r.bytes_accessed:.3g} bytes of HBM traffic",
+        + (
+            f"FLOPs, {r.bytes_accessed:.3g} bytes of HBM traffic"
+            if r.estimated_by != "peak"
+            else "FLOPs (jdiff's count of the products, convolutions and attentions: XLA "
+            "gives no cost analysis for a GPU it cannot see)"
+        ),
     ]
     if r.kernel_flops:
         lines.append(f"  (of which {r.kernel_flops:.3g} FLOPs in Pallas kernels the compiler"
@@ -311,13 +267,18 @@ def describe(report: Report) -> str:
     elif r.estimated_by == "compiler":
         lines.append(f"estimated time {r.estimate_s * 1e3:.4g} ms (the compiler's): "
                      f"{r.mfu:.1%} MFU of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
+    elif r.estimated_by == "peak":
+        lines.append(f"estimated time >= {r.estimate_s * 1e3:.4g} ms (those FLOPs at the "
+                     f"{r.chip.bf16_tflops:g} TFLOP/s bf16 peak; a run reaches a fraction: "
+                     f"at 40% MFU {r.estimate_s / 0.4 * 1e3:.4g} ms)")  # fmt: skip
     else:
         lines.append(f"estimated time >= {r.estimate_s * 1e3:.4g} ms (a roofline of the "
                      f"FLOPs and HBM traffic at peak: the compiler gave no estimate), so MFU "
                      f"<= {r.mfu:.1%} of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
     what, per = ("examples", "step") if r.program == "train step" else ("images", "call")
-    lines.append(f"  so ~{r.batch_per_chip * r.chips / r.estimate_s:.4g} {what}/s over the "
-                 f"{r.chips} chips ({r.batch_per_chip:g} per chip per {per})")  # fmt: skip
+    bound = "<= " if r.estimated_by in ("peak", "roofline") else "~"
+    lines.append(f"  so {bound}{r.batch_per_chip * r.chips / r.estimate_s:.4g} {what}/s over "
+                 f"the {r.chips} chips ({r.batch_per_chip:g} per chip per {per})")  # fmt: skip
     if r.effort:
         lines.append(f"(compiled at effort {r.effort:g}, not a run's 0: " + (
             "a less optimised program, its memory and time are likely above a run's)"

@@ -6,7 +6,6 @@ chip (`shard_bytes`). `jdiff.aot` puts them in its report."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
@@ -14,33 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """A TPU generation's published figures: HBM per chip, dense bf16 peak, HBM bandwidth."""
-
-    name: str
-    hbm_gib: float
-    bf16_tflops: float
-    hbm_gbps: float
-
-
-CHIPS = {
-    "v4": Chip("TPU v4", 32, 275, 1228),
-    "v5e": Chip("TPU v5e", 16, 197, 819),
-    "v5p": Chip("TPU v5p", 95, 459, 2765),
-    "v6e": Chip("TPU v6e", 32, 918, 1640),
-}
-
+from jdiff.topologies import Chip
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
-def program_cost(compiled, chip: Chip, kernels: float = 0.0) -> tuple[float, float, float, str]:
-    """(FLOPs, bytes accessed, estimated seconds, "compiler" or "roofline") per chip; `kernels`
-    are FLOPs the compiler does not see (Pallas kernels without a cost estimate)."""
+def program_cost(compiled, chip: Chip, kernels: float = 0.0,
+                 counted: float = 0.0) -> tuple[float, float, float, str]:  # fmt: skip
+    """(FLOPs, bytes accessed, estimated seconds, how it was estimated) per chip; `kernels`
+    are FLOPs the compiler does not see (Pallas kernels without a cost estimate). XLA's GPU
+    compiler gives no cost analysis for a GPU it cannot see: then the FLOPs are `counted`
+    (jdiff's count of the program, `program_flops`, a chip's share), the traffic unknown (0)
+    and the time the FLOPs at the bf16 peak ("peak": a lower bound)."""
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    if not cost:
+        return counted, 0.0, counted / (chip.bf16_tflops * 1e12), "peak"
     flops = float(cost.get("flops", 0.0)) + kernels
     traffic = float(cost.get("bytes accessed", 0.0))
     estimate = float(cost.get("optimal_seconds", -1.0))
@@ -62,30 +50,43 @@ def _subjaxprs(eqn):
                 yield v
 
 
-def _dot_flops(jaxpr) -> float:
-    """2·M·N·K of every matrix product in `jaxpr`: a scan's body times its length, the
-    costlier branch of a conditional, a while loop's body once (its trip count is unknown)."""
+def _attention_flops(eqn) -> float:
+    """JAX's cuDNN flash attention: 4·B·H·Lq·Lk·D for the forward (q kᵀ and p v), 10 for the
+    backward (the scores again, then dV, dP, dQ, dK)."""
+    q, k = (v.aval.shape for v in eqn.invars[:2])
+    keys = k[2] if "BNTH" in str(eqn.params.get("layout")) else k[1]
+    return (4.0 if "fwd" in eqn.primitive.name else 10.0) * math.prod(q) * keys
+
+
+def program_flops(jaxpr) -> float:
+    """The FLOPs of `jaxpr`'s matrix products, convolutions and cuDNN attentions (2 per
+    multiply-add; other ops are not counted): a scan's body times its length, the costlier
+    branch of a conditional, a while loop's body once (its trip count is unknown)."""
     total = 0.0
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
+        name, out = eqn.primitive.name, eqn.outvars[0].aval.shape if eqn.outvars else ()
         if name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                lhs[i] for i in contracting)  # fmt: skip
+            total += 2.0 * math.prod(out) * math.prod(lhs[i] for i in contracting)
+        elif name == "conv_general_dilated":  # each output: a sum over the kernel's window
+            rhs, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
+            total += 2.0 * math.prod(out) * math.prod(rhs[i] for i in spec[1:])
+        elif name.startswith("dot_product_attention_") and name.endswith("_wrapper"):
+            total += _attention_flops(eqn)
         elif name == "scan":
-            total += eqn.params["length"] * _dot_flops(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * program_flops(eqn.params["jaxpr"].jaxpr)
         elif name == "cond":
-            total += max(_dot_flops(b.jaxpr) for b in eqn.params["branches"])
+            total += max(program_flops(b.jaxpr) for b in eqn.params["branches"])
         else:
-            total += sum(_dot_flops(sub) for sub in _subjaxprs(eqn))
+            total += sum(program_flops(sub) for sub in _subjaxprs(eqn))
     return total
 
 
 def kernel_flops(jaxpr) -> float:
     """The FLOPs of the Pallas kernels in a traced program that carry no cost estimate, per
     device (inside `shard_map` the shapes are a device's share): each kernel's body's matrix
-    products (`_dot_flops`) times its grid. XLA's cost analysis counts a kernel only by the
+    products (`program_flops`) times its grid. XLA's cost analysis counts a kernel only by the
     estimate it carries (JAX's flash attention gives one for its forward kernel, none for its
     two backward kernels). Like XLA, a kernel inside a loop counts once."""
     total = 0.0
@@ -93,7 +94,7 @@ def kernel_flops(jaxpr) -> float:
         if eqn.primitive.name == "pallas_call":
             if eqn.params.get("cost_estimate") is None:
                 grid = eqn.params["grid_mapping"].grid
-                total += math.prod(grid) * _dot_flops(eqn.params["jaxpr"])
+                total += math.prod(grid) * program_flops(eqn.params["jaxpr"])
         else:
             total += sum(kernel_flops(sub) for sub in _subjaxprs(eqn))
     return total

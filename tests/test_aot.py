@@ -235,3 +235,80 @@ def test_max_batch_reports_at_the_largest_batch_and_every_try(monkeypatch, tmp_p
     search = json.loads(out.read_text())["batch_search"]
     assert search["largest_batch_per_chip"] == 13 and search["verified"]
     assert search["tried"]["14"] is None and search["tried"]["13"] == 13.5 * GIB
+
+
+def test_products_and_convolutions_are_counted_forward_and_backward():
+    """`program_flops` (what the report counts where XLA gives no cost analysis): a 3x3
+    convolution is 2 x outputs x (input channels x 9) and its gradients (inputs, kernel) the
+    same again each; a product 2·M·N·K, three times with its two gradients."""
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+    m = jnp.ones((5, 7))
+
+    def loss(x, w, m):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        return y.sum() + (m @ m.T).sum()
+
+    conv, product = 2 * (2 * 8 * 8 * 6) * (4 * 9), 2 * 5 * 5 * 7
+    assert aot.program_flops(jax.make_jaxpr(loss)(x, w, m).jaxpr) == conv + product
+    grads = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, w, m).jaxpr
+    assert aot.program_flops(grads) == 3 * conv + 3 * product
+
+
+def _gpu_plugin():
+    pytest.importorskip("jax_plugins.xla_cuda13", reason="the [gpu-aot] extra's CUDA plugin")
+
+
+def test_attention_for_a_gpu_is_cudnn_flash_attention_and_its_flops_are_counted():
+    """Traced with a mesh of two H100s (no GPU attached: JAX's CUDA plugin and the chip's
+    description), None on 16-bit heads is cuDNN's flash attention, forward and backward (fused
+    attention calls in the compiled program), whose gradient holds no score matrix; its FLOPs
+    are counted from the shapes (4 and 10 x b·h·l²·d), the plain path's from its products."""
+    _gpu_plugin()
+    aot._cpu_only()
+    mesh = sharding.make_mesh(data=2, fsdp=1, devices=aot.topology_devices("h100:2"))
+    b, length, heads, d = 4, 2048, 2, 64
+    spec = jax.ShapeDtypeStruct((b, length, heads, d), jnp.bfloat16)
+
+    def compiled(implementation):
+        def loss(q, k, v):
+            out = attention.attention(q, k, v, implementation=implementation)
+            return (out.astype(jnp.float32) ** 2).sum()
+
+        step = jax.value_and_grad(loss, argnums=(0, 1, 2))
+        jitted = jax.jit(sharding.traced_in(mesh, step),
+                         in_shardings=(sharding.batch_sharding(mesh),) * 3)  # fmt: skip
+        traced = jitted.trace(spec, spec, spec)
+        return traced.lower().compile(), aot.program_flops(traced.jaxpr.jaxpr)
+
+    (ours, ours_flops), (plain, plain_flops) = compiled(None), compiled("xla")
+    assert "__cudnn$fmha" in ours.as_text() and "__cudnn$fmha" not in plain.as_text()
+    assert "fmhaSoftmaxBackward" in ours.as_text()
+    temporaries = [c.memory_analysis().temp_size_in_bytes for c in (ours, plain)]
+    scores = (b // 2) * heads * length * length * 2  # one bfloat16 score matrix per GPU
+    assert temporaries[1] >= scores > 4 * temporaries[0]
+    unit = b * heads * length * length * d
+    assert ours_flops == 14 * unit and plain_flops == 12 * unit
+
+
+def test_a_tiny_run_compiled_for_two_h100s_reports_per_gpu():
+    """`compile_for(..., "h100:2")`: the tiny run's step by XLA's GPU compiler for two H100s,
+    fsdp 2: the state split in two, the collectives of FSDP, the FLOPs jdiff's count (XLA has
+    no cost analysis for a GPU it cannot see) and the time those FLOPs at the bf16 peak, said
+    to be a lower bound."""
+    _gpu_plugin()
+    config = importlib.import_module("configs.default").get_config("tiny")
+    config.mesh.update(fsdp=2, fsdp_min_size=1)
+    report = aot.compile_for(config, "h100:2")
+    assert report.chips == 2 and report.mesh == {"data": 1, "fsdp": 2}
+    assert report.chip.name == "NVIDIA H100 80GB HBM3" and report.chip.platform == "gpu"
+    assert report.batch_per_chip == 4 and report.fits and report.estimated_by == "peak"
+    state = jax.eval_shape(programs.train_parts(config).init)
+    whole = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state.params))
+    assert whole / 2 <= report.state["parameters"] < 0.55 * whole
+    assert report.bytes_accessed == 0 and report.flops > 1e6
+    assert report.estimate_s == report.flops / 989e12 and report.loop is None
+    assert {"all-gather", "reduce-scatter"} <= set(report.collectives)
+    text = aot.describe(report)
+    assert "2 x NVIDIA H100 80GB HBM3" in text and "XLA gives no cost analysis" in text
+    assert "examples/s over the 2 chips" in text and "so <= " in text

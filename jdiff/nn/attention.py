@@ -7,10 +7,11 @@ memory-efficient path (`chunked_attention`: queries in blocks, keys in blocks wi
 log-sum-exp, never the whole score matrix; any backend), "pallas" JAX's Pallas flash-attention
 kernel for TPUs (`pallas_attention`; inside `shard_map` over the context mesh). None picks per
 platform and size when traced (`resolve`): "pallas" for a TPU where the token counts tile,
-"chunked" on the CPU from 131,072 query x key tokens (where it is also the fastest), JAX's own
-choice otherwise. The platform is the context mesh's (`jax.sharding.use_abstract_mesh`, which the
-trainer and `jdiff.aot` set while tracing, so a TPU topology compiled from a CPU gets the TPU
-kernel), else the default backend's. Names mirror diffusers' `Attention`, `FeedForward`,
+"cudnn" on an NVIDIA GPU for 16-bit heads it takes, "chunked" on the CPU from 131,072 query x
+key tokens (where it is also the fastest), the plain path otherwise. The platform is the
+context mesh's (`jax.sharding.use_abstract_mesh`, which the trainer and `jdiff.aot` set while
+tracing, so a TPU topology compiled from a CPU gets the TPU kernel), else the default
+backend's. Names mirror diffusers' `Attention`, `FeedForward`,
 `BasicTransformerBlock` and `Transformer2DModel` parameter trees.
 """
 
@@ -171,17 +172,28 @@ def _tiles(lq: int, lk: int, d: int) -> bool:
     return not (lq % PALLAS_TILE or lk % PALLAS_TILE) and (d <= PALLAS_TILE or d % PALLAS_TILE == 0)
 
 
-def resolve(implementation: str | None, lq: int, lk: int, d: int = 64) -> str | None:
-    """The implementation to run for lq queries and lk keys, heads d wide. None stands for
-    "pallas" on a TPU where the kernel tiles them (`PALLAS_TILE`); "chunked" on the CPU from
-    lq x lk = `CHUNKED_FROM` (SD's 4,096 x 77 cross-attention at 512 px and up: faster there,
-    and far smaller; below it the tiny models' attention compiles sooner on the plain path);
-    JAX's choice (None) elsewhere. "pallas" where they do not tile (a text context's 77 keys,
-    SD 1.x's 160-wide heads) is the plain path, "xla"."""
+def _cudnn_takes(d: int, dtype) -> bool:
+    """Whether cuDNN's flash attention takes heads d wide of `dtype` (16-bit; d a multiple of 8
+    up to 128)."""
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
+
+
+def resolve(implementation: str | None, lq: int, lk: int, d: int = 64,
+            dtype=jnp.float32) -> str | None:  # fmt: skip
+    """The implementation to run for lq queries and lk keys, heads d wide, of `dtype`. None
+    stands for "pallas" on a TPU where the kernel tiles them (`PALLAS_TILE`); "cudnn" on an
+    NVIDIA GPU for 16-bit heads it takes (`_cudnn_takes`: SD 1.x's 40- and 80-wide, SD 2.x's
+    and SDXL's 64); "chunked" on the CPU from lq x lk = `CHUNKED_FROM` (SD's 4,096 x 77
+    cross-attention at 512 px and up: faster there, and far smaller; below it the tiny models'
+    attention compiles sooner on the plain path); JAX's choice (None: the plain path)
+    elsewhere. "pallas" where they do not tile (a text context's 77 keys, SD 1.x's 160-wide
+    heads) is the plain path, "xla"."""
     if implementation is None:
         platform = target_platform()
         if platform == "tpu" and _tiles(lq, lk, d):
             return "pallas"
+        if platform == "gpu" and _cudnn_takes(d, dtype):
+            return "cudnn"
         if platform == "cpu" and lq * lk >= CHUNKED_FROM:
             return "chunked"
     if implementation == "pallas" and not _tiles(lq, lk, d):
@@ -195,9 +207,10 @@ def attention(q, k, v, *, implementation: str | None = None, mask=None):
     path."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
-    implementation = resolve(implementation, q.shape[1], k.shape[1], q.shape[-1])
-    if implementation in ("chunked", "pallas") and mask is not None:
-        implementation = "xla"
+    chosen = resolve(implementation, q.shape[1], k.shape[1], q.shape[-1], q.dtype)
+    if mask is not None and (chosen in ("chunked", "pallas") or implementation is None):
+        chosen = "xla"  # the tiled paths take no mask, and the default keeps masks plain
+    implementation = chosen
     if implementation == "chunked":
         return chunked_attention(q, k, v)
     if implementation == "pallas":
