@@ -39,7 +39,7 @@ from jdiff.costs import (
     program_flops,
     shard_bytes,
 )
-from jdiff.topologies import CHIPS, Chip, chip_of, topology_devices
+from jdiff.topologies import CHIPS, Chip, chip_of, topology_devices, usable_gib
 from jdiff.validate import InputError
 
 GIB = 2**30
@@ -76,6 +76,11 @@ class Report:
     loop: dict | None = None  # a sampler's model calls its loop repeats (in the totals above)
     kernel_flops: float = 0.0  # of `flops`, Pallas kernels' that XLA cannot cost (`kernel_flops`)
     effort: float = 0.0  # the compiler's optimisation effort it was built with (`EFFORTS`)
+    usable_gib: float = 0.0  # the memory a run may use of a chip (`topologies.usable_gib`)
+
+    def __post_init__(self):
+        if not self.usable_gib:  # a TPU's whole HBM
+            object.__setattr__(self, "usable_gib", self.chip.hbm_gib)
 
     @property
     def total_bytes(self) -> int:
@@ -85,7 +90,7 @@ class Report:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.chip.hbm_gib * GIB
+        return self.total_bytes <= self.usable_gib * GIB
 
     @property
     def mfu(self) -> float:
@@ -121,7 +126,7 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
         raise InputError(f"--effort={effort}: the compiler's effort is a number from {low:g} "
                          f"(a quick compile) to {high:g}; 0 is a run's")  # fmt: skip
     chip, mesh = chip_of(topology, flag), _mesh(config, topology, flag)
-    what, count = _batch_key(config, program)
+    usable, (what, count) = usable_gib(chip), _batch_key(config, program)
     if count % mesh.size:
         raise InputError(f"{what}={count} does not split over the mesh's {mesh.size} chips: "
                          f"use a multiple of {mesh.size}")  # fmt: skip
@@ -135,7 +140,7 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         need = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
-        message = (f"the {p.name} does NOT fit {topology} ({chip.name}, {chip.hbm_gib:g} GiB "
+        message = (f"the {p.name} does NOT fit {topology} ({chip.name}, {usable:.4g} GiB "
                    f"HBM per chip): XLA's TPU compiler says: {need} Lower {what} (now "
                    f"{count}) or raise mesh.fsdp")  # fmt: skip
         raise DoesNotFit(message, need) from None
@@ -164,6 +169,7 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
     shares, shard_trees = p.shares(p.args), p.shares(in_sh)
     return Report(
         topology=topology, program=p.name, chip=chip, chips=mesh.size, mesh=dict(mesh.shape),
+        usable_gib=usable,
         batch_per_chip=p.batch_size / mesh.size,
         state={name: per_chip(tree, shard_trees[name]) for name, tree in shares.items()},
         memory={"arguments": memory.argument_size_in_bytes,
@@ -239,7 +245,13 @@ def describe(report: Report) -> str:
         f"  temporaries           {gib(r.memory['temporaries'])}   (activations"
         + (", gradients)" if r.program == "train step" else ")"),
         f"  code                  {gib(r.memory['code'])}",
-        f"  total                 {gib(r.total_bytes)}   of {r.chip.hbm_gib:g}: "
+        f"  total                 {gib(r.total_bytes)}   of {r.usable_gib:.4g}"
+        + (
+            f" (JAX's share of the {r.chip.hbm_gib:.4g}: XLA_PYTHON_CLIENT_MEM_FRACTION)"
+            if r.usable_gib != r.chip.hbm_gib
+            else ""
+        )
+        + ": "
         + ("fits" if r.fits else "does NOT fit"),
         f"per chip per {'step' if r.program == 'train step' else 'call'}: {r.flops:.3g} "
         + (
@@ -347,7 +359,7 @@ def search_batch(config, topology: str, program: str = "train", flag: str = "--t
     key, count = _batch_key(config, program)
     reports: dict[int, Report] = {}
     print(f"finding the largest {key} per chip that fits {topology} ({mesh.size} x "
-          f"{chip.name}, {chip.hbm_gib:g} GiB HBM each): a compile per try",
+          f"{chip.name}, {usable_gib(chip):.4g} GiB each): a compile per try",
           flush=True)  # fmt: skip
 
     def measure(batch: int) -> int | None:
@@ -367,7 +379,7 @@ def search_batch(config, topology: str, program: str = "train", flag: str = "--t
               f"(compiled in {report.compile_s:.0f} s)", flush=True)  # fmt: skip
         return report.total_bytes
 
-    found = largest_batch(measure, count // mesh.size, int(chip.hbm_gib * GIB))
+    found = largest_batch(measure, count // mesh.size, int(usable_gib(chip) * GIB))
     return reports.get(found.largest), found
 
 

@@ -87,6 +87,23 @@ CHIPS = {
 }
 
 
+def usable_gib(chip: Chip) -> float:
+    """The memory a run may use of one chip: a TPU's HBM; of a GPU's, the share JAX's allocator
+    takes, `XLA_PYTHON_CLIENT_MEM_FRACTION` (0.75 unless set in this environment, as it would
+    be in the run's)."""
+    if chip.platform != "gpu":
+        return chip.hbm_gib
+    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not 0 < fraction <= 1:  # NaN too
+        raise InputError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: the share of a GPU's "
+                         "memory JAX takes is a number in (0, 1], 0.75 by default")  # fmt: skip
+    return chip.hbm_gib * fraction
+
+
 def chip_of(topology: str, flag: str = "--topology") -> Chip:
     """The chip of a topology name: a TPU slice ("v5e:2x2", "v5p:4x4x4", ...) or NVIDIA GPUs
     ("h100:8": eight in one host; "h100:2x8": two hosts of eight); InputError otherwise."""

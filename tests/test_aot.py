@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import pytest
 from runs import ROOT
 
-from jdiff import aot, programs, sharding
+from jdiff import aot, programs, sharding, topologies
 from jdiff.nn import attention
+from jdiff.validate import InputError
 
 
 def test_a_tiny_run_compiled_for_v5e_2x2_reports_its_chips(tmp_path):
@@ -289,6 +290,12 @@ def test_attention_for_a_gpu_is_cudnn_flash_attention_and_its_flops_are_counted(
     assert temporaries[1] >= scores > 4 * temporaries[0]
     unit = b * heads * length * length * d
     assert ours_flops == 14 * unit and plain_flops == 12 * unit
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # what the default takes there
+        bf16, f32 = jnp.bfloat16, jnp.float32
+        assert attention.resolve(None, 4096, 4096, 40, bf16) == "cudnn"  # SD 1.x at 512 px
+        assert attention.resolve(None, 4096, 77, 40, bf16) is None  # odd: the text's 77 keys
+        assert attention.resolve(None, 256, 256, 160, bf16) is None  # wider than 128
+        assert attention.resolve(None, 4096, 4096, 64, f32) is None  # cuDNN's is 16-bit
 
 
 def test_a_tiny_run_compiled_for_two_h100s_reports_per_gpu():
@@ -309,6 +316,24 @@ def test_a_tiny_run_compiled_for_two_h100s_reports_per_gpu():
     assert report.bytes_accessed == 0 and report.flops > 1e6
     assert report.estimate_s == report.flops / 989e12 and report.loop is None
     assert {"all-gather", "reduce-scatter"} <= set(report.collectives)
+    assert report.usable_gib == pytest.approx(0.75 * 81559 / 1024)  # JAX's default share
     text = aot.describe(report)
     assert "2 x NVIDIA H100 80GB HBM3" in text and "XLA gives no cost analysis" in text
+    assert "JAX's share of the 79.65: XLA_PYTHON_CLIENT_MEM_FRACTION" in text
     assert "examples/s over the 2 chips" in text and "so <= " in text
+
+
+def test_a_gpu_run_may_use_the_share_of_memory_jax_takes(monkeypatch):
+    """A GPU's verdict is against the memory JAX's allocator takes of it
+    (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set); a TPU's against its whole HBM; a
+    malformed share is refused by name."""
+    h100 = topologies.CHIPS["h100"]
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert topologies.usable_gib(h100) == 0.75 * h100.hbm_gib
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert topologies.usable_gib(h100) == 0.9 * h100.hbm_gib
+    assert topologies.usable_gib(topologies.CHIPS["v5e"]) == 16
+    for bad in ("1.5", "nan", "most"):
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad)
+        with pytest.raises(InputError, match="XLA_PYTHON_CLIENT_MEM_FRACTION="):
+            topologies.usable_gib(h100)

@@ -172,10 +172,13 @@ def _tiles(lq: int, lk: int, d: int) -> bool:
     return not (lq % PALLAS_TILE or lk % PALLAS_TILE) and (d <= PALLAS_TILE or d % PALLAS_TILE == 0)
 
 
-def _cudnn_takes(d: int, dtype) -> bool:
-    """Whether cuDNN's flash attention takes heads d wide of `dtype` (16-bit; d a multiple of 8
-    up to 128)."""
-    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
+def _cudnn_takes(lq: int, lk: int, d: int, dtype) -> bool:
+    """Whether cuDNN's flash attention takes lq queries and lk keys, heads d wide, of `dtype`:
+    16-bit, d a multiple of 8 up to 128, even token counts (JAX 0.10.2's gradient refuses odd
+    ones, such as a text context's 77 keys: it takes its placeholder for "no bias" for a
+    bias)."""
+    sizes = d <= 128 and d % 8 == 0 and lq % 2 == 0 and lk % 2 == 0
+    return sizes and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 def resolve(implementation: str | None, lq: int, lk: int, d: int = 64,
@@ -183,16 +186,16 @@ def resolve(implementation: str | None, lq: int, lk: int, d: int = 64,
     """The implementation to run for lq queries and lk keys, heads d wide, of `dtype`. None
     stands for "pallas" on a TPU where the kernel tiles them (`PALLAS_TILE`); "cudnn" on an
     NVIDIA GPU for 16-bit heads it takes (`_cudnn_takes`: SD 1.x's 40- and 80-wide, SD 2.x's
-    and SDXL's 64); "chunked" on the CPU from lq x lk = `CHUNKED_FROM` (SD's 4,096 x 77
-    cross-attention at 512 px and up: faster there, and far smaller; below it the tiny models'
-    attention compiles sooner on the plain path); JAX's choice (None: the plain path)
-    elsewhere. "pallas" where they do not tile (a text context's 77 keys, SD 1.x's 160-wide
-    heads) is the plain path, "xla"."""
+    and SDXL's 64, over the image's tokens); "chunked" on the CPU from lq x lk =
+    `CHUNKED_FROM` (SD's 4,096 x 77 cross-attention at 512 px and up: faster there, and far
+    smaller; below it the tiny models' attention compiles sooner on the plain path); JAX's
+    choice (None: the plain path) elsewhere. "pallas" where they do not tile (a text context's
+    77 keys, SD 1.x's 160-wide heads) is the plain path, "xla"."""
     if implementation is None:
         platform = target_platform()
         if platform == "tpu" and _tiles(lq, lk, d):
             return "pallas"
-        if platform == "gpu" and _cudnn_takes(d, dtype):
+        if platform == "gpu" and _cudnn_takes(lq, lk, d, dtype):
             return "cudnn"
         if platform == "cpu" and lq * lk >= CHUNKED_FROM:
             return "chunked"
