@@ -217,7 +217,11 @@ def _compile(p: programs.Abstract, mesh, min_size: int, effort: float = 0.0):
     jitted = jax.jit(sharding.traced_in(mesh, p.fn), in_shardings=in_sh, out_shardings=out_sh,
                      donate_argnums=p.donate)  # fmt: skip
     traced = jitted.trace(*p.args)
-    options = {"exec_time_optimization_effort": effort} if effort else {}
+    options: dict = {"exec_time_optimization_effort": effort} if effort else {}
+    if mesh.devices.flat[0].platform == "gpu":  # without a GPU to autotune on, XLA's Triton
+        # matrix products find no tiling for some shapes (SD's [32768, 320] projections): the
+        # products go to cuBLAS, which XLA also uses on a GPU where Triton's are not faster
+        options["xla_gpu_enable_triton_gemm"] = False
     return traced.lower().compile(options), in_sh, traced.jaxpr.jaxpr
 
 
@@ -388,8 +392,14 @@ def describe_search(found: BatchSearch, topology: str, chips: int, key: str) -> 
     if found.largest == 0:
         return f"not even one example per chip fits {topology}: raise mesh.fsdp"
     n = found.largest
-    bound = (f"{n + 1} per chip does not" if found.verified else
-             f"at least; the search stopped after {len(found.tried)} compiles")  # fmt: skip
+    over = min((b for b in found.tried if b > n), default=None)  # the smallest that does not
+    if found.verified:
+        bound = f"{n + 1} per chip does not"
+    elif over is not None:
+        bound = (f"{over} does not; {n + 1}-{over - 1} not tried: the search stopped after "
+                 f"{len(found.tried)} compiles")  # fmt: skip
+    else:
+        bound = f"at least; the search stopped after {len(found.tried)} compiles"
     return (
         f"largest batch that fits {topology}: {n} per chip ({bound}), "
         f"{key}={n * chips} over its {chips} chips"

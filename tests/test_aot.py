@@ -171,6 +171,7 @@ GIB = 2**30
 @pytest.mark.parametrize(("fixed", "slope", "refused_from", "start", "largest"), [
     (1.8, 0.35, None, 4, 40),  # 40 x 0.35 + 1.8 = 15.8 GiB of 16; 41 is over
     (1.8, 0.35, 37, 4, 36),  # the compiler refuses before the bytes reach 16 GiB
+    (1.8, 0.1, 44, 4, 36),  # the compiler's limit far below 16 GiB, the search cut short
     (1.8, 0.35, None, 64, 40),  # from above
     (6.0, 0.01, None, 1, 16),  # bytes hardly grow: 1, 2, then at most 8x the last
     (15.0, 2.0, None, 1, 0),  # not even one example
@@ -186,13 +187,16 @@ def test_the_batch_search_brackets_the_largest_batch_that_fits(fixed, slope, ref
             return None  # the compiler's RESOURCE_EXHAUSTED
         return int((fixed + slope * batch) * GIB)
 
-    budget = 3 if slope == 0.01 else aot.SEARCH_COMPILES
+    budget = {0.01: 3, 0.1: 5}.get(slope, aot.SEARCH_COMPILES)
     found = aot.largest_batch(need, start, 16 * GIB, compiles=budget)
+    text = aot.describe_search(found, "v5e:2x2", 4, "data.batch_size")
     assert found.largest == largest and len(found.tried) <= budget
     if largest:
         assert need(largest) <= 16 * GIB and found.tried[largest] == need(largest)
     if found.verified:
         assert (largest + 1) in found.tried and (need(largest + 1) or 17 * GIB) > 16 * GIB
+    elif refused_from is not None:  # 4, 8, 64, 36, 50: cut short inside the bracket
+        assert "36 per chip (50 does not; 37-49 not tried: the search stopped after 5" in text
     else:  # 1 -> 2 -> 16 in three compiles, all fitting: the answer is a lower bound
         assert slope == 0.01 and sorted(found.tried) == [1, 2, 16]
         assert "at least; the search stopped after 3 compiles" in aot.describe_search(
