@@ -396,7 +396,8 @@ def describe_search(found: BatchSearch, topology: str, chips: int, key: str) -> 
     if found.verified:
         bound = f"{n + 1} per chip does not"
     elif over is not None:
-        bound = (f"{over} does not; {n + 1}-{over - 1} not tried: the search stopped after "
+        gap = f"{n + 1}" if over == n + 2 else f"{n + 1}-{over - 1}"
+        bound = (f"{over} does not; {gap} not tried: the search stopped after "
                  f"{len(found.tried)} compiles")  # fmt: skip
     else:
         bound = f"at least; the search stopped after {len(found.tried)} compiles"

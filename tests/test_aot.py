@@ -74,6 +74,21 @@ def test_a_sampler_compiled_for_v5e_counts_every_step_of_its_loop():
     assert "at effort -1: mesh" in aot.describe(report)
 
 
+def _attention_gradient(mesh, spec, implementation):
+    """(compiled, traced jaxpr) of an attention's value and gradient over q, k, v of `spec`,
+    the batch split over `mesh`, traced with `mesh` in context."""
+
+    def loss(q, k, v):
+        out = attention.attention(q, k, v, implementation=implementation)
+        return (out.astype(jnp.float32) ** 2).sum()
+
+    step = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    jitted = jax.jit(sharding.traced_in(mesh, step),
+                     in_shardings=(sharding.batch_sharding(mesh),) * 3)  # fmt: skip
+    traced = jitted.trace(spec, spec, spec)
+    return traced.lower().compile(), traced.jaxpr.jaxpr
+
+
 def test_attention_for_a_tpu_is_the_pallas_kernel_and_its_flops_are_counted():
     """Traced with a v5e mesh in context, None is the Pallas flash kernel (a Mosaic call in
     the compiled program) whose gradient holds a fraction of the plain path's temporaries;
@@ -85,22 +100,11 @@ def test_attention_for_a_tpu_is_the_pallas_kernel_and_its_flops_are_counted():
     mesh = sharding.make_mesh(data=4, fsdp=1, devices=devices)
     b, length, heads, d = 8, 4096, 2, 64  # (at 1,024 the plain path kept no scores either)
     spec = jax.ShapeDtypeStruct((b, length, heads, d), jnp.bfloat16)
-
-    def compiled(implementation):
-        def loss(q, k, v):
-            out = attention.attention(q, k, v, implementation=implementation)
-            return (out.astype(jnp.float32) ** 2).sum()
-
-        step = jax.value_and_grad(loss, argnums=(0, 1, 2))
-        jitted = jax.jit(sharding.traced_in(mesh, step),
-                         in_shardings=(sharding.batch_sharding(mesh),) * 3)  # fmt: skip
-        # the suite's "highest" precision has no Mosaic form for bfloat16 operands
-        with jax.default_matmul_precision("default"):
-            traced = jitted.trace(spec, spec, spec)
-            return traced.lower().compile(), aot.kernel_flops(traced.jaxpr.jaxpr)
-
-    ours, kernels = compiled(None)
-    plain, none = compiled("xla")
+    # the suite's "highest" precision has no Mosaic form for bfloat16 operands
+    with jax.default_matmul_precision("default"):
+        ours, jaxpr = _attention_gradient(mesh, spec, None)
+        plain, plain_jaxpr = _attention_gradient(mesh, spec, "xla")
+    kernels, none = aot.kernel_flops(jaxpr), aot.kernel_flops(plain_jaxpr)
     assert "tpu_custom_call" in ours.as_text() and "tpu_custom_call" not in plain.as_text()
     temporaries = [c.memory_analysis().temp_size_in_bytes for c in (ours, plain)]
     scores = (b // 4) * heads * length * length * 4  # one float32 score matrix per chip
@@ -274,19 +278,9 @@ def test_attention_for_a_gpu_is_cudnn_flash_attention_and_its_flops_are_counted(
     mesh = sharding.make_mesh(data=2, fsdp=1, devices=aot.topology_devices("h100:2"))
     b, length, heads, d = 4, 2048, 2, 64
     spec = jax.ShapeDtypeStruct((b, length, heads, d), jnp.bfloat16)
-
-    def compiled(implementation):
-        def loss(q, k, v):
-            out = attention.attention(q, k, v, implementation=implementation)
-            return (out.astype(jnp.float32) ** 2).sum()
-
-        step = jax.value_and_grad(loss, argnums=(0, 1, 2))
-        jitted = jax.jit(sharding.traced_in(mesh, step),
-                         in_shardings=(sharding.batch_sharding(mesh),) * 3)  # fmt: skip
-        traced = jitted.trace(spec, spec, spec)
-        return traced.lower().compile(), aot.program_flops(traced.jaxpr.jaxpr)
-
-    (ours, ours_flops), (plain, plain_flops) = compiled(None), compiled("xla")
+    (ours, jaxpr), (plain, plain_jaxpr) = (_attention_gradient(mesh, spec, implementation)
+                                           for implementation in (None, "xla"))  # fmt: skip
+    ours_flops, plain_flops = aot.program_flops(jaxpr), aot.program_flops(plain_jaxpr)
     assert "__cudnn$fmha" in ours.as_text() and "__cudnn$fmha" not in plain.as_text()
     assert "fmhaSoftmaxBackward" in ours.as_text()
     temporaries = [c.memory_analysis().temp_size_in_bytes for c in (ours, plain)]
