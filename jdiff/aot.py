@@ -240,7 +240,7 @@ def describe(report: Report) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
     lines = [
         f"{r.program} compiled for {r.topology} ({r.chips} x {r.chip.name}, "
-        f"{r.chip.hbm_gib:g} GiB HBM each) in {r.compile_s:.1f} s"
+        f"{r.chip.hbm_gib:.4g} GiB HBM each) in {r.compile_s:.1f} s"
         + (f" at effort {r.effort:g}" if r.effort else "")
         + f": mesh {mesh}, {r.batch_per_chip:g} examples per chip",
         "per chip                     GiB",
@@ -293,8 +293,9 @@ def describe(report: Report) -> str:
                      f"<= {r.mfu:.1%} of {r.chip.bf16_tflops:g} TFLOP/s bf16")  # fmt: skip
     what, per = ("examples", "step") if r.program == "train step" else ("images", "call")
     bound = "<= " if r.estimated_by in ("peak", "roofline") else "~"
+    chips = f"the {r.chips} chips" if r.chips > 1 else "the chip"
     lines.append(f"  so {bound}{r.batch_per_chip * r.chips / r.estimate_s:.4g} {what}/s over "
-                 f"the {r.chips} chips ({r.batch_per_chip:g} per chip per {per})")  # fmt: skip
+                 f"{chips} ({r.batch_per_chip:g} per chip per {per})")  # fmt: skip
     if r.effort:
         lines.append(f"(compiled at effort {r.effort:g}, not a run's 0: " + (
             "a less optimised program, its memory and time are likely above a run's)"
