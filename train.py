@@ -2,6 +2,7 @@
 
     python train.py [--config configs/<name>.py[:variant]] [--workdir DIR] [--config.key=value]
     python train.py --config ... --compile_for v5e:4x4   # sized for a TPU topology, no TPU
+    python train.py --config ... --compile_for h100:8    # or for eight H100s, no GPU
 
 With no arguments: the embedded default (configs/default.py, 8x8 digits, offline) into
 ./outputs/default. A config with `task = "autoencoder"` (configs/vae_shapes.py) trains an
@@ -35,8 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default ./outputs/<config>).")
 _COMPILE_FOR = flags.DEFINE_string(
     "compile_for", None, "Only compile the train step for this TPU topology (v5e:2x2, "
-    "v5p:4x4x4, ...; libtpu needed, no TPU) and report its per-chip memory, FLOPs and "
-    "estimated time (jdiff.aot); nothing is trained or written.",
+    "v5p:4x4x4, ...; libtpu needed, no TPU) or these NVIDIA GPUs (h100:8, h100:2x8; the "
+    "gpu-aot extra, no GPU) and report its per-chip memory, FLOPs and estimated time "
+    "(jdiff.aot); nothing is trained or written.",
 )  # fmt: skip
 
 
