@@ -61,6 +61,7 @@ class Report:
     topology: str
     program: str  # "train step" or "sampler"
     chip: Chip
+    usable_gib: float  # the memory a run may use of a chip (`topologies.usable_gib`)
     chips: int
     mesh: dict[str, int]
     batch_per_chip: float
@@ -76,11 +77,6 @@ class Report:
     loop: dict | None = None  # a sampler's model calls its loop repeats (in the totals above)
     kernel_flops: float = 0.0  # of `flops`, Pallas kernels' that XLA cannot cost (`kernel_flops`)
     effort: float = 0.0  # the compiler's optimisation effort it was built with (`EFFORTS`)
-    usable_gib: float = 0.0  # the memory a run may use of a chip (`topologies.usable_gib`)
-
-    def __post_init__(self):
-        if not self.usable_gib:  # a TPU's whole HBM
-            object.__setattr__(self, "usable_gib", self.chip.hbm_gib)
 
     @property
     def total_bytes(self) -> int:
@@ -144,7 +140,8 @@ def compile_for(config, topology: str, program: str = "train", flag: str = "--to
                    f"HBM per chip): XLA's TPU compiler says: {need} Lower {what} (now "
                    f"{count}) or raise mesh.fsdp")  # fmt: skip
         raise DoesNotFit(message, need) from None
-    kernels, counted = kernel_flops(jaxpr), program_flops(jaxpr) / mesh.size
+    kernels = kernel_flops(jaxpr)  # jdiff's own count only where XLA gives no cost analysis
+    counted = program_flops(jaxpr) / mesh.size if chip.platform == "gpu" else 0.0
     flops, traffic, estimate, by = program_cost(compiled, chip, kernels, counted)
     loop = None
     if p.call is not None and by != "peak":  # the loop's body counted once by XLA: the model

@@ -218,7 +218,7 @@ def test_max_batch_reports_at_the_largest_batch_and_every_try(monkeypatch, tmp_p
             raise aot.DoesNotFit("does NOT fit", "HLO temporaries (17G) exceed (15.75G)")
         memory = {"arguments": per_chip * GIB, "outputs": 0, "aliased": 0,
                   "temporaries": GIB // 2, "code": 0}  # fmt: skip
-        return aot.Report(topology, "train step", aot.CHIPS["v5e"], 4, {"data": 2, "fsdp": 2},
+        return aot.Report(topology, "train step", aot.CHIPS["v5e"], 16, 4, {"data": 2, "fsdp": 2},
                           per_chip, {}, memory, 1e12, 1e9, 0.1, "compiler", {}, 1.0)  # fmt: skip
 
     monkeypatch.setattr(aot, "compile_for", compile_for)
